@@ -1,0 +1,36 @@
+# Everything a fresh machine needs: `make run` (the main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TINY_MODEL := outputs/tiny-model
+
+.PHONY: setup run test lint redis clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# An unpinned torch would pull GBs of CUDA wheels: take the CPU build first when none is present.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+redis:
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+$(TINY_MODEL)/config.json: $(STAMP)
+	$(VENV)/bin/raylane make-tiny-model $(TINY_MODEL)
+
+run: $(STAMP) $(TINY_MODEL)/config.json
+	$(VENV)/bin/raylane generate --model $(TINY_MODEL) --prompt "Hello, raylane!" --max-tokens 32 --temperature 0.8 --seed 0
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check raylane tests examples benchmarks
+	$(VENV)/bin/ruff format --check raylane tests examples benchmarks
+
+test: $(STAMP) redis lint
+	$(VENV)/bin/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

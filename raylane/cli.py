@@ -1,0 +1,161 @@
+"""The ``raylane`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+logger = logging.getLogger("raylane")
+
+
+class CLIError(Exception):
+    """A user error: printed without a traceback, exit code 2."""
+
+
+def _read_prompts(path: str) -> list[dict[str, Any]]:
+    prompts = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CLIError(f"{path}:{line_no}: not valid JSON ({err})") from err
+            if not isinstance(item, dict) or not ({"prompt", "prompt_token_ids", "messages"} & set(item)):
+                raise CLIError(
+                    f"{path}:{line_no}: expected an object with 'prompt', 'prompt_token_ids' or 'messages'"
+                )
+            prompts.append(item)
+    if not prompts:
+        raise CLIError(f"{path} holds no prompts")
+    return prompts
+
+
+def _engine_prompt(item: dict[str, Any], tokenizer) -> dict[str, Any]:
+    if "messages" in item:
+        return {"prompt": tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True)}
+    key = "prompt" if "prompt" in item else "prompt_token_ids"
+    return {key: item[key]}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from raylane.runner import LLM, SamplingParams
+
+    if (args.prompt is None) == (args.input is None):
+        raise CLIError("give exactly one of --prompt TEXT or --input prompts.jsonl")
+    items = [{"prompt": args.prompt}] if args.prompt is not None else _read_prompts(args.input)
+    try:
+        params = SamplingParams(
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            stop=args.stop or [],
+            ignore_eos=args.ignore_eos,
+            logprobs=args.logprobs,
+        )
+    except ValueError as err:
+        raise CLIError(f"invalid sampling option: {err}") from err
+    options = {"dtype": args.dtype, "device": args.device}
+    if args.max_model_len:
+        options["max_model_len"] = args.max_model_len
+    llm = LLM(args.model, **options)
+    try:
+        prompts = [_engine_prompt(item, llm.tokenizer) for item in items]
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    start = time.perf_counter()
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=not args.quiet)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    elapsed = time.perf_counter() - start
+    out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 - stdout is not closed
+    try:
+        for output in outputs:
+            for sample in output.outputs:
+                record: dict[str, Any] = {
+                    "text": sample.text,
+                    "token_ids": sample.token_ids,
+                    "finish_reason": sample.finish_reason,
+                }
+                if args.n > 1:
+                    record["index"] = sample.index
+                if args.logprobs:
+                    record["logprobs"] = sample.logprobs
+                out.write(json.dumps(record) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    generated = sum(len(sample.token_ids) for output in outputs for sample in output.outputs)
+    print(
+        f"generated {generated} tokens for {len(outputs)} prompts in {elapsed:.2f} s "
+        f"({generated / max(elapsed, 1e-9):.1f} tokens/s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from raylane.models import make_tiny_model
+
+    make_tiny_model(args.output_dir, arch=args.arch, seed=args.seed, std=args.std)
+    print(f"wrote a tiny random {args.arch} checkpoint to {args.output_dir}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylane", description="LLM post-training on Ray.")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="offline generation with raylane's runner")
+    gen.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    gen.add_argument("--input", help="JSONL with {'prompt'}, {'prompt_token_ids'} or {'messages'} per line")
+    gen.add_argument("--output", help="JSONL to write (default: stdout)")
+    gen.add_argument("--prompt", help="a single prompt to try")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--logprobs", action="store_true", help="write the log-prob of each generated token")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
+
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random checkpoint for trying things out")
+    tiny.add_argument("output_dir")
+    tiny.add_argument("--arch", default="llama", choices=["llama", "qwen2", "mistral"])
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--std", type=float, default=0.02, help="init scale of the random weights")
+    tiny.set_defaults(func=cmd_make_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (CLIError, FileNotFoundError, ValueError) as err:
+        print(f"raylane {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The transformer shared by the trainer and the runner, and Hugging Face checkpoint/tokenizer I/O."""
+
+from raylane.models.attention import AttentionContext, DenseAttention, expand_kv_heads
+from raylane.models.checkpoint import iter_checkpoint_tensors, load_model, save_checkpoint, save_model
+from raylane.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelConfigError
+from raylane.models.layers import TensorParallelGroup
+from raylane.models.tiny import init_weights, make_tiny_model, tiny_config
+from raylane.models.tokenizer import Tokenizer, TokenizerError, make_tiny_tokenizer
+from raylane.models.transformer import CausalLM, WeightLoadError
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "AttentionContext",
+    "CausalLM",
+    "DenseAttention",
+    "ModelConfig",
+    "ModelConfigError",
+    "TensorParallelGroup",
+    "Tokenizer",
+    "TokenizerError",
+    "WeightLoadError",
+    "expand_kv_heads",
+    "init_weights",
+    "iter_checkpoint_tensors",
+    "load_model",
+    "make_tiny_model",
+    "make_tiny_tokenizer",
+    "save_checkpoint",
+    "save_model",
+    "tiny_config",
+]

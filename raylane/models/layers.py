@@ -1,0 +1,154 @@
+"""Building blocks of the decoder: RMSNorm, rotary embeddings and tensor-parallel linear layers.
+
+Tensor parallelism follows Megatron: column-parallel layers split output features across the
+TP group, row-parallel layers split input features and all-reduce their output. Each parameter
+records the dimension it is split on (``tp_shard_dim``) so that checkpoint loading and weight
+resharding can cut the full Hugging Face tensor into this rank's slice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as Hugging Face Llama does."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    factor = scaling["factor"]
+    low_freq_factor = scaling.get("low_freq_factor", 1.0)
+    high_freq_factor = scaling.get("high_freq_factor", 4.0)
+    old_context = scaling.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding with a precomputed cos/sin table indexed by position id."""
+
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
+    ) -> None:
+        super().__init__()
+        self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
+        self.register_buffer("cos_table", torch.empty(0), persistent=False)
+        self.register_buffer("sin_table", torch.empty(0), persistent=False)
+        self.build_tables()
+
+    def build_tables(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the tables, e.g. after the module was created on the meta device."""
+        device = device or self.cos_table.device
+        if device == torch.device("meta"):
+            device = "cpu"
+        dim = self.head_dim
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
+        )
+        kind = (self.scaling or {}).get("rope_type", (self.scaling or {}).get("type", "default"))
+        if kind == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, self.scaling)
+        elif kind == "linear":
+            inv_freq = inv_freq / self.scaling["factor"]
+        positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos_table = emb.cos()
+        self.sin_table = emb.sin()
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q``/``k`` of shape ``[*, heads, head_dim]`` at ``positions`` of shape ``[*]``."""
+        cos = self.cos_table[positions].unsqueeze(-2)
+        sin = self.sin_table[positions].unsqueeze(-2)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class TensorParallelGroup:
+    """Which TP rank this module is and the process group it all-reduces over (size 1: no TP)."""
+
+    def __init__(self, size: int = 1, rank: int = 0, group: dist.ProcessGroup | None = None) -> None:
+        if size > 1 and group is None and not dist.is_initialized():
+            raise ValueError("tensor_parallel_size > 1 needs an initialised torch.distributed process group")
+        self.size, self.rank, self.group = size, rank, group
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+
+def _divide(total: int, parts: int, what: str) -> int:
+    if total % parts != 0:
+        raise ValueError(f"{what} ({total}) is not divisible by tensor_parallel_size ({parts})")
+    return total // parts
+
+
+class ColumnParallelLinear(nn.Linear):
+    """``y = x W^T + b`` with W split along output features; each rank returns its slice of y."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup, what: str
+    ) -> None:
+        super().__init__(in_features, _divide(out_features, tp.size, what), bias=bias)
+        self.weight.tp_shard_dim = 0
+        if bias:
+            self.bias.tp_shard_dim = 0
+
+
+class RowParallelLinear(nn.Linear):
+    """``y = x W^T + b`` with W split along input features; partial sums are all-reduced."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup, what: str
+    ) -> None:
+        super().__init__(_divide(in_features, tp.size, what), out_features, bias=bias)
+        self.tp = tp
+        self.weight.tp_shard_dim = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
+class SwiGLU(nn.Module):
+    """The gated MLP of Llama: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size, bias, tp, "intermediate_size")
+        self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, bias, tp, "intermediate_size")
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, tp, "intermediate_size")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

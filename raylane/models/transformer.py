@@ -1,0 +1,218 @@
+"""The decoder-only transformer shared by the trainer and the runner.
+
+Parameter names are Hugging Face's (``model.layers.0.self_attn.q_proj.weight`` ...), so a
+checkpoint loads by name and weights travel between trainer and runner without renaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from raylane.models.attention import AttentionContext, DenseAttention, segment_ids_from_positions
+from raylane.models.config import ModelConfig
+from raylane.models.layers import (
+    ColumnParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    SwiGLU,
+    TensorParallelGroup,
+)
+
+
+class WeightLoadError(ValueError):
+    """Weights do not fit the model; the message names the tensors and what was expected."""
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads // tp.size
+        if config.num_key_value_heads % tp.size != 0:
+            raise ValueError(
+                f"num_key_value_heads ({config.num_key_value_heads}) must be divisible by "
+                f"tensor_parallel_size ({tp.size})"
+            )
+        self.num_kv_heads = config.num_key_value_heads // tp.size
+        self.scale = self.head_dim**-0.5
+        hidden, bias = config.hidden_size, config.attention_bias
+        q_out, kv_out = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = ColumnParallelLinear(hidden, q_out, bias, tp, "num_attention_heads * head_dim")
+        self.k_proj = ColumnParallelLinear(hidden, kv_out, bias, tp, "num_key_value_heads * head_dim")
+        self.v_proj = ColumnParallelLinear(hidden, kv_out, bias, tp, "num_key_value_heads * head_dim")
+        self.o_proj = RowParallelLinear(q_out, hidden, False, tp, "num_attention_heads * head_dim")
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attention: AttentionContext
+    ) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
+        out = attention.attend(self.layer_idx, q, k, v, self.scale)
+        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(config, layer_idx, tp)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias, tp)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attention: AttentionContext
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionContext
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary_emb, attention)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """Decoder plus LM head. ``forward`` returns hidden states; ``compute_logits`` projects them.
+
+    Splitting the two lets the runner project only the positions it samples from, and the
+    trainer chunk the vocabulary projection.
+    """
+
+    def __init__(self, config: ModelConfig, tp: TensorParallelGroup | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.tp = tp or TensorParallelGroup()
+        self.model = DecoderModel(config, self.tp)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        return self.model(input_ids, positions, attention or DenseAttention())
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Training forward over ``[B, L]`` tokens, padded (``attention_mask``) or packed (``position_ids``).
+
+        Packed rows hold several sequences back to back whose position ids restart at 0.
+        Right padding keeps positions 0..n-1; left padding is handled by deriving positions
+        from the mask.
+        """
+        segment_ids = None
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        elif bool((position_ids[:, 1:] == 0).any()):
+            segment_ids = segment_ids_from_positions(position_ids)
+        attention = DenseAttention(attention_mask, segment_ids)
+        return self.compute_logits(self.model(input_ids, position_ids, attention))
+
+    # ---- weights by Hugging Face name -------------------------------------------------------------
+
+    def weight_names(self) -> list[str]:
+        """Names of the tensors a full checkpoint of this model holds (tied head omitted)."""
+        return [name for name, _ in self.named_parameters() if not self._is_tied_head(name)]
+
+    def _is_tied_head(self, name: str) -> bool:
+        return self.config.tie_word_embeddings and name == "lm_head.weight"
+
+    def shard_for_rank(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This TP rank's slice of the full (unsharded) tensor ``name``."""
+        param = self.get_parameter(name)
+        dim = getattr(param, "tp_shard_dim", None)
+        if dim is None or self.tp.size == 1:
+            return full
+        return full.chunk(self.tp.size, dim=dim)[self.tp.rank]
+
+    @torch.no_grad()
+    def load_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], strict: bool = True
+    ) -> list[str]:
+        """Copy full Hugging Face tensors into the parameters in place, sharding them for TP.
+
+        With ``strict`` every parameter must be given. Returns the names loaded. Raises
+        :class:`WeightLoadError` naming unknown, missing or mis-shaped tensors.
+        """
+        params = dict(self.named_parameters())
+        loaded, unknown, misshaped = [], [], []
+        for name, tensor in named_tensors:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if self._is_tied_head(name):
+                # Some tied checkpoints store the head too; it must equal the embedding.
+                continue
+            if name not in params:
+                unknown.append(name)
+                continue
+            shard = self.shard_for_rank(name, tensor)
+            param = params[name]
+            if shard.shape != param.shape:
+                misshaped.append(f"{name}: got {tuple(tensor.shape)}, expected {self._full_shape(name)}")
+                continue
+            param.copy_(shard)
+            loaded.append(name)
+        problems = []
+        if unknown:
+            problems.append(f"unexpected tensors {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        if misshaped:
+            problems.append("mis-shaped tensors: " + "; ".join(misshaped[:8]))
+        if strict:
+            missing = sorted(set(self.weight_names()) - set(loaded))
+            if missing:
+                problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if problems:
+            raise WeightLoadError(
+                f"weights do not match the {self.config.architecture} described by config.json: "
+                + " | ".join(problems)
+            )
+        return loaded
+
+    def _full_shape(self, name: str) -> tuple[int, ...]:
+        param = self.get_parameter(name)
+        shape = list(param.shape)
+        dim = getattr(param, "tp_shard_dim", None)
+        if dim is not None:
+            shape[dim] *= self.tp.size
+        return tuple(shape)
+
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Unsharded shape of every checkpoint tensor."""
+        return {name: self._full_shape(name) for name in self.weight_names()}

@@ -1,0 +1,22 @@
+"""raylane's own inference engine: continuous batching over a paged KV cache, in PyTorch."""
+
+from raylane.runner.attention import AttentionBackend, get_attention_backend, register_attention_backend
+from raylane.runner.config import EngineConfig
+from raylane.runner.engine import LLMEngine, UnknownRequestError
+from raylane.runner.llm import LLM
+from raylane.runner.outputs import CompletionOutput, EngineStats, RequestOutput
+from raylane.runner.sampling_params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "AttentionBackend",
+    "CompletionOutput",
+    "EngineConfig",
+    "EngineStats",
+    "LLMEngine",
+    "RequestOutput",
+    "SamplingParams",
+    "UnknownRequestError",
+    "get_attention_backend",
+    "register_attention_backend",
+]

@@ -1,0 +1,41 @@
+"""Typed engine configuration; every knob has a default that works on a laptop."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EngineConfig(BaseModel):
+    """How to build an :class:`~raylane.runner.LLMEngine`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        description="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
+    block_size: int = Field(16, ge=16, le=128, description="tokens per KV block")
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV blocks; default: sized from memory")
+    kv_cache_memory_gib: float | None = Field(None, gt=0, description="KV budget on CPU (default 1 GiB)")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_num_seqs: int = Field(64, ge=1, description="sequences in one batch")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one step")
+    max_model_len: int | None = Field(None, ge=2, description="context limit; default: the model's")
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    attention_backend: str = "torch"
+    seed: int = Field(0, description="seeds requests that do not bring their own")
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> EngineConfig:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so every running sequence can decode each step"
+            )
+        if self.block_size % 16 != 0:
+            raise ValueError(f"block_size must be a multiple of 16, got {self.block_size}")
+        return self

@@ -1,0 +1,346 @@
+"""The step API of the runner: add requests, step, abort, update weights.
+
+Servers and rollout loops drive :class:`LLMEngine` one step at a time; :class:`~raylane.runner.LLM`
+wraps it for offline batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from raylane.models import CausalLM, Tokenizer, load_model
+from raylane.runner.block_manager import BlockManager
+from raylane.runner.config import EngineConfig
+from raylane.runner.detokenizer import IncrementalDetokenizer
+from raylane.runner.model_runner import ModelRunner, kv_cache_block_bytes
+from raylane.runner.outputs import CompletionOutput, EngineStats, RequestOutput
+from raylane.runner.sampling_params import SamplingParams
+from raylane.runner.scheduler import Scheduler
+from raylane.runner.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+_SEED_MODULUS = 2**62
+
+
+class UnknownRequestError(KeyError):
+    """The request id names no running or waiting request."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer] | None
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available; use device='cpu'")
+    return resolved
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        return torch.float32
+    return checkpoint_dtype if checkpoint_dtype != torch.float32 else torch.bfloat16
+
+
+class LLMEngine:
+    """Continuous-batching generation over a paged KV cache.
+
+    ``model``/``tokenizer`` may be passed in (e.g. a rollout worker that already holds the policy);
+    otherwise both are loaded from ``config.model``.
+    """
+
+    def __init__(
+        self, config: EngineConfig, model: CausalLM | None = None, tokenizer: Tokenizer | None = None
+    ) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        if model is None:
+            from raylane.models import ModelConfig
+
+            checkpoint_dtype = ModelConfig.from_pretrained(config.model).dtype
+            model = load_model(
+                config.model, resolve_dtype(config.dtype, checkpoint_dtype, self.device), self.device
+            )
+        self.model = model.eval()
+        self.model_config = model.config
+        if tokenizer is None:
+            try:
+                tokenizer = Tokenizer.from_pretrained(config.model)
+            except (OSError, ValueError) as err:
+                logger.warning("no tokenizer (%s); requests must pass prompt_token_ids", err)
+        self.tokenizer = tokenizer
+        self.max_model_len = self._max_model_len()
+        num_blocks = config.num_kv_blocks or self._auto_num_blocks()
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * config.block_size} tokens but max_model_len is "
+                f"{self.max_model_len}: raise num_kv_blocks (or kv_cache_memory_gib) or lower max_model_len"
+            )
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill a whole prompt must fit one step: raise max_num_batched_tokens "
+                f"({config.max_num_batched_tokens}) to max_model_len ({self.max_model_len}) or enable chunking"
+            )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.enable_chunked_prefill,
+        )
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.attention_backend)
+        self.eos_token_ids = set(self.model_config.eos_token_id)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
+        self.weight_version = 0
+        self._requests: dict[str, _Request] = {}
+        self._rng = random.Random(config.seed)
+        self._next_seq_id = 0
+        self._counters = {"prompt_computed": 0, "prompt_cached": 0, "generated": 0, "steps": 0}
+
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        if self.model_config.sliding_window:
+            # Sliding-window attention is not implemented: stay inside the window, where it is exact.
+            limit = min(limit, self.model_config.sliding_window)
+        requested = self.config.max_model_len
+        if requested is not None and requested > limit:
+            raise ValueError(f"max_model_len {requested} exceeds what this model supports ({limit})")
+        return requested or limit
+
+    def _auto_num_blocks(self) -> int:
+        bs = self.config.block_size
+        block_bytes = kv_cache_block_bytes(self.model, bs, next(self.model.parameters()).dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            reserve = 1 << 30  # activations and sampling buffers of one step
+            budget = free - total * (1 - self.config.gpu_memory_utilization) - reserve
+        else:
+            budget = (self.config.kv_cache_memory_gib or 1.0) * 2**30
+            # On CPU there is no point holding more than every running sequence can use.
+            wanted = self.config.max_num_seqs * math.ceil(self.max_model_len / bs) + 1
+            budget = min(budget, wanted * block_bytes)
+        return max(1, int(budget // block_bytes))
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        sampling_params: SamplingParams | None = None,
+    ) -> None:
+        """Queue a request. Raises ``ValueError`` with an actionable message for bad input."""
+        params = sampling_params or SamplingParams()
+        params.validate()
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self._prompt_tokens(prompt, prompt_token_ids)
+        detokenizers = None
+        if self.tokenizer is not None:
+            detokenizers = [IncrementalDetokenizer(self.tokenizer) for _ in range(params.n)]
+        seqs = []
+        for index in range(params.n):
+            if params.seed is None:
+                seed = self._rng.getrandbits(62)
+            else:
+                seed = params.seed if params.n == 1 else (params.seed * 1_000_003 + index) % _SEED_MODULUS
+            seq = Sequence(self._next_seq_id, request_id, index, token_ids, params, seed, self._next_seq_id)
+            self._next_seq_id += 1
+            seqs.append(seq)
+        self._requests[request_id] = _Request(request_id, prompt, token_ids, params, seqs, detokenizers)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _prompt_tokens(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
+        if (prompt is None) == (prompt_token_ids is None):
+            raise ValueError("pass exactly one of prompt (text) or prompt_token_ids")
+        if prompt is not None:
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer (no tokenizer.json): pass prompt_token_ids")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt_token_ids)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}); got {bad[:5]}")
+        if not token_ids:
+            raise ValueError("the prompt is empty: it must have at least one token")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens but the maximum context length is {self.max_model_len} "
+                "(prompt plus at least one new token): shorten the prompt or raise max_model_len"
+            )
+        return token_ids
+
+    def abort(self, request_id: str) -> RequestOutput:
+        """Stop a request now, free its KV blocks and return its final (aborted) output."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            raise UnknownRequestError(
+                f"cannot abort request {request_id!r}: no such running or waiting request (it may have finished)"
+            )
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self._finish(seq, "abort")
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- stepping ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return the outputs of the requests that progressed."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("no waiting request fits the KV cache; raise num_kv_blocks")
+            return []
+        result = self.runner.execute(plan)
+        self.scheduler.mark_computed(plan)
+        self._counters["steps"] += 1
+        self._counters["prompt_cached"] += plan.num_cached_tokens
+        for chunk in plan.chunks:
+            self._counters["prompt_computed"] += max(
+                0, min(chunk.start + chunk.num_tokens, chunk.seq.num_prompt_tokens) - chunk.start
+            )
+        touched: dict[str, _Request] = {}
+        sampling = [chunk for chunk in plan.chunks if chunk.samples]
+        for chunk, token, logprob in zip(sampling, result.sampled_token_ids, result.sampled_logprobs):
+            seq = chunk.seq
+            self._append_token(seq, token, logprob)
+            touched[seq.request_id] = self._requests[seq.request_id]
+        for chunk in plan.chunks:
+            logprobs = result.prompt_logprobs.get(chunk.seq.seq_id)
+            if logprobs is not None:
+                seq = chunk.seq
+                seq.prompt_logprobs.extend(logprobs[: seq.num_prompt_tokens - 1 - len(seq.prompt_logprobs)])
+        outputs = [self._output(request) for request in touched.values()]
+        for request in touched.values():
+            if request.finished:
+                del self._requests[request.request_id]
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float) -> None:
+        seq.token_ids.append(token)
+        seq.logprobs.append(logprob)
+        seq.weight_versions.append(self.weight_version)
+        self._counters["generated"] += 1
+        params = seq.params
+        if (
+            (not params.ignore_eos and token in self.eos_token_ids)
+            or token in params.stop_token_ids
+            or (params.stop and self._hit_stop_string(seq))
+        ):
+            self._finish(seq, "stop")
+        elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        request = self._requests[seq.request_id]
+        if request.detokenizers is None:
+            return False
+        text = request.detokenizers[seq.index].update(seq.output_token_ids)
+        return any(stop in text for stop in seq.params.stop)
+
+    def _text(self, request: _Request, seq: Sequence) -> str:
+        if request.detokenizers is None:
+            return ""
+        if not seq.is_finished:
+            return request.detokenizers[seq.index].update(seq.output_token_ids)
+        # Finished: decode once in full, flushing bytes held back for an incomplete character.
+        text = self.tokenizer.decode(seq.output_token_ids)
+        cuts = [pos for pos in (text.find(stop) for stop in seq.params.stop) if pos >= 0]
+        return text[: min(cuts)] if cuts else text
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _output(self, request: _Request) -> RequestOutput:
+        completions = []
+        for seq in request.seqs:
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=self._text(request, seq),
+                    token_ids=seq.output_token_ids,
+                    logprobs=list(seq.logprobs) if request.params.logprobs else None,
+                    finish_reason=seq.finish_reason,
+                    weight_versions=list(seq.weight_versions),
+                )
+            )
+        first = request.seqs[0]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=completions,
+            finished=request.finished,
+            prompt_logprobs=list(first.prompt_logprobs) if request.params.prompt_logprobs else None,
+        )
+
+    # ---- weights ----------------------------------------------------------------------------------
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> list[str]:
+        """Copy new weights (Hugging Face names, full tensors) into the model in place, between steps.
+
+        May be called with a subset of the weights (one bucket at a time). Requests in flight keep
+        their KV cache and continue under the new weights; cached prefixes are dropped because they
+        were computed by the old ones.
+        """
+        if not isinstance(version, int):
+            raise ValueError(f"weight version must be an int, got {version!r}")
+        loaded = self.runner.load_weights(named_tensors)
+        live = [seq for request in self._requests.values() for seq in request.seqs]
+        self.block_manager.reset_prefix_cache(live)
+        self.weight_version = version
+        logger.info("weights updated to version %d (%d tensors)", version, len(loaded))
+        return loaded
+
+    @property
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_total_blocks=self.block_manager.num_blocks,
+            num_free_blocks=self.block_manager.num_free_blocks,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions,
+            num_prompt_tokens_computed=self._counters["prompt_computed"],
+            num_cached_prompt_tokens=self._counters["prompt_cached"],
+            num_generated_tokens=self._counters["generated"],
+            num_steps=self._counters["steps"],
+        )
