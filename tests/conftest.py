@@ -86,3 +86,11 @@ def tmp_dir(tmp_path):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama checkpoint with peaked outputs (large init), written once per session."""
+    from raylane.models import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")), arch="llama", seed=0, std=0.3)

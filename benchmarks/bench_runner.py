@@ -1,0 +1,200 @@
+"""Throughput of raylane's runner against Hugging Face ``generate`` on the same model and workload.
+
+Prints a table and writes JSON under ``benchmarks/results/``. Runs on CPU (default: the tiny model)
+and on a GPU (``--preset llama-1b --device cuda``):
+
+    python benchmarks/bench_runner.py                                   # CPU, tiny model
+    python benchmarks/bench_runner.py --preset llama-1b --device cuda --batch-sizes 1 16 64 256
+
+Share of roofline: bytes one decode step must read (all weights + the KV cache of the batch) over
+the step time, divided by the measured device copy bandwidth (read + write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+from raylane.models import make_tiny_model
+from raylane.runner import LLM, SamplingParams
+
+PRESETS = {
+    # ~0.2 M parameters: the model CI and `make run` use.
+    "tiny": {},
+    # ~10 M parameters: still quick on a laptop CPU, big enough that matmuls matter.
+    "small": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 8,
+              "num_key_value_heads": 4},
+    # Llama-3.2-1B shape (1.24 B parameters), random weights.
+    "llama-1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096,
+                 "tie_word_embeddings": True, "rope_theta": 500000.0},
+}  # fmt: skip
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured bytes/s of a large device-to-device copy, counting read + write."""
+    numel = (256 if device.type == "cuda" else 64) * 2**20 // 4
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    start = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    sync(device)
+    return 2 * src.numel() * 4 * reps / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=gen).tolist()
+
+
+def bench_raylane(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
+    llm.generate([prompts[0]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+    sync(llm.engine.device)
+    before = llm.engine.stats
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    sync(llm.engine.device)
+    elapsed = time.perf_counter() - start
+    after = llm.engine.stats
+    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {
+        "seconds": elapsed,
+        "tokens": tokens,
+        "tokens_per_s": tokens / elapsed,
+        "steps": after.num_steps - before.num_steps,
+        "prompt_tokens_computed": after.num_prompt_tokens_computed - before.num_prompt_tokens_computed,
+    }
+
+
+def bench_hf(model_dir: str, prompts: list[list[int]], new_tokens: int, device, dtype) -> dict | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    ids = torch.tensor(prompts, device=device)
+    kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
+    with torch.no_grad():
+        model.generate(ids[:1, :8], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        sync(device)
+        start = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        sync(device)
+    elapsed = time.perf_counter() - start
+    tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    del model
+    return {"seconds": elapsed, "tokens": tokens, "tokens_per_s": tokens / elapsed}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--model", help="a checkpoint folder instead of a random preset")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--grpo-prompt-len", type=int, default=512)
+    parser.add_argument("--grpo-prompts", type=int, default=8, help="distinct prompts, each sampled n=8 times")
+    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face reference")
+    parser.add_argument("--output", help="JSON path (default benchmarks/results/bench_runner_<device>_<preset>.json)")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    dtype = (torch.float32 if device.type == "cpu" else torch.bfloat16) if args.dtype == "auto" else getattr(
+        torch, args.dtype
+    )
+    model_dir = args.model or make_tiny_model(tempfile.mkdtemp(prefix="bench-"), std=0.02, **PRESETS[args.preset])
+    max_len = max(args.prompt_len, args.grpo_prompt_len) + args.new_tokens + 8
+    max_batch = max(max(args.batch_sizes), 8 * args.grpo_prompts)
+    llm = LLM(model_dir, device=str(device), dtype=str(dtype).removeprefix("torch."), max_model_len=max_len,
+              max_num_seqs=max_batch, max_num_batched_tokens=max(4096, max_batch))  # fmt: skip
+    config = llm.engine.model_config
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
+    attn = llm.engine.model.model.layers[0].self_attn
+    kv_bytes_per_token = 2 * attn.num_kv_heads * attn.head_dim * config.num_hidden_layers * dtype.itemsize
+    bandwidth = copy_bandwidth(device)
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=args.new_tokens, ignore_eos=True)
+
+    rows = []
+    for batch in args.batch_sizes:
+        prompts = random_prompts(batch, args.prompt_len, config.vocab_size, seed=batch)
+        ours = bench_raylane(llm, prompts, params)
+        step_s = ours["seconds"] / args.new_tokens
+        avg_context = args.prompt_len + args.new_tokens / 2
+        step_bytes = weight_bytes + batch * avg_context * kv_bytes_per_token
+        row = {"workload": f"batch {batch}", "batch": batch, "raylane": ours,
+               "roofline_share": step_bytes / step_s / bandwidth}  # fmt: skip
+        hf = None if args.no_hf else bench_hf(model_dir, prompts, args.new_tokens, device, dtype)
+        if hf:
+            row["hf"] = hf
+            row["ratio_vs_hf"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+        rows.append(row)
+
+    grpo_prompts = random_prompts(args.grpo_prompts, args.grpo_prompt_len, config.vocab_size, seed=99)
+    grpo_params = SamplingParams(n=8, temperature=1.0, seed=1, max_tokens=args.new_tokens // 4, ignore_eos=True)
+    grpo = {}
+    for caching in (True, False):
+        llm.engine.block_manager.enable_prefix_caching = caching
+        llm.engine.block_manager.reset_prefix_cache([])
+        grpo["on" if caching else "off"] = bench_raylane(llm, grpo_prompts, grpo_params)
+    llm.engine.block_manager.enable_prefix_caching = llm.engine.config.enable_prefix_caching
+    grpo["speedup"] = grpo["on"]["tokens_per_s"] / grpo["off"]["tokens_per_s"]
+
+    print(f"\nraylane runner vs HF generate — preset {args.preset}, {sum(p.numel() for p in llm.engine.model.parameters()) / 1e6:.1f} M params, "
+          f"{device.type} {dtype}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, prompt {args.prompt_len}, new {args.new_tokens}")  # fmt: skip
+    print(f"{'workload':<12} {'raylane tok/s':>14} {'HF tok/s':>10} {'ratio':>7} {'roofline':>9}")
+    for row in rows:
+        hf = row.get("hf", {}).get("tokens_per_s")
+        ratio = row.get("ratio_vs_hf")
+        print(f"{row['workload']:<12} {row['raylane']['tokens_per_s']:>14.1f} "
+              f"{(f'{hf:.1f}' if hf else '-'):>10} {(f'{ratio:.2f}x' if ratio else '-'):>7} {row['roofline_share']:>8.1%}")  # fmt: skip
+    print(f"GRPO n=8 x {args.grpo_prompts} prompts of {args.grpo_prompt_len}: prefix cache on "
+          f"{grpo['on']['tokens_per_s']:.1f} tok/s, off {grpo['off']['tokens_per_s']:.1f} tok/s "
+          f"({grpo['speedup']:.2f}x); prompt tokens computed {grpo['on']['prompt_tokens_computed']} vs "
+          f"{grpo['off']['prompt_tokens_computed']}")  # fmt: skip
+
+    result = {
+        "preset": args.preset if not args.model else args.model,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in llm.engine.model.parameters()),
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "rows": rows,
+        "grpo_prefix_caching": grpo,
+    }
+    path = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                       f"bench_runner_{device.type}_{args.preset}.json")  # fmt: skip
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
