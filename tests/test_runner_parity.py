@@ -116,10 +116,10 @@ def test_training_forward_reproduces_runner_logprobs(hf_checkpoint):
         input_ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
     with torch.no_grad():
-        padded_logits = model.logits(input_ids, attention_mask=mask)
+        padded_logits = model(input_ids, attention_mask=mask)
         packed_ids = torch.tensor([[t for seq in seqs[:4] for t in seq]])
         packed_pos = torch.tensor([[i for seq in seqs[:4] for i in range(len(seq))]])
-        packed_logits = model.logits(packed_ids, position_ids=packed_pos)[0]
+        packed_logits = model(packed_ids, position_ids=packed_pos)[0]
     offset = 0
     for i, (prompt, output) in enumerate(zip(prompts, outputs)):
         n = len(prompt)

@@ -94,10 +94,11 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Decoder plus LM head. ``forward`` returns hidden states; ``compute_logits`` projects them.
+    """Decoder plus LM head.
 
-    Splitting the two lets the runner project only the positions it samples from, and the
-    trainer chunk the vocabulary projection.
+    ``forward`` is the training path (logits of whole sequences; what FSDP wraps). The runner calls
+    ``hidden_states`` with its paged attention context and projects only the rows it samples from
+    with ``compute_logits``.
     """
 
     def __init__(self, config: ModelConfig, tp: TensorParallelGroup | None = None) -> None:
@@ -109,20 +110,16 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        attention: AttentionContext | None = None,
+    def hidden_states(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionContext
     ) -> torch.Tensor:
-        if positions is None:
-            positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
-        return self.model(input_ids, positions, attention or DenseAttention())
+        """Final-norm hidden states for any attention context (the runner passes its paged one)."""
+        return self.model(input_ids, positions, attention)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def logits(
+    def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
@@ -130,9 +127,8 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Training forward over ``[B, L]`` tokens, padded (``attention_mask``) or packed (``position_ids``).
 
-        Packed rows hold several sequences back to back whose position ids restart at 0.
-        Right padding keeps positions 0..n-1; left padding is handled by deriving positions
-        from the mask.
+        Returns logits ``[B, L, V]``. Packed rows hold several sequences back to back whose position
+        ids restart at 0. Left padding is handled by deriving positions from the mask.
         """
         segment_ids = None
         if position_ids is None:

@@ -104,7 +104,7 @@ class ModelRunner:
             query_pad_index=self._to_device(pad_index, torch.long),
             max_query_len=max_q,
         )
-        hidden = self.model(
+        hidden = self.model.hidden_states(
             self._to_device(input_ids, torch.long),
             self._to_device(positions, torch.long),
             PagedAttention(self.backend, self.kv_caches, meta),
