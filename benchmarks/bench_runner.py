@@ -65,7 +65,8 @@ def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[
 
 
 def bench_raylane(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
-    llm.generate([prompts[0]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+    # Warm-up on two prompts of the real length, so kernels are compiled for the shapes that follow.
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     sync(llm.engine.device)
     before = llm.engine.stats
     start = time.perf_counter()
@@ -88,7 +89,11 @@ def bench_hf(model_dir: str, prompts: list[list[int]], new_tokens: int, device, 
         import transformers
     except ImportError:
         return None
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except TypeError:  # transformers < 4.56 calls it torch_dtype
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype)
+    model = model.to(device).eval()
     ids = torch.tensor(prompts, device=device)
     kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
                   min_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
@@ -105,7 +110,9 @@ def bench_hf(model_dir: str, prompts: list[list[int]], new_tokens: int, device, 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--model", help="a checkpoint folder instead of a random preset")
     parser.add_argument("--device", default="auto")
@@ -114,21 +121,39 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--grpo-prompt-len", type=int, default=512)
-    parser.add_argument("--grpo-prompts", type=int, default=8, help="distinct prompts, each sampled n=8 times")
+    parser.add_argument(
+        "--grpo-prompts", type=int, default=8, help="distinct prompts, each sampled n=8 times"
+    )
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face reference")
-    parser.add_argument("--output", help="JSON path (default benchmarks/results/bench_runner_<device>_<preset>.json)")
+    parser.add_argument("--attention-backend", default="auto", help="auto, torch or triton")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
+    parser.add_argument("--no-compile", action="store_true", help="CUDA graphs of the eager model")
+    parser.add_argument(
+        "--output", help="JSON path (default benchmarks/results/bench_runner_<device>_<preset>.json)"
+    )
     args = parser.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))  # fmt: skip
-    dtype = (torch.float32 if device.type == "cpu" else torch.bfloat16) if args.dtype == "auto" else getattr(
-        torch, args.dtype
+    dtype = (
+        (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        if args.dtype == "auto"
+        else getattr(torch, args.dtype)
     )
-    model_dir = args.model or make_tiny_model(tempfile.mkdtemp(prefix="bench-"), std=0.02, **PRESETS[args.preset])
+    model_dir = args.model or make_tiny_model(
+        tempfile.mkdtemp(prefix="bench-"), std=0.02, **PRESETS[args.preset]
+    )
     max_len = max(args.prompt_len, args.grpo_prompt_len) + args.new_tokens + 8
     max_batch = max(max(args.batch_sizes), 8 * args.grpo_prompts)
+    # A KV cache sized for the workload (with room to spare) rather than for most of the GPU, so
+    # that Hugging Face, run later in this process, has memory left.
+    num_kv_blocks = int(1.25 * max_batch * -(-max_len // 16)) + 16
+    start = time.perf_counter()
     llm = LLM(model_dir, device=str(device), dtype=str(dtype).removeprefix("torch."), max_model_len=max_len,
-              max_num_seqs=max_batch, max_num_batched_tokens=max(4096, max_batch))  # fmt: skip
+              max_num_seqs=max_batch, max_num_batched_tokens=max(4096, max_batch), num_kv_blocks=num_kv_blocks,
+              attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+              compile_decode=not args.no_compile)  # fmt: skip
+    startup_s = time.perf_counter() - start
     config = llm.engine.model_config
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
     attn = llm.engine.model.model.layers[0].self_attn
@@ -152,7 +177,9 @@ def main() -> int:
         rows.append(row)
 
     grpo_prompts = random_prompts(args.grpo_prompts, args.grpo_prompt_len, config.vocab_size, seed=99)
-    grpo_params = SamplingParams(n=8, temperature=1.0, seed=1, max_tokens=args.new_tokens // 4, ignore_eos=True)
+    grpo_params = SamplingParams(
+        n=8, temperature=1.0, seed=1, max_tokens=args.new_tokens // 4, ignore_eos=True
+    )
     grpo = {}
     for caching in (True, False):
         llm.engine.block_manager.enable_prefix_caching = caching
@@ -163,6 +190,9 @@ def main() -> int:
 
     print(f"\nraylane runner vs HF generate — preset {args.preset}, {sum(p.numel() for p in llm.engine.model.parameters()) / 1e6:.1f} M params, "
           f"{device.type} {dtype}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, prompt {args.prompt_len}, new {args.new_tokens}")  # fmt: skip
+    runner = llm.engine.runner
+    print(f"attention backend {runner.backend.name}, CUDA graphs {runner.graphs is not None}, "
+          f"engine start-up {startup_s:.1f} s (compile + capture)")  # fmt: skip
     print(f"{'workload':<12} {'raylane tok/s':>14} {'HF tok/s':>10} {'ratio':>7} {'roofline':>9}")
     for row in rows:
         hf = row.get("hf", {}).get("tokens_per_s")
@@ -176,12 +206,18 @@ def main() -> int:
 
     result = {
         "preset": args.preset if not args.model else args.model,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "dtype": str(dtype),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in llm.engine.model.parameters()),
         "copy_bandwidth_bytes_per_s": bandwidth,
+        "attention_backend": runner.backend.name,
+        "cuda_graphs": runner.graphs is not None,
+        "compile_decode": runner.graphs is not None and not args.no_compile,
+        "engine_startup_s": startup_s,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "rows": rows,

@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+from raylane.serving.cli import add_serve_parser
+
 logger = logging.getLogger("raylane")
 
 
@@ -111,6 +113,28 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from raylane.config import ConfigError, dump_config, load_config
+    from raylane.controllers import JobConfig, run_job
+
+    try:
+        config = load_config(JobConfig, args.config, args.overrides)
+    except ConfigError as err:
+        raise CLIError(str(err)) from err
+    os.makedirs(config.output_dir, exist_ok=True)
+    dump_config(config, os.path.join(config.output_dir, "config.yaml"))
+    history = run_job(config)
+    evals = [r["eval_reward_mean"] for r in history if "eval_reward_mean" in r]
+    if evals:
+        print(
+            f"held-out reward: {evals[0]:.3f} -> {evals[-1]:.3f}; outputs in {config.output_dir}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylane", description="LLM post-training on Ray.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
@@ -135,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
+
+    train = commands.add_parser("train", help="run an RL job (GRPO, PPO, ...) from a YAML config")
+    train.add_argument("config", nargs="?", help="YAML job config (default: the built-in laptop job)")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. actor.optim.lr=1e-4")
+    train.set_defaults(func=cmd_train)
+
+    add_serve_parser(commands)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random checkpoint for trying things out")
     tiny.add_argument("output_dir")

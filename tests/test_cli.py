@@ -17,7 +17,11 @@ def _raylane(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_generate_jsonl_in_input_order_with_samples_and_logprobs(tiny_model_dir, tmp_path):
-    prompts = [{"prompt": "first prompt"}, {"prompt_token_ids": [5, 6, 7]}, {"messages": [{"role": "user", "content": "hi"}]}]
+    prompts = [
+        {"prompt": "first prompt"},
+        {"prompt_token_ids": [5, 6, 7]},
+        {"messages": [{"role": "user", "content": "hi"}]},
+    ]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     result = _raylane(
@@ -39,7 +43,9 @@ def test_generate_jsonl_in_input_order_with_samples_and_logprobs(tiny_model_dir,
 
 
 def test_generate_single_prompt_to_stdout(tiny_model_dir):
-    result = _raylane("generate", "--model", tiny_model_dir, "--prompt", "hello", "--max-tokens", "4", "--quiet")
+    result = _raylane(
+        "generate", "--model", tiny_model_dir, "--prompt", "hello", "--max-tokens", "4", "--quiet"
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert len(record["token_ids"]) <= 4 and "index" not in record and "logprobs" not in record

@@ -6,7 +6,8 @@ from raylane.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelCon
 from raylane.models.layers import TensorParallelGroup
 from raylane.models.tiny import init_weights, make_tiny_model, tiny_config
 from raylane.models.tokenizer import Tokenizer, TokenizerError, make_tiny_tokenizer
-from raylane.models.transformer import CausalLM, WeightLoadError
+from raylane.models.transformer import CausalLM, WeightLoadError, dense_inputs
+from raylane.models.value_model import ValueModel
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -18,7 +19,9 @@ __all__ = [
     "TensorParallelGroup",
     "Tokenizer",
     "TokenizerError",
+    "ValueModel",
     "WeightLoadError",
+    "dense_inputs",
     "expand_kv_heads",
     "init_weights",
     "iter_checkpoint_tensors",

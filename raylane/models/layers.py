@@ -1,9 +1,10 @@
 """Building blocks of the decoder: RMSNorm, rotary embeddings and tensor-parallel linear layers.
 
 Tensor parallelism follows Megatron: column-parallel layers split output features across the
-TP group, row-parallel layers split input features and all-reduce their output. Each parameter
-records the dimension it is split on (``tp_shard_dim``) so that checkpoint loading and weight
-resharding can cut the full Hugging Face tensor into this rank's slice.
+TP group, row-parallel layers split input features and all-reduce their output. Each parallel
+layer class declares the dimension each of its parameters is split on (``TP_SHARD_DIMS``) so
+that checkpoint loading and weight resharding can cut the full Hugging Face tensor into this
+rank's slice. It is declared on the class, not the parameter, so it survives ``to_empty()``.
 """
 
 from __future__ import annotations
@@ -117,24 +118,25 @@ def _divide(total: int, parts: int, what: str) -> int:
 class ColumnParallelLinear(nn.Linear):
     """``y = x W^T + b`` with W split along output features; each rank returns its slice of y."""
 
+    TP_SHARD_DIMS = {"weight": 0, "bias": 0}
+
     def __init__(
         self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup, what: str
     ) -> None:
         super().__init__(in_features, _divide(out_features, tp.size, what), bias=bias)
-        self.weight.tp_shard_dim = 0
-        if bias:
-            self.bias.tp_shard_dim = 0
 
 
 class RowParallelLinear(nn.Linear):
     """``y = x W^T + b`` with W split along input features; partial sums are all-reduced."""
+
+    # The bias is added once, after the reduction, so every rank holds all of it.
+    TP_SHARD_DIMS = {"weight": 1}
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup, what: str
     ) -> None:
         super().__init__(_divide(in_features, tp.size, what), out_features, bias=bias)
         self.tp = tp
-        self.weight.tp_shard_dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.tp.all_reduce(F.linear(x, self.weight))

@@ -93,6 +93,21 @@ class DecoderModel(nn.Module):
         return self.norm(x)
 
 
+def dense_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, DenseAttention]:
+    """Position ids and attention context of a padded (mask) or packed (restarting positions) batch."""
+    segment_ids = None
+    if position_ids is None:
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+    elif bool((position_ids[:, 1:] == 0).any()):
+        segment_ids = segment_ids_from_positions(position_ids)
+    return position_ids, DenseAttention(attention_mask, segment_ids)
+
+
 class CausalLM(nn.Module):
     """Decoder plus LM head.
 
@@ -130,15 +145,7 @@ class CausalLM(nn.Module):
         Returns logits ``[B, L, V]``. Packed rows hold several sequences back to back whose position
         ids restart at 0. Left padding is handled by deriving positions from the mask.
         """
-        segment_ids = None
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            else:
-                position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
-        elif bool((position_ids[:, 1:] == 0).any()):
-            segment_ids = segment_ids_from_positions(position_ids)
-        attention = DenseAttention(attention_mask, segment_ids)
+        position_ids, attention = dense_inputs(input_ids, attention_mask, position_ids)
         return self.compute_logits(self.model(input_ids, position_ids, attention))
 
     # ---- weights by Hugging Face name -------------------------------------------------------------
@@ -150,10 +157,14 @@ class CausalLM(nn.Module):
     def _is_tied_head(self, name: str) -> bool:
         return self.config.tie_word_embeddings and name == "lm_head.weight"
 
+    def tp_shard_dim(self, name: str) -> int | None:
+        """The dimension tensor-parallel ranks split parameter ``name`` on (None: replicated)."""
+        module_name, _, leaf = name.rpartition(".")
+        return getattr(self.get_submodule(module_name), "TP_SHARD_DIMS", {}).get(leaf)
+
     def shard_for_rank(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This TP rank's slice of the full (unsharded) tensor ``name``."""
-        param = self.get_parameter(name)
-        dim = getattr(param, "tp_shard_dim", None)
+        dim = self.tp_shard_dim(name)
         if dim is None or self.tp.size == 1:
             return full
         return full.chunk(self.tp.size, dim=dim)[self.tp.rank]
@@ -202,9 +213,8 @@ class CausalLM(nn.Module):
         return loaded
 
     def _full_shape(self, name: str) -> tuple[int, ...]:
-        param = self.get_parameter(name)
-        shape = list(param.shape)
-        dim = getattr(param, "tp_shard_dim", None)
+        shape = list(self.get_parameter(name).shape)
+        dim = self.tp_shard_dim(name)
         if dim is not None:
             shape[dim] *= self.tp.size
         return tuple(shape)

@@ -1,5 +1,6 @@
 """raylane's own inference engine: continuous batching over a paged KV cache, in PyTorch."""
 
+from raylane.runner.async_engine import AsyncLLMEngine, EngineDeadError, EngineOverloadedError, RequestStream
 from raylane.runner.attention import AttentionBackend, get_attention_backend, register_attention_backend
 from raylane.runner.config import EngineConfig
 from raylane.runner.engine import LLMEngine, UnknownRequestError
@@ -9,12 +10,16 @@ from raylane.runner.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",
+    "AsyncLLMEngine",
     "AttentionBackend",
     "CompletionOutput",
     "EngineConfig",
+    "EngineDeadError",
+    "EngineOverloadedError",
     "EngineStats",
     "LLMEngine",
     "RequestOutput",
+    "RequestStream",
     "SamplingParams",
     "UnknownRequestError",
     "get_attention_backend",

@@ -26,7 +26,15 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="context limit; default: the model's")
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
-    attention_backend: str = "torch"
+    attention_backend: str = Field(
+        "auto", description="'auto' (triton on CUDA, torch on CPU), 'torch' (the exact reference) or 'triton'"
+    )
+    enforce_eager: bool = Field(
+        False, description="run every step eagerly: no CUDA graphs and no torch.compile (CUDA only matters)"
+    )
+    compile_decode: bool = Field(
+        True, description="torch.compile the captured decode step on CUDA (fuses norms, rotary, activations)"
+    )
     seed: int = Field(0, description="seeds requests that do not bring their own")
 
     @model_validator(mode="after")

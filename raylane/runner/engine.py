@@ -113,7 +113,16 @@ class LLMEngine:
             config.max_num_batched_tokens,
             config.enable_chunked_prefill,
         )
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.attention_backend)
+        self.runner = ModelRunner(
+            self.model,
+            num_blocks,
+            config.block_size,
+            config.attention_backend,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            cuda_graphs=not config.enforce_eager,
+            compile_decode=config.compile_decode,
+        )
         self.eos_token_ids = set(self.model_config.eos_token_id)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
@@ -221,14 +230,19 @@ class LLMEngine:
 
     # ---- stepping ---------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return the outputs of the requests that progressed."""
+    def step(self, return_unfinished: bool = True) -> list[RequestOutput]:
+        """Run one scheduler step; return the outputs of the requests that progressed.
+
+        With ``return_unfinished=False`` only requests that finished in this step are returned,
+        which saves building (and detokenizing) every running request's output on every step.
+        """
         plan = self.scheduler.schedule()
         if not plan.chunks:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("no waiting request fits the KV cache; raise num_kv_blocks")
             return []
-        result = self.runner.execute(plan)
+        pending = self.runner.launch(plan)
+        # Bookkeeping that does not need the sampled tokens overlaps with the device's work.
         self.scheduler.mark_computed(plan)
         self._counters["steps"] += 1
         self._counters["prompt_cached"] += plan.num_cached_tokens
@@ -236,6 +250,7 @@ class LLMEngine:
             self._counters["prompt_computed"] += max(
                 0, min(chunk.start + chunk.num_tokens, chunk.seq.num_prompt_tokens) - chunk.start
             )
+        result = pending.result()
         touched: dict[str, _Request] = {}
         sampling = [chunk for chunk in plan.chunks if chunk.samples]
         for chunk, token, logprob in zip(sampling, result.sampled_token_ids, result.sampled_logprobs):
@@ -247,9 +262,12 @@ class LLMEngine:
             if logprobs is not None:
                 seq = chunk.seq
                 seq.prompt_logprobs.extend(logprobs[: seq.num_prompt_tokens - 1 - len(seq.prompt_logprobs)])
-        outputs = [self._output(request) for request in touched.values()]
+        outputs = []
         for request in touched.values():
-            if request.finished:
+            finished = request.finished
+            if finished or return_unfinished:
+                outputs.append(self._output(request))
+            if finished:
                 del self._requests[request.request_id]
         return outputs
 
@@ -330,6 +348,20 @@ class LLMEngine:
         self.weight_version = version
         logger.info("weights updated to version %d (%d tensors)", version, len(loaded))
         return loaded
+
+    def set_weight_version(self, version: int) -> None:
+        """Record that the model's parameters were overwritten in place (e.g. by a resharding weight
+        sync writing this rank's tensor-parallel shards) and now hold weight ``version``.
+
+        Call it between steps, after the last tensor landed. Like :meth:`update_weights`, cached
+        prefixes are dropped (the old weights computed them) and requests in flight carry on.
+        """
+        if not isinstance(version, int):
+            raise ValueError(f"weight version must be an int, got {version!r}")
+        live = [seq for request in self._requests.values() for seq in request.seqs]
+        self.block_manager.reset_prefix_cache(live)
+        self.weight_version = version
+        logger.info("weights set in place to version %d", version)
 
     @property
     def stats(self) -> EngineStats:

@@ -51,7 +51,7 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
-                for output in self.engine.step():
+                for output in self.engine.step(return_unfinished=False):
                     if output.finished:
                         finished[output.request_id] = output
                         bar.update(1)

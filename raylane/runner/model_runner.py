@@ -1,21 +1,31 @@
 """Runs one scheduled step: builds the flat token batch and paged metadata, runs the model, samples.
 
 Inputs are built on the host from the scheduler's plan and moved to the device in one go; the
-forward pass itself never reads device values back (decode is therefore CUDA-graph capturable).
-The only host synchronisation per step is reading the sampled token ids and their log-probs.
+forward pass itself never reads device values back. On CUDA, decode-only steps replay a captured
+CUDA graph (:mod:`raylane.runner.cuda_graphs`); prefill and mixed steps run eagerly. The only host
+synchronisation per step is reading the sampled token ids and their log-probs, and a step is
+split into :meth:`ModelRunner.launch` and :meth:`PendingStep.result` so that the engine can do its
+bookkeeping while the device computes.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from raylane.models import CausalLM
-from raylane.runner.attention import PagedAttention, PagedAttentionMetadata, get_attention_backend
+from raylane.runner.attention import (
+    PagedAttention,
+    PagedAttentionMetadata,
+    get_attention_backend,
+    resolve_attention_backend,
+)
 from raylane.runner.sampler import Sampler, SamplingBatch
-from raylane.runner.scheduler import SchedulerOutput
+from raylane.runner.scheduler import ScheduledChunk, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +40,38 @@ class StepResult:
     prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)
 
 
+class PendingStep:
+    """A launched step: the device may still be computing; :meth:`result` waits for it."""
+
+    def __init__(
+        self,
+        tokens: torch.Tensor | None,
+        logprobs: torch.Tensor | None,
+        prompt_work: list[tuple[ScheduledChunk, torch.Tensor]],
+        host: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        self._tokens, self._logprobs, self._prompt_work = tokens, logprobs, prompt_work
+        self._event = None
+        if tokens is not None and host is not None and tokens.shape[0] <= host[0].shape[0]:
+            # Start the copy back now; result() then waits once instead of syncing per tensor.
+            n = tokens.shape[0]
+            self._tokens = host[0][:n].copy_(tokens, non_blocking=True)
+            self._logprobs = host[1][:n].copy_(logprobs, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> StepResult:
+        if self._event is not None:
+            self._event.synchronize()
+        result = StepResult()
+        if self._tokens is not None:
+            result.sampled_token_ids = self._tokens.tolist()
+            result.sampled_logprobs = self._logprobs.tolist()
+        for chunk, logits in self._prompt_work:
+            result.prompt_logprobs[chunk.seq.seq_id] = ModelRunner._prompt_logprobs(chunk, logits)
+        return result
+
+
 def kv_cache_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one KV block takes across all layers on this rank."""
     attn = model.model.layers[0].self_attn
@@ -38,27 +80,76 @@ def kv_cache_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -
 
 
 class ModelRunner:
-    """Owns the model and its paged KV cache on one device."""
+    """Owns the model and its paged KV cache on one device.
 
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, attention_backend: str) -> None:
+    ``attention_backend`` may be ``auto`` (see :func:`resolve_attention_backend`). With
+    ``cuda_graphs`` (CUDA only; ``max_num_seqs`` and ``max_model_len`` then size the captured
+    buffers) decode-only steps replay CUDA graphs, whose model forward is ``torch.compile``'d when
+    ``compile_decode`` is set. On CPU neither applies and every step runs the eager reference path.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        block_size: int,
+        attention_backend: str,
+        *,
+        max_num_seqs: int | None = None,
+        max_model_len: int | None = None,
+        cuda_graphs: bool = False,
+        compile_decode: bool = True,
+    ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.backend = get_attention_backend(attention_backend)
+        self.backend = get_attention_backend(resolve_attention_backend(attention_backend, self.device))
         self.sampler = Sampler()
+        use_graphs = cuda_graphs and self.device.type == "cuda"
+        if use_graphs and importlib.util.find_spec("triton") is None:
+            logger.warning(
+                "CUDA graphs need Triton (the captured step samples with a Triton kernel); running eagerly"
+            )
+            use_graphs = False
+        if use_graphs and (max_num_seqs is None or max_model_len is None):
+            raise ValueError("CUDA graphs need max_num_seqs and max_model_len to size their buffers")
         attn = model.model.layers[0].self_attn
-        shape = (2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+        # With graphs, one extra block (the last) is scratch space for the rows that pad a batch.
+        shape = (2, num_blocks + int(use_graphs), block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_caches = [
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(len(model.model.layers))
         ]
         self._pin = self.device.type == "cuda"
+        self._host_out = None
+        if self._pin:
+            capacity = max_num_seqs or 256
+            self._host_out = (
+                torch.empty(capacity, dtype=torch.int64, pin_memory=True),
+                torch.empty(capacity, dtype=torch.float32, pin_memory=True),
+            )
         logger.info(
-            "KV cache: %d blocks x %d tokens (%.1f MiB)",
+            "KV cache: %d blocks x %d tokens (%.1f MiB), attention backend %r",
             num_blocks,
             block_size,
             num_blocks * kv_cache_block_bytes(model, block_size, self.dtype) / 2**20,
+            self.backend.name,
         )
+        self.graphs = None
+        if use_graphs:
+            from raylane.runner.cuda_graphs import CUDAGraphDecoder
+
+            self.graphs = CUDAGraphDecoder(
+                model,
+                self.backend,
+                self.kv_caches,
+                max_num_seqs,
+                math.ceil(max_model_len / block_size),
+                block_size,
+                scratch_block=num_blocks,
+                compile_model=compile_decode,
+            )
+            self.graphs.capture()
 
     def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         tensor = torch.tensor(data, dtype=dtype)
@@ -66,14 +157,43 @@ class ModelRunner:
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=True)
 
-    @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepResult:
+        """Run one step and wait for it: ``launch(plan).result()``."""
+        return self.launch(plan).result()
+
+    @torch.inference_mode()
+    def launch(self, plan: SchedulerOutput) -> PendingStep:
+        """Enqueue one step on the device; the returned handle's ``result()`` reads the samples."""
+        if self.graphs is not None and self._graph_friendly(plan):
+            return self._launch_graph(plan)
+        return self._launch_eager(plan)
+
+    def _graph_friendly(self, plan: SchedulerOutput) -> bool:
+        return (
+            plan.is_decode_only
+            and len(plan.chunks) <= self.graphs.max_batch
+            and not any(
+                c.seq.params.prompt_logprobs and c.start < c.seq.num_prompt_tokens for c in plan.chunks
+            )
+        )
+
+    def _launch_graph(self, plan: SchedulerOutput) -> PendingStep:
+        seqs = [chunk.seq for chunk in plan.chunks]
+        self.graphs.prepare(seqs)
+        logits, tokens, logprobs = self.graphs.run(len(seqs))
+        params = [seq.params for seq in seqs]
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            # The graph sampled without truncation; redo those rows' sampling on its logits.
+            tokens, logprobs = self.sampler(logits, self._sampling_batch(plan.chunks))
+        return PendingStep(tokens, logprobs, [], self._host_out)
+
+    def _launch_eager(self, plan: SchedulerOutput) -> PendingStep:
         bs = self.block_size
         input_ids, positions, slots, pad_index = [], [], [], []
-        query_positions, block_tables = [], []
+        query_positions, block_tables, seq_lens, query_start = [], [], [], [0]
         logit_rows: list[int] = []
         sample_rows: list[int] = []
-        prompt_spans: list[tuple[int, int, int]] = []  # (seq_id, first logit row, count)
+        prompt_spans: list[tuple[ScheduledChunk, int, int]] = []  # (chunk, first logit row, count)
         max_q = max(chunk.num_tokens for chunk in plan.chunks)
         width = max(len(chunk.seq.block_table) for chunk in plan.chunks)
         for b, chunk in enumerate(plan.chunks):
@@ -86,11 +206,13 @@ class ModelRunner:
             pad_index.extend(range(b * max_q, b * max_q + n))
             query_positions.append([*span, *([0] * (max_q - n))])
             block_tables.append(seq.block_table + [0] * (width - len(seq.block_table)))
+            seq_lens.append(start + n)
+            query_start.append(first + n)
             wants_prompt = seq.params.prompt_logprobs and start < seq.num_prompt_tokens
             if wants_prompt:
                 # Rows predicting prompt tokens start+1 .. min(end, prompt)-1 (+ the sampling row).
                 count = min(start + n, seq.num_prompt_tokens) - start
-                prompt_spans.append((seq.seq_id, len(logit_rows), count))
+                prompt_spans.append((chunk, len(logit_rows), count))
                 logit_rows.extend(range(first, first + count))
             if chunk.samples:
                 if not (wants_prompt and start + n == seq.num_prompt_tokens):
@@ -103,6 +225,8 @@ class ModelRunner:
             query_positions=self._to_device(query_positions, torch.long),
             query_pad_index=self._to_device(pad_index, torch.long),
             max_query_len=max_q,
+            seq_lens=self._to_device(seq_lens, torch.long),
+            query_start_loc=self._to_device(query_start, torch.long),
         )
         hidden = self.model.hidden_states(
             self._to_device(input_ids, torch.long),
@@ -110,20 +234,14 @@ class ModelRunner:
             PagedAttention(self.backend, self.kv_caches, meta),
         )
         logits = self.model.compute_logits(hidden[self._to_device(logit_rows, torch.long)]).float()
-        result = StepResult()
+        tokens = logprobs = None
         sampling_chunks = [chunk for chunk in plan.chunks if chunk.samples]
         if sampling_chunks:
             batch = self._sampling_batch(sampling_chunks)
             rows = self._to_device(sample_rows, torch.long)
             tokens, logprobs = self.sampler(logits[rows], batch)
-            result.sampled_token_ids = tokens.tolist()
-            result.sampled_logprobs = logprobs.tolist()
-        for seq_id, first_row, count in prompt_spans:
-            chunk = next(c for c in plan.chunks if c.seq.seq_id == seq_id)
-            result.prompt_logprobs[seq_id] = self._prompt_logprobs(
-                chunk, logits[first_row : first_row + count]
-            )
-        return result
+        prompt_work = [(chunk, logits[first : first + count]) for chunk, first, count in prompt_spans]
+        return PendingStep(tokens, logprobs, prompt_work, self._host_out)
 
     def _sampling_batch(self, chunks: list) -> SamplingBatch:
         vocab = self.model.config.vocab_size

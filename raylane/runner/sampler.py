@@ -7,9 +7,13 @@ other requests share the batch, and no per-request generator state lives on the 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
+
+# On CUDA the untruncated path runs as one fused Triton reduction (raylane.runner.sampling_kernel).
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
 _MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
@@ -70,7 +74,11 @@ class Sampler:
     """Samples one token per row of logits and reports its log-prob."""
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(token_ids [S], logprobs [S])`` for fp32 ``logits`` [S, V]."""
+        """Returns ``(token_ids [S], logprobs [S])`` for ``logits`` [S, V] (computed in fp32)."""
+        if logits.is_cuda and _HAS_TRITON and not (batch.any_top_k or batch.any_top_p):
+            from raylane.runner.sampling_kernel import fused_sample
+
+            return fused_sample(logits, batch.temperatures, batch.seeds, batch.steps)
         logits = logits.float()
         greedy = batch.temperatures == 0
         scaled = logits / torch.where(greedy, 1.0, batch.temperatures)[:, None]

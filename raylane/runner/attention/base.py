@@ -15,7 +15,10 @@ class PagedAttentionMetadata:
     Shapes: ``slot_mapping`` [T] (cache slot each new token's K/V is written to), ``block_tables``
     [B, W] (block ids per sequence, padded), ``query_positions`` [B, Q] (position of each query in its
     sequence, queries padded to ``max_query_len`` = Q), ``query_pad_index`` [T] (row of each token in
-    the flattened [B * Q] padded layout). All are device tensors, so the forward pass never syncs.
+    the flattened [B * Q] padded layout), ``seq_lens`` [B] (tokens in the cache after this step, i.e.
+    the position of the last query plus one) and ``query_start_loc`` [B + 1] (offset of each
+    sequence's first query in the flat [T] batch). All are device tensors, so the forward pass never
+    syncs. The reference backend needs the first four; kernels that walk the block table use the last two.
     """
 
     slot_mapping: torch.Tensor
@@ -23,12 +26,27 @@ class PagedAttentionMetadata:
     query_positions: torch.Tensor
     query_pad_index: torch.Tensor
     max_query_len: int
+    seq_lens: torch.Tensor | None = None
+    query_start_loc: torch.Tensor | None = None
 
 
 class AttentionBackend:
     """Writes the new K/V into the cache and attends over the cached keys of each sequence."""
 
     name = "base"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: PagedAttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Store this step's K/V, then attend; a backend may fuse the two (one op per layer)."""
+        self.write_kv(kv_cache, k, v, meta)
+        return self.attend(q, kv_cache, meta, scale)
 
     def write_kv(
         self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PagedAttentionMetadata
@@ -57,6 +75,14 @@ def register_attention_backend(name: str) -> Callable[[type[AttentionBackend]], 
     return wrap
 
 
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """The backend ``name`` stands for on ``device``: ``auto`` is ``triton`` on CUDA (when Triton is
+    installed) and the exact ``torch`` reference everywhere else."""
+    if name != "auto":
+        return name
+    return "triton" if device.type == "cuda" and "triton" in ATTENTION_BACKENDS else "torch"
+
+
 def get_attention_backend(name: str) -> AttentionBackend:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention_backend {name!r}; choose one of {sorted(ATTENTION_BACKENDS)}")
@@ -74,6 +100,4 @@ class PagedAttention:
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        cache = self.kv_caches[layer_idx]
-        self.backend.write_kv(cache, k, v, self.meta)
-        return self.backend.attend(q, cache, self.meta, scale)
+        return self.backend.forward(q, k, v, self.kv_caches[layer_idx], self.meta, scale)

@@ -1,0 +1,317 @@
+"""Online serving latency and throughput: the raylane Serve app against the bare engine, same load.
+
+A seeded load generator sends streaming completion requests with Poisson arrivals and random
+prompt/output lengths (``ignore_eos``, so every request produces exactly its output length),
+first in-process to an `AsyncLLMEngine`, then over HTTP to a raylane Ray Serve application
+running the same engine configuration on a local Ray cluster. It reports time to first token
+(TTFT), time per output token after the first (TPOT), inter-token latency between streamed
+chunks (ITL), at p50 and p99, and request and token throughput; the Serve/engine ratios give
+the cost of the HTTP + Serve path. Prints a table and writes JSON under ``benchmarks/results/``:
+
+    python benchmarks/bench_serving.py                          # tiny model, ~1-2 min on 2 cores
+    python benchmarks/bench_serving.py --model DIR --num-requests 500 --request-rate 20 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from raylane.models import make_tiny_model
+from raylane.runner import EngineConfig, SamplingParams
+from raylane.runner.async_engine import AsyncLLMEngine
+
+
+@dataclass
+class Request:
+    arrival_s: float
+    prompt_token_ids: list[int]
+    max_tokens: int
+
+
+@dataclass
+class Trace:
+    """What one client saw: when it sent, when each streamed chunk arrived, how many tokens it got."""
+
+    sent: float
+    chunks: list[float] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+def sample_length(rng: random.Random, mean: int, dist: str) -> int:
+    if dist == "fixed":
+        return mean
+    if dist == "uniform":
+        return rng.randint(max(1, mean // 2), max(1, mean * 3 // 2))
+    # lognormal with the given mean and a 0.5 sigma: a long tail, as real prompts have.
+    sigma = 0.5
+    return max(1, round(rng.lognormvariate(math.log(mean) - sigma**2 / 2, sigma)))
+
+
+def make_workload(args: argparse.Namespace, vocab_size: int) -> list[Request]:
+    rng = random.Random(args.seed)
+    now, requests = 0.0, []
+    for _ in range(args.num_requests):
+        if math.isfinite(args.request_rate):
+            now += rng.expovariate(args.request_rate)
+        prompt_len = min(sample_length(rng, args.prompt_len, args.length_dist), args.max_model_len // 2)
+        max_tokens = min(
+            sample_length(rng, args.output_len, args.length_dist), args.max_model_len - prompt_len
+        )
+        # Byte tokens 32..126 (printable ASCII): valid text, and no special tokens.
+        prompt = [rng.randint(32 + 3, 126 + 3) % vocab_size for _ in range(prompt_len)]
+        requests.append(Request(now, prompt, max_tokens))
+    return requests
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def summarize(traces: list[Trace], duration_s: float, prompt_tokens: int) -> dict:
+    ttft = [t.chunks[0] - t.sent for t in traces if t.chunks]
+    tpot = [(t.chunks[-1] - t.chunks[0]) / (t.num_tokens - 1) for t in traces if t.num_tokens > 1]
+    itl = [b - a for t in traces for a, b in zip(t.chunks, t.chunks[1:])]
+    output_tokens = sum(t.num_tokens for t in traces)
+    ms = 1e3
+    return {
+        "requests": len(traces),
+        "duration_s": duration_s,
+        "ttft_ms": {
+            "p50": percentile(ttft, 50) * ms,
+            "p99": percentile(ttft, 99) * ms,
+            "mean": statistics.fmean(ttft) * ms,
+        },
+        "tpot_ms": {
+            "p50": percentile(tpot, 50) * ms,
+            "p99": percentile(tpot, 99) * ms,
+            "mean": statistics.fmean(tpot) * ms,
+        },
+        "itl_ms": {
+            "p50": percentile(itl, 50) * ms,
+            "p99": percentile(itl, 99) * ms,
+            "mean": statistics.fmean(itl) * ms,
+        },
+        "request_throughput_per_s": len(traces) / duration_s,
+        "output_token_throughput_per_s": output_tokens / duration_s,
+        "total_token_throughput_per_s": (output_tokens + prompt_tokens) / duration_s,
+        "output_tokens": output_tokens,
+    }
+
+
+async def replay(workload: list[Request], send) -> tuple[list[Trace], float]:
+    """Start each request at its arrival time; returns the traces and the wall time of the whole load."""
+    start = time.perf_counter()
+
+    async def one(request: Request) -> Trace:
+        await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
+        return await send(request)
+
+    traces = await asyncio.gather(*(one(r) for r in workload))
+    return list(traces), time.perf_counter() - start
+
+
+async def run_engine(engine_config: EngineConfig, workload: list[Request]) -> dict:
+    engine = AsyncLLMEngine.from_config(engine_config)
+    counter = iter(range(10**9))
+
+    async def send(request: Request) -> Trace:
+        trace = Trace(sent=time.perf_counter())
+        params = SamplingParams(max_tokens=request.max_tokens, ignore_eos=True, temperature=1.0, seed=0)
+        seen = 0
+        async for output in engine.generate(
+            f"bench-{next(counter)}", prompt_token_ids=request.prompt_token_ids, sampling_params=params
+        ):
+            num = len(output.outputs[0].token_ids)
+            if num > seen:
+                trace.chunks.append(time.perf_counter())
+                seen = num
+        trace.num_tokens = seen
+        return trace
+
+    try:
+        await send(Request(0.0, workload[0].prompt_token_ids, 4))  # warm-up
+        traces, duration = await replay(workload, send)
+    finally:
+        engine.shutdown()
+    return summarize(traces, duration, sum(len(r.prompt_token_ids) for r in workload))
+
+
+async def run_http(base_url: str, model: str, workload: list[Request]) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+
+        async def send(request: Request) -> Trace:
+            body = {
+                "model": model,
+                "prompt": request.prompt_token_ids,
+                "max_tokens": request.max_tokens,
+                "ignore_eos": True,
+                "temperature": 1.0,
+                "seed": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            trace = Trace(sent=time.perf_counter())
+            async with session.post(f"{base_url}/v1/completions", json=body) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
+                async for raw in response.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if event.get("usage"):
+                        trace.num_tokens = event["usage"]["completion_tokens"]
+                    elif event["choices"]:
+                        trace.chunks.append(time.perf_counter())
+            return trace
+
+        await send(Request(0.0, workload[0].prompt_token_ids, 4))  # warm-up
+        traces, duration = await replay(workload, send)
+    return summarize(traces, duration, sum(len(r.prompt_token_ids) for r in workload))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_serve(engine_config: EngineConfig, workload: list[Request], threads: int) -> tuple[dict, float]:
+    import ray
+
+    from raylane.serving import ModelDeploymentConfig, ServingConfig, deploy, undeploy
+
+    ray.init(
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+    )
+    config = ServingConfig(
+        app_name="bench",
+        models=[ModelDeploymentConfig(name="bench-model", engine=engine_config, max_waiting_seqs=None)],
+        port=free_port(),
+        grpc_port=None,
+    )
+    start = time.perf_counter()
+    deploy(config)
+    startup = time.perf_counter() - start
+    try:
+        result = asyncio.run(run_http(f"http://127.0.0.1:{config.port}", "bench-model", workload))
+    finally:
+        undeploy(config)
+        ray.shutdown()
+    return result, startup
+
+
+def print_table(engine: dict, serve: dict, ratios: dict) -> None:
+    rows = [
+        ("TTFT p50 (ms)", "ttft_ms", "p50"),
+        ("TTFT p99 (ms)", "ttft_ms", "p99"),
+        ("TPOT p50 (ms)", "tpot_ms", "p50"),
+        ("TPOT p99 (ms)", "tpot_ms", "p99"),
+        ("ITL p50 (ms)", "itl_ms", "p50"),
+        ("ITL p99 (ms)", "itl_ms", "p99"),
+        ("requests/s", "request_throughput_per_s", None),
+        ("output tokens/s", "output_token_throughput_per_s", None),
+        ("total tokens/s", "total_token_throughput_per_s", None),
+    ]
+    print(f"{'metric':<18}{'engine':>12}{'serve':>12}{'serve/engine':>14}")
+    for label, key, sub in rows:
+        e = engine[key][sub] if sub else engine[key]
+        s = serve[key][sub] if sub else serve[key]
+        ratio = ratios[f"{key}.{sub}" if sub else key]
+        print(f"{label:<18}{e:>12.2f}{s:>12.2f}{ratio:>14.2f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="checkpoint folder (default: a tiny random model)")
+    parser.add_argument("--num-requests", type=int, default=48)
+    parser.add_argument(
+        "--request-rate", type=float, default=8.0, help="Poisson arrivals per second (inf: all at once)"
+    )
+    parser.add_argument("--prompt-len", type=int, default=64, help="mean prompt length in tokens")
+    parser.add_argument("--output-len", type=int, default=32, help="mean output length in tokens")
+    parser.add_argument("--length-dist", choices=["fixed", "uniform", "lognormal"], default="lognormal")
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the engine, in-process and in the replica"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--output", default=os.path.join(os.path.dirname(__file__), "results", "bench_serving.json")
+    )
+    args = parser.parse_args()
+
+    model_dir = args.model or make_tiny_model(tempfile.mkdtemp(prefix="bench-serving-"))
+    engine_config = EngineConfig(
+        model=model_dir, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs
+    )
+    from raylane.models import ModelConfig
+
+    workload = make_workload(args, ModelConfig.from_pretrained(model_dir).vocab_size)
+    torch.set_num_threads(args.threads)
+    print(f"{len(workload)} requests at {args.request_rate}/s; engine in-process...", flush=True)
+    engine = asyncio.run(run_engine(engine_config, workload))
+    print("same load through Ray Serve (HTTP, streaming)...", flush=True)
+    serve, startup = run_serve(engine_config, workload, args.threads)
+
+    ratios = {}
+    for key in ("ttft_ms", "tpot_ms", "itl_ms"):
+        for sub in ("p50", "p99", "mean"):
+            ratios[f"{key}.{sub}"] = serve[key][sub] / engine[key][sub]
+    for key in ("request_throughput_per_s", "output_token_throughput_per_s", "total_token_throughput_per_s"):
+        ratios[key] = serve[key] / engine[key]
+    print_table(engine, serve, ratios)
+
+    result = {
+        "model": args.model or "tiny (random)",
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "workload": {
+            "num_requests": args.num_requests,
+            "request_rate_per_s": args.request_rate,
+            "prompt_len_mean": args.prompt_len,
+            "output_len_mean": args.output_len,
+            "length_dist": args.length_dist,
+            "seed": args.seed,
+        },
+        "serve_startup_s": startup,
+        "engine": engine,
+        "serve": serve,
+        "serve_over_engine": ratios,
+    }
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Typed configuration of the worker roles; every default works on a laptop CPU."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimConfig(_Strict):
+    """AdamW with linear warm-up, then constant or cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    total_steps: int = Field(1000, ge=1, description="optimizer steps the schedule spans")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; None disables clipping")
+
+
+class PolicyLossConfig(_Strict):
+    """PPO-style policy loss (GRPO, RLOO and REINFORCE++ use it too, with their own advantages)."""
+
+    clip_ratio_low: float = Field(0.2, ge=0)
+    clip_ratio_high: float = Field(0.2, ge=0)
+    clip_ratio_c: float | None = Field(None, gt=1, description="dual-clip bound; None disables")
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    entropy_coef: float = Field(0.0, ge=0)
+    kl_loss_coef: float = Field(0.0, ge=0, description="KL-to-reference term in the loss (GRPO style)")
+    kl_loss_type: Literal["k1", "k2", "k3", "abs"] = "k3"
+
+
+class TrainConfig(_Strict):
+    """What every trained model (policy or critic) needs."""
+
+    model: str = Field("", description="Hugging Face checkpoint folder to start from")
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    micro_batch_size: int = Field(32, ge=1, description="rows per forward/backward on one rank")
+    mini_batch_size: int | None = Field(
+        None, ge=1, description="rows per optimizer step (all ranks); None: one"
+    )
+    epochs: int = Field(1, ge=1, description="passes over each batch (PPO epochs)")
+    optim: OptimConfig = OptimConfig()
+
+
+class ActorConfig(TrainConfig):
+    loss: PolicyLossConfig = PolicyLossConfig()
+
+
+class CriticConfig(TrainConfig):
+    value_clip: float | None = Field(0.5, gt=0, description="clip range of the value loss")
+
+
+class RolloutConfig(_Strict):
+    """Generation settings of the rollout role (the runner's engine knobs plus sampling)."""
+
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    max_tokens: int = Field(16, ge=1)
+    n: int = Field(8, ge=1, description="samples per prompt")
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "torch"
+    free_cache_when_idle: bool = Field(
+        True, description="release the KV cache while colocated trainers train"
+    )

@@ -1,0 +1,81 @@
+"""The PPO critic: a value head on the policy's decoder, FSDP2-sharded over its DP ranks."""
+
+from __future__ import annotations
+
+import torch
+
+from raylane.actors.dispatch import Dispatch, register
+from raylane.actors.roles.config import CriticConfig
+from raylane.actors.roles.training import (
+    build_optimizer,
+    forward_micro_batches,
+    optimizer_steps,
+    resolve_train_dtype,
+    response_slice,
+    rows_metrics,
+    sequence_inputs,
+    shard_model,
+)
+from raylane.actors.worker import Worker
+from raylane.fault_tolerance.checkpoint import load_train_state, save_train_state
+from raylane.models import ValueModel
+from raylane.rlhf.batch import Batch
+from raylane.rlhf.losses import value_loss
+
+
+class Critic(Worker):
+    """Values ``[B, T]``: the value of the state before each response token."""
+
+    def __init__(self, config: CriticConfig) -> None:
+        if not config.model:
+            raise ValueError("the critic needs config.model: a checkpoint folder (usually the policy's)")
+        self.config = config
+        dtype = resolve_train_dtype(config.dtype, self.device)
+        model = ValueModel.from_pretrained(config.model, dtype).to(self.device)
+        self.model = shard_model(model, self.mesh["dp"])
+        self.optimizer, self.scheduler = build_optimizer(self.model, config.optim)
+        self.global_step = 0
+
+    def _values(self, batch: Batch) -> torch.Tensor:
+        input_ids, attention_mask, prompt_len = sequence_inputs(batch, self.device)
+        values = self.model(input_ids, attention_mask=attention_mask)
+        return response_slice(values, prompt_len, batch["responses"].shape[1]).float()
+
+    @register(Dispatch.DP_SHARD, pad=True)
+    def compute_values(self, batch: Batch) -> Batch:
+        self.model.eval()
+        values = forward_micro_batches(batch, self.config.micro_batch_size, lambda m: self._values(m).cpu())
+        return Batch.from_dict({"values": values})
+
+    @register(Dispatch.DP_SHARD, pad=True)
+    def update_critic(self, batch: Batch) -> Batch:
+        """Clipped value regression onto ``returns`` from the rollout-time ``values``."""
+
+        def loss_fn(micro: Batch):
+            mask = micro["response_mask"].to(self.device)
+            loss, stats = value_loss(
+                self._values(micro),
+                micro["values"].to(self.device),
+                micro["returns"].to(self.device),
+                mask,
+                clip_range=self.config.value_clip,
+            )
+            return loss, {
+                "critic/value_loss": float(loss),
+                **{f"critic/{k}": float(v) for k, v in stats.items()},
+            }
+
+        return rows_metrics(optimizer_steps(self, batch, loss_fn, "critic"))
+
+    @register(Dispatch.ONE_TO_ALL)
+    def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
+        save_train_state(
+            path, self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {}
+        )
+
+    @register(Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, path: str) -> dict:
+        self.global_step, extra = load_train_state(
+            path, self.model, self.optimizer, self.scheduler, self.rank
+        )
+        return extra

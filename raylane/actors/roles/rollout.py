@@ -1,0 +1,131 @@
+"""The rollout role: raylane's runner, tensor-parallel over the role's TP group, generating for RL.
+
+Every rank of a TP group runs the same engine loop on the same prompts in lockstep: the logits
+are identical after the row-parallel all-reduce, so every rank samples the same tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from raylane.actors.dispatch import Dispatch, register
+from raylane.actors.roles.config import RolloutConfig
+from raylane.actors.weight_transfer import WeightSyncTarget
+from raylane.models import TensorParallelGroup, load_model
+from raylane.rlhf.batch import Batch
+from raylane.runner import EngineConfig, LLMEngine, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class Rollout(WeightSyncTarget):
+    """Generates ``n`` responses per prompt row and returns them in the trainer's batch layout."""
+
+    def __init__(self, model: str, config: RolloutConfig) -> None:
+        self.config = config
+        dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        tp = TensorParallelGroup(self.tp_size, self.tp_rank, self.tp_group if self.tp_size > 1 else None)
+        engine_config = EngineConfig(
+            model=model,
+            device=str(self.device),
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching,
+            attention_backend=config.attention_backend,
+        )
+        self.engine = LLMEngine(engine_config, model=load_model(model, dtype, self.device, tp))
+        self.pad_token_id = self.engine.tokenizer.pad_token_id or 0
+
+    def _prompt_ids(self, batch: Batch, row: int) -> list[int]:
+        if "prompt_token_ids" in batch:
+            return list(batch["prompt_token_ids"][row])
+        if "messages" in batch and batch["messages"][row]:
+            text = self.engine.tokenizer.apply_chat_template(batch["messages"][row])
+        else:
+            text = batch["prompt"][row]
+        return self.engine.tokenizer.encode(text)
+
+    @register(Dispatch.DP_SHARD)
+    def generate(self, batch: Batch) -> Batch:
+        """Rows hold ``prompt`` (or ``messages`` / ``prompt_token_ids``) and any other columns to carry.
+
+        ``batch.meta`` may override ``temperature``, ``n``, ``max_tokens`` and give a ``seed``. Returns
+        ``n`` rows per prompt (sample-major within a prompt) with ``prompts``, ``responses``,
+        ``attention_mask``, ``response_mask``, ``rollout_log_probs``, ``weight_version``, ``response_text``
+        and the input's non-tensor columns repeated.
+        """
+        cfg, meta = self.config, batch.meta
+        n = int(meta.get("n", cfg.n))
+        seed = meta.get("seed")
+        prompt_ids = [self._prompt_ids(batch, row) for row in range(len(batch))]
+        for row, ids in enumerate(prompt_ids):
+            params = SamplingParams(
+                n=n,
+                temperature=float(meta.get("temperature", cfg.temperature)),
+                top_p=cfg.top_p,
+                top_k=cfg.top_k,
+                max_tokens=int(meta.get("max_tokens", cfg.max_tokens)),
+                seed=None if seed is None else (int(seed) * 1_000_003 + int(batch["uid"][row])) % 2**62,
+                logprobs=True,
+            )
+            self.engine.add_request(str(row), prompt_token_ids=ids, sampling_params=params)
+        finished = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    finished[int(out.request_id)] = out
+        samples = [(row, c) for row in range(len(batch)) for c in finished[row].outputs]
+        return self._to_batch(batch, prompt_ids, samples, n)
+
+    def _to_batch(self, batch: Batch, prompt_ids: list[list[int]], samples: list, n: int) -> Batch:
+        num = len(samples)
+        prompt_len = max(len(prompt_ids[row]) for row, _ in samples)
+        response_len = max(1, max(len(c.token_ids) for _, c in samples))
+        prompts = torch.full((num, prompt_len), self.pad_token_id, dtype=torch.long)
+        responses = torch.full((num, response_len), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros(num, prompt_len + response_len, dtype=torch.long)
+        response_mask = torch.zeros(num, response_len)
+        log_probs = torch.zeros(num, response_len)
+        versions = torch.zeros(num, dtype=torch.long)
+        for i, (row, completion) in enumerate(samples):
+            ids, out = prompt_ids[row], completion.token_ids
+            prompts[i, prompt_len - len(ids) :] = torch.tensor(ids)
+            attention[i, prompt_len - len(ids) : prompt_len + len(out)] = 1
+            if out:
+                responses[i, : len(out)] = torch.tensor(out)
+                log_probs[i, : len(out)] = torch.tensor(completion.logprobs)
+            response_mask[i, : len(out)] = 1
+            versions[i] = min(completion.weight_versions, default=self.engine.weight_version)
+        rows = [row for row, _ in samples]
+        carried = {key: [column[row] for row in rows] for key, column in batch.non_tensors.items()}
+        return Batch.from_dict(
+            {
+                **carried,
+                "prompts": prompts,
+                "responses": responses,
+                "attention_mask": attention,
+                "response_mask": response_mask,
+                "rollout_log_probs": log_probs,
+                "weight_version": versions,
+                "response_text": [c.text for _, c in samples],
+                "sample_index": [c.index for _, c in samples],
+            },
+            meta={**batch.meta, "n": n},
+        )
+
+    def weight_sync_engine(self) -> LLMEngine:
+        return self.engine
+
+    @register(Dispatch.ONE_TO_ALL)
+    def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> int:
+        """Load full Hugging Face tensors (each rank keeps its TP slice) as weight ``version``."""
+        self.engine.update_weights(named_tensors, version)
+        return self.engine.weight_version
+
+    @register(Dispatch.ONE_TO_ALL)
+    def weight_version(self) -> int:
+        return self.engine.weight_version

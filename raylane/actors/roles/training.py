@@ -1,0 +1,125 @@
+"""Pieces shared by the roles that train or score sequences: FSDP2 sharding, optimiser, micro-batched forwards.
+
+Sequences use verl's layout: ``prompts`` [B, P] left-padded, ``responses`` [B, T] right-padded,
+``attention_mask`` [B, P + T], ``response_mask`` [B, T]. Per-token values (log-probs, values,
+advantages) are ``[B, T]``, aligned with ``responses``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+
+from raylane.actors.roles.config import OptimConfig
+from raylane.rlhf.batch import Batch
+
+
+def resolve_train_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """FSDP2: shard each decoder layer, then the rest, over the data-parallel mesh."""
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> tuple[torch.optim.Optimizer, object]:
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def sequence_inputs(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(input_ids, attention_mask, prompt_len)`` of prompts + responses."""
+    prompts, responses = batch["prompts"], batch["responses"]
+    input_ids = torch.cat([prompts, responses], dim=1).to(device)
+    return input_ids, batch["attention_mask"].to(device), prompts.shape[1]
+
+
+def response_slice(per_position: torch.Tensor, prompt_len: int, response_len: int) -> torch.Tensor:
+    """Rows of a [B, P + T, ...] output that predict the response tokens: positions P-1 .. P+T-2."""
+    return per_position[:, prompt_len - 1 : prompt_len - 1 + response_len]
+
+
+def forward_micro_batches(
+    batch: Batch, micro_batch_size: int, fn: Callable[[Batch], torch.Tensor]
+) -> torch.Tensor:
+    """Run ``fn`` without gradients over micro-batches and concatenate the ``[b, T]`` outputs."""
+    with torch.no_grad():
+        return torch.cat([fn(micro) for micro in batch.split(micro_batch_size)], dim=0)
+
+
+def policy_log_probs(model: nn.Module, batch: Batch, temperature: float, device: torch.device) -> tuple:
+    """Per-token log-probs ``[b, T]`` of the responses (and the logits rows that produced them)."""
+    from raylane.rlhf.logprobs import log_probs_from_logits
+
+    input_ids, attention_mask, prompt_len = sequence_inputs(batch, device)
+    responses = batch["responses"].to(device)
+    logits = response_slice(model(input_ids, attention_mask=attention_mask), prompt_len, responses.shape[1])
+    return log_probs_from_logits(logits, responses, temperature), logits
+
+
+def rows_metrics(metrics: dict[str, float]) -> Batch:
+    """One row of metrics, so that DP_SHARD's row concatenation gathers one row per DP group."""
+    return Batch.from_dict({name: torch.tensor([float(value)]) for name, value in metrics.items()})
+
+
+def optimizer_steps(
+    worker, batch: Batch, loss_fn, prefix: str, optimizer=None, scheduler=None
+) -> dict[str, float]:
+    """Epochs x mini-batches of gradient-accumulated micro-batches; returns the mean metrics.
+
+    ``worker`` has ``model`` (FSDP2-sharded), ``optimizer``, ``scheduler``, ``config`` (a TrainConfig)
+    and ``global_step``; ``optimizer``/``scheduler`` override the worker's (``scheduler=None`` with
+    an override: constant LR). ``loss_fn(micro)`` returns ``(loss, metrics)``.
+    """
+    if optimizer is None:
+        optimizer, scheduler = worker.optimizer, worker.scheduler
+    worker.model.train()
+    cfg = worker.config
+    mini = len(batch) if cfg.mini_batch_size is None else max(1, cfg.mini_batch_size // worker.dp_size)
+    totals: dict[str, list[float]] = defaultdict(list)
+    for _ in range(cfg.epochs):
+        for mini_batch in batch.split(mini):
+            optimizer.zero_grad(set_to_none=True)
+            micros = mini_batch.split(cfg.micro_batch_size)
+            for i, micro in enumerate(micros):
+                # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
+                worker.model.set_requires_gradient_sync(i == len(micros) - 1)
+                loss, metrics = loss_fn(micro)
+                (loss * len(micro) / len(mini_batch)).backward()
+                for name, value in metrics.items():
+                    totals[name].append(float(value))
+            if cfg.optim.grad_clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(worker.model.parameters(), cfg.optim.grad_clip)
+                totals[f"{prefix}/grad_norm"].append(
+                    float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                )
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+                worker.global_step += 1
+    totals[f"{prefix}/lr"].append(optimizer.param_groups[0]["lr"])
+    return {name: sum(values) / len(values) for name, values in totals.items()}

@@ -1,0 +1,31 @@
+"""Single controllers on the driver: the RL dataflow, weight-sync planning, scaling and recovery."""
+
+from raylane.controllers.config import (
+    AlgorithmConfig,
+    JobConfig,
+    ModelSpec,
+    PlacementConfig,
+    SFTConfig,
+    TaskConfig,
+)
+from raylane.controllers.metrics import MetricsTracker
+from raylane.controllers.rl import RLJob, compute_batch_advantages, mean_rows, run_job
+from raylane.controllers.weight_sync import SyncReport, WeightSync, WeightSyncConfig, plan_weight_transfer
+
+__all__ = [
+    "AlgorithmConfig",
+    "JobConfig",
+    "MetricsTracker",
+    "ModelSpec",
+    "PlacementConfig",
+    "RLJob",
+    "SFTConfig",
+    "SyncReport",
+    "TaskConfig",
+    "WeightSync",
+    "WeightSyncConfig",
+    "compute_batch_advantages",
+    "mean_rows",
+    "plan_weight_transfer",
+    "run_job",
+]

@@ -1,0 +1,100 @@
+"""Step metrics: a progress line, ``metrics.jsonl``, Ray metrics for the dashboard, a reward-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+
+from ray.util import metrics as ray_metrics
+
+logger = logging.getLogger(__name__)
+
+# Metrics exported to the Ray dashboard (Prometheus names cannot hold '/').
+_DASHBOARD = {
+    "reward_mean": "raylane_reward_mean",
+    "eval_reward_mean": "raylane_eval_reward_mean",
+    "timing/step_s": "raylane_step_seconds",
+    "timing/sync_weights_s": "raylane_weight_sync_seconds",
+    "throughput/tokens_per_s": "raylane_rollout_tokens_per_second",
+    "rollout/staleness": "raylane_rollout_staleness",
+}
+
+
+class MetricsTracker:
+    """Writes one JSON object per step and mirrors key values to Ray gauges."""
+
+    def __init__(self, output_dir: str, job_name: str) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.history: list[dict[str, float]] = []
+        self._gauges = {
+            key: ray_metrics.Gauge(name, description=f"raylane {key}", tag_keys=("job",))
+            for key, name in _DASHBOARD.items()
+        }
+        self._tags = {"job": job_name}
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        record = {"step": step, **{k: float(v) for k, v in values.items()}}
+        self.history.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, gauge in self._gauges.items():
+            if key in record:
+                gauge.set(record[key], tags=self._tags)
+
+    def restore(self, history: list[dict[str, float]]) -> None:
+        """Continue a resumed run: rewrite metrics.jsonl with the history saved in the checkpoint."""
+        self.history = list(history)
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in history)
+
+    def plot(self, path: str, title: str) -> str:
+        """The reward curve (train and held-out) as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        train = [(r["step"], r["reward_mean"]) for r in self.history if "reward_mean" in r]
+        held_out = [(r["step"], r["eval_reward_mean"]) for r in self.history if "eval_reward_mean" in r]
+        if train:
+            ax.plot(*zip(*train), label="train reward (sampled)", alpha=0.7)
+        if held_out:
+            ax.plot(*zip(*held_out), marker="o", label="held-out exact match (greedy)")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("reward")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def progress_line(step: int, total: int, values: Mapping[str, float]) -> str:
+    """One human-readable line per step."""
+    parts = [f"step {step}/{total}"]
+    for key, label, fmt in (
+        ("reward_mean", "reward", ".3f"),
+        ("eval_reward_mean", "eval", ".3f"),
+        ("kl", "kl", ".4f"),
+        ("actor/pg_loss", "pg_loss", ".4f"),
+        ("critic/value_loss", "v_loss", ".4f"),
+        ("throughput/tokens_per_s", "tok/s", ".0f"),
+        ("timing/step_s", "step", ".2f"),
+    ):
+        if key in values:
+            parts.append(f"{label} {values[key]:{fmt}}")
+    phases = [
+        f"{k.split('/')[1][:-2]} {v:.2f}"
+        for k, v in values.items()
+        if k.startswith("timing/") and k != "timing/step_s"
+    ]
+    if phases:
+        parts.append("(" + ", ".join(phases) + " s)")
+    return " | ".join(parts)

@@ -1,0 +1,363 @@
+"""The synchronous RL dataflow (PPO, GRPO, RLOO, REINFORCE++) on worker groups.
+
+The controller is plain Python on the driver. Each step:
+
+    generate -> reward -> old (and reference) log-probs -> values -> advantages
+             -> critic update -> actor update -> weight sync
+
+Worker groups do the heavy work; this file only moves batches between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from raylane.actors import ResourcePool, Role, WorkerGroup
+from raylane.actors.roles import Critic, PolicyTrainer, Reference, RewardWorker, Rollout
+from raylane.controllers.config import JobConfig
+from raylane.controllers.metrics import MetricsTracker, progress_line
+from raylane.controllers.weight_sync import WeightSync
+from raylane.models import Tokenizer, make_tiny_model
+from raylane.rlhf import (
+    AdvantageConfig,
+    PromptDataset,
+    PromptLoader,
+    apply_kl_penalty,
+    compute_advantages,
+    make_toy_task,
+    masked_mean,
+    scores_to_token_rewards,
+)
+from raylane.rlhf.batch import Batch
+
+logger = logging.getLogger(__name__)
+
+
+class PhaseTimer:
+    """Wall time of each named phase of a step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def compute_batch_advantages(batch: Batch, config: JobConfig) -> dict[str, float]:
+    """Token rewards (score at the last response token, minus any KL penalty), advantages and returns."""
+    algo = config.algorithm
+    mask = batch["response_mask"]
+    token_rewards = scores_to_token_rewards(batch["scores"], mask)
+    metrics = {}
+    if "ref_log_probs" in batch:
+        kl = batch["old_log_probs"] - batch["ref_log_probs"]
+        metrics["kl"] = float(masked_mean(kl, mask))
+        if algo.kl_coef > 0:
+            token_rewards, _ = apply_kl_penalty(
+                token_rewards,
+                batch["old_log_probs"],
+                batch["ref_log_probs"],
+                mask,
+                algo.kl_coef,
+                algo.kl_estimator,
+            )
+    advantages, returns = compute_advantages(
+        algo.estimator,
+        token_rewards,
+        mask,
+        values=batch.tensors.get("values"),
+        group_index=list(batch["uid"]),
+        config=AdvantageConfig(gamma=algo.gamma, lam=algo.lam, norm_by_std=algo.norm_by_std),
+    )
+    batch["advantages"] = advantages
+    batch["returns"] = returns
+    metrics["advantage_abs_mean"] = float(masked_mean(advantages.abs(), mask))
+    return metrics
+
+
+class RLJob:
+    """Builds the worker groups of a job from its config and runs the synchronous dataflow."""
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+        os.makedirs(config.output_dir, exist_ok=True)
+        self.model_dir = self._prepare_model()
+        self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
+        self.train_data, self.eval_data, self.sft_data = self._prepare_data()
+        self.loader = PromptLoader(self.train_data, config.prompts_per_step, seed=config.seed)
+        self.metrics = MetricsTracker(config.output_dir, os.path.basename(os.path.abspath(config.output_dir)))
+        self.version = 0
+        self.start_step = 0
+        self._pools: list[ResourcePool] = []
+        self._groups: list[WorkerGroup] = []
+        self.weight_sync: WeightSync | None = None
+
+    # ---- set-up -----------------------------------------------------------------------------------
+
+    def _prepare_model(self) -> str:
+        spec = self.config.model
+        if spec.path:
+            return spec.path
+        path = os.path.join(self.config.output_dir, "initial_model")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            make_tiny_model(path, arch=spec.tiny_arch, seed=spec.tiny_seed, **spec.tiny_shape)
+        return path
+
+    def _prepare_data(self) -> tuple[PromptDataset, PromptDataset, PromptDataset | None]:
+        task = self.config.task
+        if task.name is not None:
+            files = make_toy_task(
+                task.name, os.path.join(self.config.output_dir, "data"), task.n_train, task.n_eval
+            )
+            train_file, eval_file, sft_file = files.train, files.eval, files.sft
+        else:
+            train_file, eval_file, sft_file = task.train_file, task.eval_file, task.sft_file
+        train = PromptDataset.from_jsonl(train_file)
+        evaluation = PromptDataset.from_jsonl(eval_file) if eval_file else PromptDataset([])
+        sft = PromptDataset.from_jsonl(sft_file, require_completion=True) if sft_file else None
+        return train, evaluation, sft
+
+    def _role_configs(self):
+        cfg = self.config
+        actor = cfg.actor.model_copy(update={"model": self.model_dir})
+        critic = cfg.critic.model_copy(update={"model": cfg.critic.model or self.model_dir})
+        reference = cfg.reference.model_copy(update={"model": self.model_dir})
+        return actor, critic, reference
+
+    def build_groups(self) -> None:
+        """Reserve the pools and start the worker groups the placement asks for."""
+        cfg, placement = self.config, self.config.placement
+        actor, critic, reference = self._role_configs()
+        trainer_roles: dict[str, Role] = {
+            "actor": Role(PolicyTrainer, (actor,)),
+            "reward": Role(RewardWorker, (cfg.task.reward_fn,)),
+        }
+        if cfg.use_reference:
+            trainer_roles["ref"] = Role(Reference, (reference,))
+        if cfg.algorithm.uses_critic:
+            trainer_roles["critic"] = Role(Critic, (critic,))
+        rollout_role = Role(Rollout, (self.model_dir, cfg.rollout), tp_size=placement.rollout_tp)
+        bundle = {
+            "num_cpus_per_bundle": placement.cpus_per_bundle,
+            "num_gpus_per_bundle": placement.gpus_per_bundle,
+        }
+        if placement.mode == "colocated":
+            pool = ResourcePool([placement.trainer_ranks], name="rl", **bundle)
+            self._pools.append(pool)
+            group = WorkerGroup(pool, {**trainer_roles, "rollout": rollout_role}, name="rl")
+            self._groups.append(group)
+            trainers = rollouts = group
+        else:
+            train_pool = ResourcePool([placement.trainer_ranks], name="trainer", **bundle)
+            self._pools.append(train_pool)
+            rollout_pool = ResourcePool([placement.rollout_ranks], name="rollout", **bundle)
+            self._pools.append(rollout_pool)
+            trainers = WorkerGroup(train_pool, trainer_roles, name="trainer")
+            self._groups.append(trainers)
+            rollouts = WorkerGroup(rollout_pool, {"rollout": rollout_role}, name="rollout")
+            self._groups.append(rollouts)
+        self.actor, self.reward, self.rollout = trainers.actor, trainers.reward, rollouts.rollout
+        if placement.mode == "colocated":
+            self.weight_sync = WeightSync.colocated(trainers, source_role="actor", target_role="rollout")
+        else:
+            self.weight_sync = WeightSync.disaggregated(self.actor, self.rollout)
+        self.ref = trainers.ref if cfg.use_reference else None
+        self.critic = trainers.critic if cfg.algorithm.uses_critic else None
+        self.rollout_dp = rollouts.layout("rollout").dp
+
+    def shutdown(self) -> None:
+        if self.weight_sync is not None:
+            self.weight_sync.close()
+            self.weight_sync = None
+        for group in reversed(self._groups):
+            group.shutdown()
+        for pool in reversed(self._pools):
+            pool.release()
+        self._groups, self._pools = [], []
+
+    # ---- batches ----------------------------------------------------------------------------------
+
+    def prompt_batch(self, examples, **meta) -> Batch:
+        rows = {
+            "uid": [example.index for example in examples],
+            "prompt": [example.prompt or "" for example in examples],
+            "messages": [example.messages for example in examples],
+            "ground_truth": [example.ground_truth for example in examples],
+        }
+        return Batch.from_dict(rows, meta=meta)
+
+    def _sft_batch(self, examples) -> Batch:
+        prompts = [
+            self.tokenizer.encode(self.tokenizer.apply_chat_template(e.messages) if e.messages else e.prompt)
+            for e in examples
+        ]
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        targets = [self.tokenizer.encode(e.completion, add_special_tokens=False) + eos for e in examples]
+        prompt_len, target_len = max(map(len, prompts)), max(map(len, targets))
+        pad = self.tokenizer.pad_token_id or 0
+        rows = len(examples)
+        batch = {
+            "prompts": torch.full((rows, prompt_len), pad, dtype=torch.long),
+            "responses": torch.full((rows, target_len), pad, dtype=torch.long),
+            "attention_mask": torch.zeros(rows, prompt_len + target_len, dtype=torch.long),
+            "response_mask": torch.zeros(rows, target_len),
+        }
+        for i, (p, t) in enumerate(zip(prompts, targets)):
+            batch["prompts"][i, prompt_len - len(p) :] = torch.tensor(p)
+            batch["responses"][i, : len(t)] = torch.tensor(t)
+            batch["attention_mask"][i, prompt_len - len(p) : prompt_len + len(t)] = 1
+            batch["response_mask"][i, : len(t)] = 1
+        return Batch.from_dict(batch)
+
+    # ---- the dataflow -----------------------------------------------------------------------------
+
+    def sync_weights(self) -> None:
+        """Reshard the actor's weights into the rollout engines as the next version."""
+        self.version += 1
+        self.weight_sync.sync(self.version)
+
+    def rl_step(self, step: int) -> dict[str, float]:
+        cfg, timer = self.config, PhaseTimer()
+        start = time.perf_counter()
+        prompts = self.prompt_batch(self.loader.next_batch(), seed=cfg.seed * 100_003 + step)
+        with timer("generate"):
+            batch = self.rollout.generate(prompts)
+        with timer("reward"):
+            batch = batch.union(self.reward.compute_rewards(batch))
+        with timer("log_probs"):
+            batch = batch.union(self.actor.compute_log_probs(batch))
+            if self.ref is not None:
+                batch = batch.union(self.ref.compute_ref_log_probs(batch))
+        if self.critic is not None:
+            with timer("values"):
+                batch = batch.union(self.critic.compute_values(batch))
+        with timer("advantages"):
+            metrics = compute_batch_advantages(batch, cfg)
+        if self.critic is not None:
+            with timer("update_critic"):
+                metrics.update(mean_rows(self.critic.update_critic(batch)))
+        with timer("update_actor"):
+            metrics.update(mean_rows(self.actor.update_actor(batch)))
+        with timer("sync_weights"):
+            self.sync_weights()
+        mask = batch["response_mask"]
+        response_tokens = int(mask.sum())
+        metrics.update(
+            {
+                "reward_mean": float(batch["scores"].mean()),
+                "response_length": response_tokens / len(batch),
+                "rollout/staleness": float(self.version - 1 - int(batch["weight_version"].min())),
+                "rollout/log_prob_gap": float(
+                    masked_mean((batch["rollout_log_probs"] - batch["old_log_probs"]).abs(), mask)
+                ),
+                "throughput/tokens_per_s": response_tokens / max(timer.seconds["generate"], 1e-9),
+            }
+        )
+        metrics.update({f"timing/{phase}_s": seconds for phase, seconds in timer.seconds.items()})
+        metrics["timing/step_s"] = time.perf_counter() - start
+        return metrics
+
+    def evaluate(self) -> float:
+        """Held-out reward with greedy decoding, one sample per prompt."""
+        examples = list(self.eval_data)[: self.config.eval_prompts]
+        if not examples:
+            return float("nan")
+        padded = examples + examples[: (-len(examples)) % self.rollout_dp]
+        batch = self.rollout.generate(self.prompt_batch(padded, n=1, temperature=0.0))
+        scores = self.reward.compute_rewards(batch)["scores"][: len(examples)]
+        return float(scores.mean())
+
+    def warm_start(self) -> None:
+        """Supervised steps on the task's completions before RL."""
+        cfg = self.config.sft
+        if cfg.steps == 0:
+            return
+        if self.sft_data is None:
+            raise ValueError("sft.steps > 0 needs completions: a toy task or task.sft_file")
+        loader = PromptLoader(self.sft_data, cfg.batch_size, seed=self.config.seed + 1)
+        with tqdm(range(cfg.steps), desc="sft warm-start", unit="step") as bar:
+            for _ in bar:
+                batch = self._sft_batch(loader.next_batch())
+                batch.meta["lr"] = cfg.lr
+                bar.set_postfix(loss=f"{mean_rows(self.actor.sft_step(batch))['sft/loss']:.3f}")
+        self.actor.end_warm_start()
+        self.sync_weights()
+
+    def checkpoint(self, step: int) -> str:
+        path = os.path.join(self.config.output_dir, "checkpoints", f"step_{step}")
+        extra = {
+            "step": step,
+            "version": self.version,
+            "loader": self.loader.state_dict(),
+            "history": self.metrics.history,
+        }
+        self.actor.save_checkpoint(os.path.join(path, "actor"), extra)
+        if self.critic is not None:
+            self.critic.save_checkpoint(os.path.join(path, "critic"), {})
+        return path
+
+    def resume(self, path: str) -> None:
+        extra = self.actor.load_checkpoint(os.path.join(path, "actor"))[0]
+        if self.critic is not None:
+            self.critic.load_checkpoint(os.path.join(path, "critic"))
+        self.loader.load_state_dict(extra["loader"])
+        self.metrics.restore(extra["history"])
+        self.start_step = extra["step"]
+        self.version = extra["version"] - 1
+        self.sync_weights()
+        logger.info("resumed from %s at step %d", path, self.start_step)
+
+    def run(self) -> list[dict[str, float]]:
+        """Run the whole job; returns the metrics history."""
+        cfg = self.config
+        self.build_groups()
+        try:
+            if cfg.resume_from:
+                self.resume(cfg.resume_from)
+            if self.start_step == 0:
+                initial = {"eval_reward_before_sft": self.evaluate()} if self.config.sft.steps else {}
+                self.warm_start()
+                self.metrics.log(0, {**initial, "eval_reward_mean": self.evaluate()})
+            with tqdm(range(self.start_step, cfg.steps), desc="rl", unit="step") as bar:
+                for step in bar:
+                    metrics = self.rl_step(step)
+                    done = step + 1
+                    if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                        metrics["eval_reward_mean"] = self.evaluate()
+                    self.metrics.log(done, metrics)
+                    bar.write(progress_line(done, cfg.steps, metrics))
+                    if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+                        self.checkpoint(done)
+            self.actor.export_hf(os.path.join(cfg.output_dir, "final_model"))
+            self.metrics.plot(
+                os.path.join(cfg.output_dir, "reward_curve.png"), f"{cfg.algorithm.name} on {cfg.task.name}"
+            )
+            return self.metrics.history
+        finally:
+            self.shutdown()
+
+
+def mean_rows(batch: Batch) -> dict[str, float]:
+    """Average per-DP-group metric rows into one value each."""
+    return {name: float(batch[name].float().mean()) for name in batch}
+
+
+def run_job(config: JobConfig) -> list[dict[str, float]]:
+    """Connect to (or start) Ray and run the job described by ``config``."""
+    if not ray.is_initialized():
+        ray.init(
+            address=config.ray_address,
+            include_dashboard=config.ray_address is None or None,
+            log_to_driver=False,
+        )
+    return RLJob(config).run()

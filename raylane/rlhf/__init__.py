@@ -1,0 +1,71 @@
+"""RL algorithms as pure functions over ``[B, T]`` tensors, plus rewards, prompt data and toy tasks.
+
+Workers and controllers call these; nothing here knows about Ray or process groups.
+"""
+
+from raylane.rlhf.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageConfig,
+    compute_advantages,
+    compute_gae,
+    discounted_returns,
+    grpo_advantages,
+    rloo_advantages,
+)
+from raylane.rlhf.batch import Batch
+from raylane.rlhf.data import DatasetError, PromptDataset, PromptExample, PromptLoader
+from raylane.rlhf.kl import KL_ESTIMATORS, AdaptiveKLController, apply_kl_penalty, kl_loss, kl_penalty
+from raylane.rlhf.logprobs import entropy_from_logits, log_probs_from_logits
+from raylane.rlhf.losses import LOSS_AGGREGATIONS, aggregate_loss, ppo_policy_loss, value_loss
+from raylane.rlhf.masks import masked_mean, masked_sum, masked_var, masked_whiten, scores_to_token_rewards
+from raylane.rlhf.registry import Registry
+from raylane.rlhf.rewards import (
+    REWARD_FUNCTIONS,
+    compute_reward,
+    extract_final_number,
+    get_reward_fn,
+    register_reward,
+)
+from raylane.rlhf.tasks import TOY_TASKS, ToyTask, ToyTaskFiles, make_toy_task, register_toy_task
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "REWARD_FUNCTIONS",
+    "TOY_TASKS",
+    "AdaptiveKLController",
+    "AdvantageConfig",
+    "Batch",
+    "DatasetError",
+    "PromptDataset",
+    "PromptExample",
+    "PromptLoader",
+    "Registry",
+    "ToyTask",
+    "ToyTaskFiles",
+    "aggregate_loss",
+    "apply_kl_penalty",
+    "compute_advantages",
+    "compute_gae",
+    "compute_reward",
+    "discounted_returns",
+    "entropy_from_logits",
+    "extract_final_number",
+    "get_reward_fn",
+    "grpo_advantages",
+    "kl_loss",
+    "kl_penalty",
+    "log_probs_from_logits",
+    "make_toy_task",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "register_reward",
+    "register_toy_task",
+    "rloo_advantages",
+    "scores_to_token_rewards",
+    "value_loss",
+]

@@ -1,0 +1,215 @@
+"""Decode steps replayed as CUDA graphs, one graph per batch-size bucket.
+
+A decode-only step (every sequence adds one token) has the same shapes every time for a given
+batch size, so it is captured once per bucket and then replayed. Its inputs live in fixed-capacity
+device buffers (block tables at the full width ``ceil(max_model_len / block_size)``) that the host
+refreshes with one copy per step; a batch is padded up to the next bucket with rows that write to
+and read from a scratch KV block no sequence owns. The captured region is the whole device side of
+the step — the model forward (``torch.compile``'d unless disabled: it fuses the norms, rotary
+embedding and activations that eager mode runs as hundreds of tiny kernels), the logits and the
+fused sampler — so a step costs one host-to-device copy, one replay and one read of the tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from raylane.models import CausalLM
+from raylane.runner.attention import AttentionBackend, PagedAttention, PagedAttentionMetadata
+from raylane.runner.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+_INT_FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens", "seeds", "steps")
+
+
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    """Batch sizes that get a graph: powers of two up to 16, then every multiple of 16, then the max."""
+    sizes = [n for n in (1, 2, 4, 8) if n < max_num_seqs]
+    sizes += range(16, max_num_seqs, 16)
+    return [*sizes, max_num_seqs]
+
+
+class DecodeBuffers:
+    """The inputs of one decode step: pinned host staging and device buffers with the same layout.
+
+    Integer fields share one buffer (and the block tables follow them), so one copy uploads them.
+    """
+
+    def __init__(self, max_batch: int, width: int, device: torch.device) -> None:
+        size = len(_INT_FIELDS) * max_batch + max_batch * width
+        self.host_ints = torch.zeros(size, dtype=torch.int64, pin_memory=True)
+        self.host_floats = torch.zeros(max_batch, dtype=torch.float32, pin_memory=True)
+        self.device_ints = torch.zeros(size, dtype=torch.int64, device=device)
+        self.device_floats = torch.zeros(max_batch, dtype=torch.float32, device=device)
+        host_np = self.host_ints.numpy()
+        self.host: dict[str, np.ndarray] = {}
+        self.device: dict[str, torch.Tensor] = {}
+        for i, name in enumerate(_INT_FIELDS):
+            span = slice(i * max_batch, (i + 1) * max_batch)
+            self.host[name] = host_np[span]
+            self.device[name] = self.device_ints[span]
+        tables = slice(len(_INT_FIELDS) * max_batch, size)
+        self.host["block_tables"] = host_np[tables].reshape(max_batch, width)
+        self.device["block_tables"] = self.device_ints[tables].view(max_batch, width)
+        self.host["temperatures"] = self.host_floats.numpy()
+        self.device["temperatures"] = self.device_floats
+
+    def upload(self) -> None:
+        self.device_ints.copy_(self.host_ints, non_blocking=True)
+        self.device_floats.copy_(self.host_floats, non_blocking=True)
+
+
+class CUDAGraphDecoder:
+    """Captures the decode step for each bucket and replays it for decode-only batches."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        backend: AttentionBackend,
+        kv_caches: list[torch.Tensor],
+        max_num_seqs: int,
+        width: int,
+        block_size: int,
+        scratch_block: int,
+        compile_model: bool,
+    ) -> None:
+        self.model, self.backend, self.kv_caches = model, backend, kv_caches
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.buckets = decode_buckets(max_num_seqs)
+        self.max_batch = self.buckets[-1]
+        device = kv_caches[0].device
+        self.buffers = DecodeBuffers(self.max_batch, width, device)
+        self._bucket_of = [next(b for b in self.buckets if b >= n) for n in range(self.max_batch + 1)]
+        self._index = torch.arange(self.max_batch + 1, device=device)
+        # Per row: (sequence, its block-table list, entries copied). Block tables only ever grow by
+        # appending, and a freed sequence gets a new list, so this identifies what the row holds.
+        self._rows: list[tuple[Sequence, list[int], int] | None] = [None] * self.max_batch
+        self._forward = torch.compile(self._logits, fullgraph=True) if compile_model else self._logits
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.num_replays = 0
+        self._pad(0, self.max_batch)
+
+    def _logits(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        query_pad_index: torch.Tensor,
+    ) -> torch.Tensor:
+        meta = PagedAttentionMetadata(
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            query_positions=positions[:, None],
+            query_pad_index=query_pad_index,
+            max_query_len=1,
+            seq_lens=seq_lens,
+            query_start_loc=query_start_loc,
+        )
+        hidden = self.model.hidden_states(
+            input_ids, positions, PagedAttention(self.backend, self.kv_caches, meta)
+        )
+        return self.model.compute_logits(hidden)
+
+    def _step(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Imported here: this module is importable without Triton (CPU installs), its use is not.
+        from raylane.runner.sampling_kernel import fused_sample
+
+        dev = self.buffers.device
+        args = (
+            dev["input_ids"][:n],
+            dev["positions"][:n],
+            dev["slot_mapping"][:n],
+            dev["block_tables"][:n],
+            dev["seq_lens"][:n],
+            self._index[: n + 1],
+            self._index[:n],
+        )
+        if n > 1:
+            # One compiled graph serves every bucket above 1 (size 1 is always specialised).
+            for arg in args:
+                torch._dynamo.mark_dynamic(arg, 0)
+        logits = self._forward(*args)
+        tokens, logprobs = fused_sample(logits, dev["temperatures"][:n], dev["seeds"][:n], dev["steps"][:n])
+        return logits, tokens, logprobs
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up (compiling on the first call) and capture every bucket, largest first."""
+        pool = torch.cuda.graph_pool_handle()
+        self.buffers.upload()
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        # Each engine compiles its own model; do not let earlier engines in this process use up the
+        # recompile budget of this function and silently drop a later one to eager mode.
+        with config.patch(**{limit: max(64, getattr(config, limit))}):
+            for n in reversed(self.buckets):
+                self._step(n)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    outputs = self._step(n)
+                self._graphs[n] = (graph, *outputs)
+        torch.cuda.synchronize()
+        logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def _pad(self, start: int, stop: int) -> None:
+        """Rows [start, stop) become padding: one token at position 0 in the scratch block."""
+        host = self.buffers.host
+        for name in ("input_ids", "positions", "seeds", "steps"):
+            host[name][start:stop] = 0
+        host["temperatures"][start:stop] = 0.0
+        host["seq_lens"][start:stop] = 1
+        host["slot_mapping"][start:stop] = self.scratch_block * self.block_size
+        host["block_tables"][start:stop, 0] = self.scratch_block
+        self._rows[start:stop] = [None] * (stop - start)
+
+    def prepare(self, seqs: list[Sequence]) -> None:
+        """Fill the host buffers for one decode step of ``seqs`` (each computes its last token)."""
+        n = len(seqs)
+        host = self.buffers.host
+        bs = self.block_size
+        lengths = np.fromiter((len(seq.token_ids) for seq in seqs), dtype=np.int64, count=n)
+        positions = lengths - 1
+        host["input_ids"][:n] = [seq.token_ids[-1] for seq in seqs]
+        host["positions"][:n] = positions
+        host["seq_lens"][:n] = lengths
+        last_blocks = np.fromiter(
+            (seq.block_table[pos] for seq, pos in zip(seqs, (positions // bs).tolist())),
+            dtype=np.int64,
+            count=n,
+        )
+        host["slot_mapping"][:n] = last_blocks * bs + positions % bs
+        host["seeds"][:n] = [seq.seed for seq in seqs]
+        host["steps"][:n] = lengths - np.fromiter(
+            (seq.num_prompt_tokens for seq in seqs), dtype=np.int64, count=n
+        )
+        host["temperatures"][:n] = [0.0 if seq.params.greedy else seq.params.temperature for seq in seqs]
+        tables = host["block_tables"]
+        rows = self._rows
+        for i, seq in enumerate(seqs):
+            table = seq.block_table
+            row = rows[i]
+            if row is not None and row[0] is seq and row[1] is table:
+                if row[2] != len(table):
+                    tables[i, row[2] : len(table)] = table[row[2] :]
+                    rows[i] = (seq, table, len(table))
+            else:
+                tables[i, : len(table)] = table
+                rows[i] = (seq, table, len(table))
+        self._pad(n, self._bucket_of[n])
+
+    def run(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Upload the prepared inputs and replay; returns ``(logits, tokens, logprobs)`` of the n rows."""
+        self.buffers.upload()
+        graph, logits, tokens, logprobs = self._graphs[self._bucket_of[n]]
+        graph.replay()
+        self.num_replays += 1
+        return logits[:n], tokens[:n], logprobs[:n]

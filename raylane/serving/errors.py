@@ -1,0 +1,78 @@
+"""Errors the serving layer reports to clients, with their HTTP status and OpenAI error shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+_GRPC_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class ServingError(Exception):
+    """An error meant for the client: an HTTP status, an OpenAI error ``type`` and optional ``param``/``code``.
+
+    Raised inside model replicas and re-raised by Ray Serve in the ingress, so it must pickle
+    with all its fields (hence `__reduce__`).
+    """
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.param, self.code))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The body OpenAI's API returns for an error."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return _GRPC_CODES.get(self.status_code, grpc.StatusCode.INTERNAL)
+
+
+class BadRequestError(ServingError):
+    """Invalid parameters, malformed JSON or a prompt longer than the model accepts (HTTP 400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(ServingError):
+    """The request names a model this application does not serve (HTTP 404)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(
+        self, message: str, param: str | None = "model", code: str | None = "model_not_found"
+    ) -> None:
+        super().__init__(message, param, code)
+
+
+class OverloadedError(ServingError):
+    """The engine's waiting queue or Serve's request queue is full; retry later (HTTP 503)."""
+
+    status_code = 503
+    error_type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = "overloaded") -> None:
+        super().__init__(message, param, code)

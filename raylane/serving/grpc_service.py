@@ -1,0 +1,130 @@
+"""The `raylane.serving.v1.LLMService` gRPC API on top of one `AsyncLLMEngine`.
+
+`GrpcServing` maps protobuf requests to engine requests and engine outputs to protobuf
+responses; Ray Serve's gRPC proxy carries the messages (see `raylane.serving.ingress`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from raylane.runner.sampling_params import SamplingParams
+from raylane.serving.errors import BadRequestError, ServingError
+from raylane.serving.proto import llm_pb2
+from raylane.serving.streaming import Delta, DeltaTracker, admit, collect, merge
+
+if TYPE_CHECKING:
+    from raylane.runner import RequestOutput
+    from raylane.runner.async_engine import AsyncLLMEngine, RequestStream
+
+# Import path of the servicer registration function, for Ray Serve's `gRPCOptions`.
+GRPC_SERVICER_FUNCTION = "raylane.serving.proto.llm_pb2_grpc.add_LLMServiceServicer_to_server"
+
+
+def sampling_params_from_proto(options: llm_pb2.SamplingOptions) -> SamplingParams:
+    """Engine sampling parameters from a request's `SamplingOptions`; unset fields take defaults."""
+    fields = {
+        name: getattr(options, name)
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed")
+        if options.HasField(name)
+    }
+    try:
+        return SamplingParams(
+            n=options.n or 1,
+            stop=list(options.stop),
+            stop_token_ids=list(options.stop_token_ids),
+            logprobs=options.logprobs,
+            ignore_eos=options.ignore_eos,
+            **fields,
+        )
+    except ValueError as exc:
+        raise BadRequestError(str(exc), param="sampling") from None
+
+
+def _prompt(request: llm_pb2.GenerateRequest) -> str | list[int]:
+    kind = request.WhichOneof("prompt_input")
+    if kind is None:
+        raise BadRequestError("set either prompt or prompt_token_ids", param="prompt")
+    return request.prompt if kind == "prompt" else list(request.prompt_token_ids.ids)
+
+
+def _usage(output: RequestOutput) -> llm_pb2.Usage:
+    return llm_pb2.Usage(
+        prompt_tokens=len(output.prompt_token_ids),
+        completion_tokens=sum(len(c.token_ids) for c in output.outputs),
+    )
+
+
+def _completion(delta: Delta, fallback_version: int) -> llm_pb2.Completion:
+    return llm_pb2.Completion(
+        index=delta.index,
+        text=delta.text,
+        token_ids=delta.token_ids,
+        logprobs=delta.logprobs or [],
+        finish_reason=delta.finish_reason or "",
+        weight_version=delta.weight_version if delta.weight_version is not None else fallback_version,
+    )
+
+
+class GrpcServing:
+    """Serve `LLMService` requests for one model with one engine."""
+
+    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    async def _admit(self, request: llm_pb2.GenerateRequest) -> tuple[str, list[str], list[RequestStream]]:
+        params = sampling_params_from_proto(request.sampling)
+        request_id = f"grpc-{uuid.uuid4().hex}"
+        streams = await admit(self.engine, [_prompt(request)], params, request_id)
+        return request_id, params.stop, streams
+
+    async def generate(self, request: llm_pb2.GenerateRequest) -> llm_pb2.GenerateResponse:
+        """Run the request to completion."""
+        request_id, _, streams = await self._admit(request)
+        try:
+            (final,) = await collect(streams)
+        except Exception as exc:
+            raise ServingError(f"generation failed: {exc}") from exc
+        version = self.engine.weight_version
+        completions = [
+            _completion(
+                Delta(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, c.weight_version), version
+            )
+            for c in final.outputs
+        ]
+        return llm_pb2.GenerateResponse(
+            request_id=request_id, model=self.model_name, completions=completions, usage=_usage(final)
+        )
+
+    async def generate_stream(
+        self, request: llm_pb2.GenerateRequest
+    ) -> AsyncIterator[llm_pb2.GenerateStreamResponse]:
+        """Admit the request (raising client errors now) and return its stream of deltas."""
+        request_id, stop, streams = await self._admit(request)
+        return self._deltas(request_id, stop, streams)
+
+    async def _deltas(
+        self, request_id: str, stop: list[str], streams: list[RequestStream]
+    ) -> AsyncIterator[llm_pb2.GenerateStreamResponse]:
+        tracker = DeltaTracker(stop)
+        try:
+            async for _, output in merge(streams):
+                deltas = tracker.deltas(output.outputs)
+                if deltas or output.finished:
+                    version = self.engine.weight_version
+                    yield llm_pb2.GenerateStreamResponse(
+                        request_id=request_id,
+                        model=self.model_name,
+                        deltas=[_completion(d, version) for d in deltas],
+                        usage=_usage(output) if output.finished else None,
+                    )
+        except ServingError:
+            raise
+        except Exception as exc:
+            raise ServingError(f"generation failed: {exc}") from exc
+
+    def health(self) -> llm_pb2.ModelHealth:
+        return llm_pb2.ModelHealth(name=self.model_name, weight_version=self.engine.weight_version)

@@ -1,0 +1,180 @@
+"""`OpenAIIngress`: the application's entry point for HTTP (OpenAI API) and gRPC (`LLMService`).
+
+It parses and validates requests, answers errors in OpenAI's shape, and routes each request
+by its ``model`` to that model's `LLMServer` deployment through a Serve handle, so one address
+serves several models and each model scales on its own. Client disconnects cancel the handle
+call, which Serve propagates to the replica, where it aborts the engine request.
+"""
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from raylane.serving.errors import BadRequestError, ModelNotFoundError, OverloadedError, ServingError
+from raylane.serving.proto import llm_pb2
+from raylane.serving.protocol import ChatCompletionRequest, CompletionRequest, ModelList, parse_request
+
+logger = logging.getLogger(__name__)
+
+api = FastAPI(title="raylane", description="OpenAI-compatible API of a raylane serving application")
+
+
+@api.exception_handler(ServingError)
+async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if isinstance(exc, OverloadedError) else None
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+
+
+def client_error(exc: BaseException) -> ServingError | None:
+    """The client-facing error behind an exception raised through a Serve handle, if it is one."""
+    if isinstance(exc, RayTaskError):
+        exc = exc.cause
+    if isinstance(exc, ServingError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return OverloadedError(
+            f"every replica of the model is busy and its queue is full; retry later ({exc})"
+        )
+    return None
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"the request body is not valid JSON: {exc}") from None
+
+
+async def _events(stream: DeploymentResponseGenerator) -> AsyncIterator[str]:
+    try:
+        async for event in stream:
+            yield event
+    finally:
+        # Reached on client disconnect too: cancel the replica's generator (aborts the engine request).
+        stream.cancel()
+
+
+@serve.deployment(max_ongoing_requests=4096, max_queued_requests=-1, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class OpenAIIngress:
+    """Routes requests to the `LLMServer` deployment of the model they name."""
+
+    def __init__(self, models: dict[str, DeploymentHandle]) -> None:
+        self.models = models
+
+    def _handle(self, model: str) -> DeploymentHandle:
+        handle = self.models.get(model)
+        if handle is None:
+            raise ModelNotFoundError(
+                f"the model {model!r} does not exist; this server serves {sorted(self.models)}"
+            )
+        return handle
+
+    async def _call(self, model: str, method: str, *args: Any) -> Any:
+        """Call a model replica's method; client errors (returned or raised) are raised as `ServingError`."""
+        try:
+            result = await getattr(self._handle(model), method).remote(*args)
+        except Exception as exc:
+            error = client_error(exc)
+            if error is None:
+                raise
+            raise error from None
+        if isinstance(result, ServingError):
+            raise result
+        return result
+
+    async def _stream(self, model: str, method: str, request: Any) -> DeploymentResponseGenerator:
+        """Start a streaming call and wait until the replica admitted the request (or said why not)."""
+        stream = getattr(self._handle(model).options(stream=True), method).remote(request)
+        try:
+            first = await stream.__anext__()
+        except Exception as exc:
+            stream.cancel()
+            error = client_error(exc)
+            if error is None:
+                raise
+            raise error from None
+        if isinstance(first, ServingError):
+            stream.cancel()
+            raise first
+        return stream
+
+    # ------------------------------------------------------------------ HTTP
+
+    @api.get("/v1/models")
+    async def list_models(self) -> JSONResponse:
+        cards = [await self._call(name, "model_card") for name in sorted(self.models)]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    @api.post("/v1/completions")
+    async def completions(self, http_request: Request) -> Response:
+        request = parse_request(CompletionRequest, await _json_body(http_request))
+        if request.stream:
+            stream = await self._stream(request.model, "stream_completion", request)
+            return StreamingResponse(_events(stream), media_type="text/event-stream")
+        response = await self._call(request.model, "create_completion", request)
+        return JSONResponse(response.model_dump())
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, http_request: Request) -> Response:
+        request = parse_request(ChatCompletionRequest, await _json_body(http_request))
+        if request.stream:
+            stream = await self._stream(request.model, "stream_chat_completion", request)
+            return StreamingResponse(_events(stream), media_type="text/event-stream")
+        response = await self._call(request.model, "create_chat_completion", request)
+        return JSONResponse(response.model_dump())
+
+    @api.get("/health")
+    async def health_http(self) -> Response:
+        return Response(status_code=200)
+
+    # ------------------------------------------------------------------ gRPC (raylane.serving.v1.LLMService)
+
+    def _grpc_model(self, request: llm_pb2.GenerateRequest) -> str:
+        if request.model:
+            return request.model
+        if len(self.models) == 1:
+            return next(iter(self.models))
+        raise BadRequestError(f"set model: this application serves {sorted(self.models)}", param="model")
+
+    async def Generate(self, request: llm_pb2.GenerateRequest, grpc_context: Any) -> llm_pb2.GenerateResponse:
+        try:
+            return await self._call(self._grpc_model(request), "generate", request)
+        except ServingError as exc:
+            grpc_context.set_code(exc.grpc_code)
+            grpc_context.set_details(exc.message)
+            return llm_pb2.GenerateResponse()
+
+    async def GenerateStream(
+        self, request: llm_pb2.GenerateRequest, grpc_context: Any
+    ) -> AsyncIterator[llm_pb2.GenerateStreamResponse]:
+        try:
+            stream = await self._stream(self._grpc_model(request), "generate_stream", request)
+        except ServingError as exc:
+            grpc_context.set_code(exc.grpc_code)
+            grpc_context.set_details(exc.message)
+            # A stream that ends without a message never carries the context back to the proxy;
+            # raising does, with the status set above.
+            raise
+        try:
+            async for response in stream:
+                yield response
+        finally:
+            stream.cancel()
+
+    async def Health(self, request: llm_pb2.HealthRequest) -> llm_pb2.HealthResponse:
+        try:
+            models = [await self._call(name, "health") for name in sorted(self.models)]
+        except Exception:
+            logger.exception("health check of the model replicas failed")
+            return llm_pb2.HealthResponse(status=llm_pb2.HealthResponse.NOT_SERVING)
+        return llm_pb2.HealthResponse(status=llm_pb2.HealthResponse.SERVING, models=models)

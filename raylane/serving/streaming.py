@@ -1,0 +1,155 @@
+"""Engine requests as the API layers need them: all-or-none admission, merged streams, deltas.
+
+The engine reports each completion's full text so far; `DeltaTracker` turns that into the
+deltas a streaming client receives. Two parts of that text may still change, so they are held back until they settle: a tail that could be the start of a stop
+string (the engine cuts the text at a stop string once it completes), and trailing U+FFFD
+characters, which a byte-level tokenizer produces for an incomplete UTF-8 sequence that the
+next token may complete. That way the concatenated deltas always equal the final text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from raylane.runner.async_engine import EngineDeadError, EngineOverloadedError
+from raylane.serving.errors import BadRequestError, OverloadedError
+
+if TYPE_CHECKING:
+    from raylane.runner import RequestOutput, SamplingParams
+    from raylane.runner.async_engine import AsyncLLMEngine, RequestStream
+
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass
+class Delta:
+    """What one completion gained since the previous delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str | None
+    weight_version: int | None
+
+
+@dataclass
+class _Sent:
+    text_len: int = 0
+    num_tokens: int = 0
+    finished: bool = False
+
+
+@dataclass
+class DeltaTracker:
+    """Remembers what was sent for each completion of one request and computes the next deltas."""
+
+    stop: list[str] = field(default_factory=list)
+    _sent: dict[int, _Sent] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._holdback = max((len(s) for s in self.stop), default=1) - 1
+
+    def deltas(self, completions: list) -> list[Delta]:
+        """Deltas of the completions (`CompletionOutput`s) that gained text/tokens or just finished."""
+        result = []
+        for completion in completions:
+            sent = self._sent.setdefault(completion.index, _Sent())
+            if sent.finished:
+                continue
+            finished = completion.finish_reason is not None
+            text_end = len(completion.text) if finished else self._settled_length(completion.text)
+            text_end = max(text_end, sent.text_len)
+            new_tokens = completion.token_ids[sent.num_tokens :]
+            if text_end == sent.text_len and not new_tokens and not finished:
+                continue
+            logprobs = completion.logprobs[sent.num_tokens :] if completion.logprobs is not None else None
+            result.append(
+                Delta(
+                    index=completion.index,
+                    text=completion.text[sent.text_len : text_end],
+                    token_ids=list(new_tokens),
+                    logprobs=logprobs,
+                    finish_reason=completion.finish_reason,
+                    weight_version=completion.weight_version,
+                )
+            )
+            sent.text_len, sent.num_tokens, sent.finished = text_end, len(completion.token_ids), finished
+        return result
+
+    def _settled_length(self, text: str) -> int:
+        end = len(text) - self._holdback
+        while end > 0 and text[end - 1] == _REPLACEMENT_CHAR:
+            end -= 1
+        return max(end, 0)
+
+
+async def admit(
+    engine: AsyncLLMEngine, prompts: list[str | list[int]], params: SamplingParams, id_prefix: str
+) -> list[RequestStream]:
+    """Add one engine request per prompt, all or none, mapping engine rejections to client errors."""
+    streams: list[RequestStream] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            text, token_ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
+            streams.append(await engine.add_request(f"{id_prefix}-{i}", text, token_ids, params))
+    except BaseException as exc:
+        for stream in streams:
+            stream.abort()
+        if isinstance(exc, EngineOverloadedError):
+            raise OverloadedError(str(exc)) from None
+        if isinstance(exc, EngineDeadError):
+            # Serve's health check replaces this replica; a retry will reach a live one.
+            raise OverloadedError(str(exc), code="engine_unavailable") from None
+        if isinstance(exc, ValueError):
+            raise BadRequestError(str(exc)) from None
+        raise
+    return streams
+
+
+async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several request streams as ``(stream index, output)``; aborts unfinished ones on exit."""
+    if len(streams) == 1:
+        try:
+            async for output in streams[0]:
+                yield 0, output
+        finally:
+            streams[0].abort()
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                await queue.put((i, output))
+            await queue.put((i, None))
+        except Exception as exc:
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.abort()
+
+
+async def collect(streams: list[RequestStream]) -> list[RequestOutput]:
+    """The final output of every stream, in order."""
+    finals: list[Any] = [None] * len(streams)
+    async for i, output in merge(streams):
+        finals[i] = output
+    return finals

@@ -1,0 +1,397 @@
+"""End to end: `raylane serve` on the local Ray cluster, serving tiny models with the real runner.
+
+One application for the module, started by the CLI: model "tiny" (checks everything), and
+"tiny-busy", an engine that admits nothing (max_waiting_seqs=0), to see overload answered with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+import openai
+import pytest
+import yaml
+from ray import serve
+
+from raylane.models import iter_checkpoint_tensors, make_tiny_model
+from raylane.runner import LLM, SamplingParams
+from raylane.serving import (
+    LLMClient,
+    ServingConfig,
+    WeightPublishConfig,
+    deployment_name_for,
+    publish_weights,
+)
+from raylane.serving.proto import llm_pb2
+from tests.conftest import free_port
+
+APP = "test-serving"
+# Room for streams that outlast a weight publication.
+MAX_MODEL_LEN = 1024
+
+
+@dataclass
+class Served:
+    config: ServingConfig
+    model_a: str
+    model_b: str
+    offline: LLM
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.port}/v1"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.config.grpc_port}"
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0)
+
+    def expected(self, prompt: str | list[int], **sampling) -> list:
+        """What `raylane generate` (the offline LLM) produces for the same prompt and sampling."""
+        return self.offline.generate([prompt], SamplingParams(**sampling), use_tqdm=False)[0].outputs
+
+    def engine_stats(self) -> dict:
+        handle = serve.get_deployment_handle(deployment_name_for("tiny"), APP)
+        return handle.engine_stats.remote().result()
+
+    def post(self, path: str, body: bytes | dict) -> tuple[int, dict, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", self.config.port, timeout=60)
+        try:
+            conn.request("POST", path, data, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, json.loads(response.read()), dict(response.getheaders())
+        finally:
+            conn.close()
+
+
+# The `raylane serve` command; it joins the test session's Ray cluster.
+SERVE_COMMAND = [sys.executable, "-m", "raylane.cli", "serve"]
+
+
+def _wait_until_serving(port: int, proc: subprocess.Popen, log_path: str, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/v1/models")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    with open(log_path) as f:
+        log = f.read()[-4000:]
+    pytest.fail(f"`raylane serve` was not serving after {timeout_s} s (exit code {proc.poll()}):\n{log}")
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tmp_path_factory):
+    """`raylane serve` running two models on the session's cluster, stopped with Ctrl-C at the end."""
+    root = tmp_path_factory.mktemp("serving")
+    # std 0.3: outputs depend on the prompt, so a request answered with another's tokens shows.
+    model_a = make_tiny_model(str(root / "a"), std=0.3, max_position_embeddings=MAX_MODEL_LEN)
+    model_b = make_tiny_model(str(root / "b"), seed=1, std=0.3, max_position_embeddings=MAX_MODEL_LEN)
+    engine = {"model": model_a, "max_model_len": MAX_MODEL_LEN}
+    config = ServingConfig(
+        app_name=APP,
+        models=[
+            {"name": "tiny", "engine": engine},
+            {"name": "tiny-busy", "engine": engine, "max_waiting_seqs": 0, "num_cpus": 0},
+        ],
+        port=free_port(),
+        grpc_port=free_port(),
+    )
+    config_path = root / "serving.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    log_path = str(root / "serve.log")
+    address = ray_cluster.get_runtime_context().gcs_address
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [*SERVE_COMMAND, "--config", str(config_path), "--address", address], stdout=log, stderr=log
+        )
+    try:
+        _wait_until_serving(config.port, proc, log_path)
+        yield Served(config, model_a, model_b, LLM(model_a, max_model_len=MAX_MODEL_LEN))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, "`raylane serve` did not exit cleanly on Ctrl-C"
+        assert APP not in serve.status().applications  # it removed its application
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        serve.shutdown()
+
+
+SAMPLING = {"temperature": 0.8, "top_p": 0.9, "seed": 7}
+
+
+def test_openai_client_completes_chats_and_streams_like_offline_generation(served):
+    client = served.openai()
+    assert {m.id for m in client.models.list().data} == {"tiny", "tiny-busy"}
+
+    prompt = "The quick brown fox"
+    (want,) = served.expected(prompt, max_tokens=12, logprobs=True, **SAMPLING)
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, logprobs=0, **SAMPLING)
+    assert got.choices[0].text == want.text and got.choices[0].finish_reason == want.finish_reason
+    assert got.choices[0].logprobs.token_logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    assert (
+        got.usage.completion_tokens == len(want.token_ids) and got.system_fingerprint == "raylane-weights-v0"
+    )
+
+    two = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, n=2, **SAMPLING)
+    assert [c.text for c in two.choices] == [
+        c.text for c in served.expected(prompt, max_tokens=12, n=2, **SAMPLING)
+    ]
+
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=prompt,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+            **SAMPLING,
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert (
+        chunks[-2].choices[0].finish_reason == want.finish_reason and chunks[-1].usage.completion_tokens == 12
+    )
+
+    # A stop string cut from the unstopped text: served (plain and streamed) equals offline.
+    stop = next(
+        want.text[i : i + 2]
+        for i in range(2, len(want.text))
+        if want.text[i : i + 2].isascii() and want.text[i : i + 2].isprintable()
+    )
+    (want_stop,) = served.expected(prompt, max_tokens=12, stop=[stop], **SAMPLING)
+    assert want_stop.finish_reason == "stop"
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, stop=stop, **SAMPLING)
+    assert (got.choices[0].text, got.choices[0].finish_reason) == (want_stop.text, "stop")
+    streamed = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=12, stop=stop, stream=True, **SAMPLING
+    )
+    assert "".join(c.choices[0].text for c in streamed) == want_stop.text
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    tokenizer = served.offline.tokenizer
+    chat_ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    (want_chat,) = served.expected(chat_ids, max_tokens=10, **SAMPLING)
+    chat = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, logprobs=True, **SAMPLING
+    )
+    assert chat.choices[0].message.content == want_chat.text and chat.choices[0].message.role == "assistant"
+    assert len(chat.choices[0].logprobs.content) == len(want_chat.token_ids)
+    assert chat.usage.prompt_tokens == len(chat_ids)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=10, stream=True, **SAMPLING
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want_chat.text
+
+
+def test_grpc_client_streams_tokens_and_health_answers(served):
+    prompt = "stream me"
+    (want,) = served.expected(prompt, max_tokens=10, **SAMPLING)
+    with LLMClient(served.grpc_target, application=APP) as client:
+        health = client.health()
+        assert health.status == llm_pb2.HealthResponse.SERVING
+        assert {m.name for m in health.models} == {"tiny", "tiny-busy"}
+
+        messages = list(client.generate_stream(prompt, model="tiny", max_tokens=10, **SAMPLING))
+        assert len(messages) > 2  # token by token, not one final message
+        deltas = [d for m in messages for d in m.deltas]
+        assert "".join(d.text for d in deltas) == want.text
+        assert [t for d in deltas for t in d.token_ids] == want.token_ids
+        assert messages[-1].usage.completion_tokens == 10 and deltas[-1].finish_reason == want.finish_reason
+
+        unary = client.generate(prompt, model="tiny", max_tokens=10, **SAMPLING)
+        assert (
+            unary.completions[0].text == want.text and list(unary.completions[0].token_ids) == want.token_ids
+        )
+
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate(prompt, model="tiny", top_p=3.0)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.generate_stream(prompt, model="nope"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+        # Cancelling a stream aborts its request too.
+        before = _wait_idle(served)
+        stream = client.generate_stream(prompt, model="tiny", max_tokens=1000, ignore_eos=True)
+        next(stream), next(stream)
+        stream.cancel()
+    after = _wait_idle(served)
+    assert after["num_free_blocks"] == after["num_total_blocks"]
+    assert after["num_generated_tokens"] - before["num_generated_tokens"] < 1000
+
+
+def test_32_concurrent_streaming_clients_get_their_own_outputs(served):
+    prompts = [f"client {i} says {'hi ' * (i % 4)}" for i in range(32)]
+    params = [SamplingParams(max_tokens=6 + i % 4, temperature=0.9, seed=100 + i) for i in range(32)]
+    expected = [o.outputs[0].text for o in served.offline.generate(prompts, params, use_tqdm=False)]
+    assert len(set(expected)) > 16
+
+    async def one(client: openai.AsyncOpenAI, prompt: str, sp: SamplingParams) -> str:
+        stream = await client.completions.create(
+            model="tiny",
+            prompt=prompt,
+            max_tokens=sp.max_tokens,
+            temperature=sp.temperature,
+            seed=sp.seed,
+            stream=True,
+        )
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
+    async def main() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=served.base_url, api_key="unused", max_retries=0) as client:
+            return await asyncio.gather(*(one(client, p, sp) for p, sp in zip(prompts, params)))
+
+    assert asyncio.run(main()) == expected
+
+
+def _open_stream(served: Served, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", served.config.port, timeout=60)
+    conn.request(
+        "POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"}
+    )
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    return conn, response
+
+
+def _next_event(response: http.client.HTTPResponse) -> dict | str:
+    while True:
+        line = response.readline().decode().strip()
+        if line.startswith("data: "):
+            payload = line.removeprefix("data: ")
+            return payload if payload == "[DONE]" else json.loads(payload)
+        assert line == "" or line.startswith(":"), line
+
+
+def _wait_idle(served: Served, timeout_s: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = served.engine_stats()
+        if (stats["num_running"] == 0 and stats["num_waiting"] == 0) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
+def test_client_disconnecting_mid_stream_frees_its_kv_blocks(served):
+    before = _wait_idle(served)
+    conn, response = _open_stream(
+        served, {"model": "tiny", "prompt": "a long story", "max_tokens": 1000, "ignore_eos": True}
+    )
+    for _ in range(3):
+        _next_event(response)
+    during = served.engine_stats()
+    assert during["num_running"] == 1 and during["num_free_blocks"] < during["num_total_blocks"]
+    conn.close()  # the client goes away mid-stream
+
+    after = _wait_idle(served)
+    assert after["num_running"] == 0 and after["num_free_blocks"] == after["num_total_blocks"]
+    assert after["num_generated_tokens"] - before["num_generated_tokens"] < 1000  # aborted, not finished
+
+
+def test_weight_update_during_a_stream(served):
+    weights_a = list(iter_checkpoint_tensors(served.model_a))
+    weights_b = list(iter_checkpoint_tensors(served.model_b))
+    client = served.openai()
+    # Republishing the checkpoint's own weights only bumps the version (and warms the store up),
+    # here through the config switch an RL job embeds.
+    WeightPublishConfig(app_name=APP, model="tiny").publish(weights_a, version=1)
+    assert {m.id: m.weight_version for m in client.models.list().data} == {"tiny": 1, "tiny-busy": 0}
+
+    body = {"model": "tiny", "prompt": "keep going", "max_tokens": 600, "ignore_eos": True}
+    conn, response = _open_stream(served, {**body, "stream_options": {"include_usage": True}})
+    try:
+        first = _next_event(response)
+        publish_weights(APP, "tiny", weights_b, version=2)
+        events = [first]
+        while (event := _next_event(response)) != "[DONE]":
+            events.append(event)
+    finally:
+        conn.close()
+    assert first["system_fingerprint"] == "raylane-weights-v1"
+    # The stream ran to the end, finishing under the new weights.
+    assert (
+        events[-2]["choices"][0]["finish_reason"] == "length"
+        and events[-1]["usage"]["completion_tokens"] == 600
+    )
+    assert events[-2]["system_fingerprint"] == "raylane-weights-v2"
+
+    assert {m.id: m.weight_version for m in client.models.list().data}["tiny"] == 2
+    offline_b = LLM(served.model_b, max_model_len=MAX_MODEL_LEN)
+    (want_b,) = offline_b.generate(
+        ["after the update"], SamplingParams(max_tokens=12, **SAMPLING), use_tqdm=False
+    )[0].outputs
+    got = client.completions.create(model="tiny", prompt="after the update", max_tokens=12, **SAMPLING)
+    assert got.choices[0].text == want_b.text and got.system_fingerprint == "raylane-weights-v2"
+
+    # Back to the original weights, as a newer version, so the module's other checks still hold.
+    publish_weights(APP, "tiny", weights_a, version=3)
+    (want_a,) = served.expected("after the update", max_tokens=12, **SAMPLING)
+    got = client.completions.create(model="tiny", prompt="after the update", max_tokens=12, **SAMPLING)
+    assert got.choices[0].text == want_a.text and got.system_fingerprint == "raylane-weights-v3"
+
+
+def _assert_openai_error(status: int, body: dict, want_status: int, param: str | None = None) -> None:
+    assert status == want_status, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+
+
+def test_client_errors_are_openai_shaped_and_the_server_keeps_serving(served):
+    status, body, _ = served.post("/v1/completions", b'{"model": "tiny", "prompt": ')
+    _assert_openai_error(status, body, 400)
+    assert "JSON" in body["error"]["message"]
+    status, body, _ = served.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -3})
+    _assert_openai_error(status, body, 400, "max_tokens")
+    status, body, _ = served.post(
+        "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}
+    )
+    _assert_openai_error(status, body, 404, "model")
+    assert body["error"]["code"] == "model_not_found"
+    status, body, _ = served.post(
+        "/v1/completions", {"model": "tiny", "prompt": "y" * (MAX_MODEL_LEN + 10), "max_tokens": 4}
+    )
+    _assert_openai_error(status, body, 400)
+    assert "maximum context length" in body["error"]["message"]
+    status, body, _ = served.post(
+        "/v1/completions", {"model": "tiny", "prompt": "y" * (MAX_MODEL_LEN + 10), "stream": True}
+    )
+    _assert_openai_error(status, body, 400)  # refused before the event stream starts
+    status, body, headers = served.post(
+        "/v1/completions", {"model": "tiny-busy", "prompt": "x", "max_tokens": 4}
+    )
+    _assert_openai_error(status, body, 503)
+    assert body["error"]["code"] == "overloaded" and headers.get("retry-after") == "1"
+
+    client = served.openai()
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    (want,) = served.expected("still here", max_tokens=5, **SAMPLING)
+    assert (
+        client.completions.create(model="tiny", prompt="still here", max_tokens=5, **SAMPLING).choices[0].text
+        == want.text
+    )
