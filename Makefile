@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TINY_MODEL := outputs/tiny-model
+MAIN_JOB := examples/grpo_reverse.yaml
 
 .PHONY: setup run test lint redis clean
 
@@ -19,11 +19,9 @@ setup: $(STAMP)
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
-$(TINY_MODEL)/config.json: $(STAMP)
-	$(VENV)/bin/raylane make-tiny-model $(TINY_MODEL)
-
-run: $(STAMP) $(TINY_MODEL)/config.json
-	$(VENV)/bin/raylane generate --model $(TINY_MODEL) --prompt "Hello, raylane!" --max-tokens 32 --temperature 0.8 --seed 0
+# The main job: GRPO on a local Ray cluster; outputs (metrics, curve, checkpoints, model) in outputs/grpo-reverse.
+run: $(STAMP)
+	$(VENV)/bin/raylane train $(MAIN_JOB)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check raylane tests examples benchmarks

@@ -69,17 +69,33 @@ def bench_raylane(llm: LLM, prompts: list[list[int]], params: SamplingParams) ->
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     sync(llm.engine.device)
     before = llm.engine.stats
+    # Time every engine step too (each ends by reading its sampled tokens, so host time is device time).
+    engine_step, step_seconds = llm.engine.step, []
+
+    def timed_step(*args, **kwargs):
+        begin = time.perf_counter()
+        outputs = engine_step(*args, **kwargs)
+        step_seconds.append(time.perf_counter() - begin)
+        return outputs
+
+    llm.engine.step = timed_step
     start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    sync(llm.engine.device)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        sync(llm.engine.device)
+    finally:
+        del llm.engine.step
     elapsed = time.perf_counter() - start
     after = llm.engine.stats
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    step_seconds.sort()
     return {
         "seconds": elapsed,
         "tokens": tokens,
         "tokens_per_s": tokens / elapsed,
         "steps": after.num_steps - before.num_steps,
+        "median_step_ms": 1e3 * step_seconds[len(step_seconds) // 2],
+        "slowest_steps_ms": [round(1e3 * t, 2) for t in step_seconds[-8:]],
         "prompt_tokens_computed": after.num_prompt_tokens_computed - before.num_prompt_tokens_computed,
     }
 
@@ -193,12 +209,14 @@ def main() -> int:
     runner = llm.engine.runner
     print(f"attention backend {runner.backend.name}, CUDA graphs {runner.graphs is not None}, "
           f"engine start-up {startup_s:.1f} s (compile + capture)")  # fmt: skip
-    print(f"{'workload':<12} {'raylane tok/s':>14} {'HF tok/s':>10} {'ratio':>7} {'roofline':>9}")
+    print(
+        f"{'workload':<12} {'raylane tok/s':>14} {'HF tok/s':>10} {'ratio':>7} {'roofline':>9} {'median step':>12}"
+    )
     for row in rows:
         hf = row.get("hf", {}).get("tokens_per_s")
         ratio = row.get("ratio_vs_hf")
         print(f"{row['workload']:<12} {row['raylane']['tokens_per_s']:>14.1f} "
-              f"{(f'{hf:.1f}' if hf else '-'):>10} {(f'{ratio:.2f}x' if ratio else '-'):>7} {row['roofline_share']:>8.1%}")  # fmt: skip
+              f"{(f'{hf:.1f}' if hf else '-'):>10} {(f'{ratio:.2f}x' if ratio else '-'):>7} {row['roofline_share']:>8.1%} {row['raylane']['median_step_ms']:>9.2f} ms")  # fmt: skip
     print(f"GRPO n=8 x {args.grpo_prompts} prompts of {args.grpo_prompt_len}: prefix cache on "
           f"{grpo['on']['tokens_per_s']:.1f} tok/s, off {grpo['off']['tokens_per_s']:.1f} tok/s "
           f"({grpo['speedup']:.2f}x); prompt tokens computed {grpo['on']['prompt_tokens_computed']} vs "

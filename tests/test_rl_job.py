@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 
 import pytest
 import torch
+from ray import serve
 
 from raylane.controllers import JobConfig, RLJob
-from raylane.models import load_model
+from raylane.models import load_model, make_tiny_model
 from raylane.runner import LLM, SamplingParams
+from raylane.serving import ServingConfig, deploy, undeploy
+from tests.conftest import free_port
 
 
 def _config(tmp_path, name: str, **overrides) -> JobConfig:
@@ -94,3 +98,22 @@ def test_resume_continues_the_same_run_at_any_dp_size(ray_cluster, tmp_path):
     smaller = _config(tmp_path, "dp1", steps=3, resume_from=checkpoint, **{"placement.trainer_ranks": 1})
     resharded = RLJob(smaller).run()
     assert resharded[-1]["actor/pg_loss"] == pytest.approx(reference["actor/pg_loss"], abs=1e-4)
+
+
+def test_job_publishes_each_policy_version_to_a_serving_app(ray_cluster, tmp_path):
+    shape = JobConfig().model.tiny_shape
+    model_dir = make_tiny_model(str(tmp_path / "policy"), **shape)
+    serving = ServingConfig(
+        app_name="rl-publish", models=[{"name": "policy", "engine": {"model": model_dir}}], port=free_port()
+    )
+    deploy(serving)
+    try:
+        config = _config(tmp_path, "publish", publish={"app_name": "rl-publish", "model": "policy"})
+        config = config.model_copy(update={"model": config.model.model_copy(update={"path": model_dir})})
+        RLJob(config).run()
+        with urllib.request.urlopen(f"http://127.0.0.1:{serving.port}/v1/models", timeout=30) as response:
+            listed = json.load(response)["data"]
+        assert [m.get("weight_version") for m in listed if m["id"] == "policy"] == [2]
+    finally:
+        undeploy(serving)
+        serve.shutdown()

@@ -180,7 +180,9 @@ def _generate(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, tuple[li
 @needs_cuda
 def test_cuda_path_matches_cpu_reference_fp32(tiny_model_dir):
     prompts = _prompts(20)
-    options = dict(model=tiny_model_dir, dtype="float32", max_num_seqs=16, max_num_batched_tokens=256)
+    options = dict(
+        model=tiny_model_dir, dtype="float32", max_num_seqs=16, max_num_batched_tokens=256, num_kv_blocks=512
+    )
     reference = _generate(LLMEngine(EngineConfig(device="cpu", **options)), prompts)
     engine = LLMEngine(EngineConfig(device="cuda", **options))
     assert engine.runner.backend.name == "triton" and engine.runner.graphs is not None
@@ -193,26 +195,32 @@ def test_cuda_path_matches_cpu_reference_fp32(tiny_model_dir):
         )
 
 
-def _top1(model, sequences: list[list[int]], prompt_lens: list[int], device: str) -> list[int]:
-    """The model's argmax after every generated prefix (teacher-forced on ``sequences``)."""
-    predicted = []
+def _teacher_forced_logits(model, sequences: list[list[int]], prompt_lens: list[int]) -> torch.Tensor:
+    """The model's fp32 logits predicting every generated token, concatenated over sequences."""
+    device = next(model.parameters()).device
+    rows = []
     with torch.no_grad():
         for sequence, prompt_len in zip(sequences, prompt_lens, strict=True):
             logits = model(torch.tensor([sequence], device=device))[0]
-            predicted += logits[prompt_len - 1 : -1].float().argmax(-1).tolist()
-    return predicted
+            rows.append(logits[prompt_len - 1 : -1].float().cpu())
+    return torch.cat(rows)
 
 
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_bf16_top1_agreement(tiny_model_dir):
-    """bf16 on CUDA agrees with the dense bf16 forward, and with fp32 as closely as bf16 itself can.
+    """bf16 on CUDA picks the fp32 reference's top-1 token wherever bf16 rounding cannot flip it.
 
-    On a small random model many next-token margins are below bf16's resolution, so even the dense
-    bf16 forward on CPU disagrees with fp32 on a few percent of tokens; the engine must not add to that.
+    On a small random model many next-token margins are below bf16's resolution (the dense bf16
+    forward itself disagrees with fp32 on a few percent of tokens), so agreement is required at
+    least 99% on the positions where the fp32 margin exceeds twice the dense bf16 forward's logit
+    error, and overall no worse than the dense bf16 forward's own agreement minus one point.
     """
     prompts = _prompts(32, seed=1)
-    engine = LLMEngine(EngineConfig(model=tiny_model_dir, device="cuda", dtype="bfloat16", max_num_seqs=32))
+    config = EngineConfig(
+        model=tiny_model_dir, device="cuda", dtype="bfloat16", max_num_seqs=32, num_kv_blocks=512
+    )
+    engine = LLMEngine(config)
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt_token_ids=prompt, sampling_params=params)
@@ -221,28 +229,27 @@ def test_cuda_bf16_top1_agreement(tiny_model_dir):
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = out.outputs[0].token_ids
-    generated = [outputs[f"r{i}"] for i in range(len(prompts))]
-    sequences = [p + g for p, g in zip(prompts, generated, strict=True)]
+    generated = torch.tensor([t for i in range(len(prompts)) for t in outputs[f"r{i}"]])
+    sequences = [p + outputs[f"r{i}"] for i, p in enumerate(prompts)]
     lens = [len(p) for p in prompts]
-    flat = [t for g in generated for t in g]
-
-    def agreement(predicted: list[int], target: list[int]) -> float:
-        return sum(a == b for a, b in zip(predicted, target, strict=True)) / len(target)
-
-    dense_bf16 = _top1(
-        load_model(tiny_model_dir, torch.bfloat16, torch.device("cuda")), sequences, lens, "cuda"
+    fp32 = _teacher_forced_logits(
+        load_model(tiny_model_dir, torch.float32, torch.device("cpu")), sequences, lens
     )
-    fp32 = _top1(load_model(tiny_model_dir, torch.float32, torch.device("cpu")), sequences, lens, "cpu")
-    cpu_bf16 = _top1(load_model(tiny_model_dir, torch.bfloat16, torch.device("cpu")), sequences, lens, "cpu")
+    bf16 = _teacher_forced_logits(
+        load_model(tiny_model_dir, torch.bfloat16, torch.device("cpu")), sequences, lens
+    )
+    top2 = fp32.topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) > 2 * (bf16 - fp32).abs().amax(-1)
+    agree = generated == fp32.argmax(-1)
+    dense_agree = bf16.argmax(-1) == fp32.argmax(-1)
     print(  # shown with -rP: the numbers the GPU notes quote
-        f"top-1 agreement: vs dense bf16 {agreement(dense_bf16, flat):.4f}, vs fp32 {agreement(flat, fp32):.4f}, "
-        f"CPU dense bf16 vs fp32 {agreement(cpu_bf16, fp32):.4f}"
+        f"top-1 agreement with fp32: {agree.float().mean():.4f} overall, "
+        f"{agree[decisive].float().mean():.4f} on {int(decisive.sum())}/{len(agree)} decisive positions; "
+        f"dense bf16 forward {dense_agree.float().mean():.4f}"
     )
-    assert agreement(dense_bf16, flat) >= 0.99, agreement(dense_bf16, flat)
-    assert agreement(flat, fp32) >= agreement(cpu_bf16, fp32) - 0.01, (
-        agreement(flat, fp32),
-        agreement(cpu_bf16, fp32),
-    )
+    assert decisive.float().mean() > 0.3, "too few positions left to judge"
+    assert agree[decisive].float().mean() >= 0.99
+    assert agree.float().mean() >= dense_agree.float().mean() - 0.01
 
 
 @pytest.mark.gpu
@@ -253,7 +260,13 @@ def test_truncated_sampling_on_graphs_matches_eager(tiny_model_dir):
     tokens = {}
     for enforce_eager in (False, True):
         engine = LLMEngine(
-            EngineConfig(model=tiny_model_dir, device="cuda", dtype="float32", enforce_eager=enforce_eager)
+            EngineConfig(
+                model=tiny_model_dir,
+                device="cuda",
+                dtype="float32",
+                enforce_eager=enforce_eager,
+                num_kv_blocks=64,
+            )
         )
         assert (engine.runner.graphs is None) == enforce_eager
         engine.add_request("r", prompt_token_ids=[1, 2, 3, 4, 5], sampling_params=params)

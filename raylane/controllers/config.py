@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raylane.actors.roles import ActorConfig, CriticConfig, OptimConfig, RolloutConfig, TrainConfig
+from raylane.serving.weights import WeightPublishConfig
 
 
 class _Strict(BaseModel):
@@ -116,6 +117,9 @@ class JobConfig(_Strict):
     output_dir: str = "outputs/run"
     seed: int = 0
     ray_address: str | None = Field(None, description="join this Ray cluster; None starts a local one")
+    publish: WeightPublishConfig | None = Field(
+        None, description="also publish each new policy version to a running `raylane serve` app"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:

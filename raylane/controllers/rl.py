@@ -225,6 +225,8 @@ class RLJob:
         """Reshard the actor's weights into the rollout engines as the next version."""
         self.version += 1
         self.weight_sync.sync(self.version)
+        if self.config.publish is not None:
+            self.config.publish.publish(self.actor.full_weights()[0], self.version)
 
     def rl_step(self, step: int) -> dict[str, float]:
         cfg, timer = self.config, PhaseTimer()

@@ -33,6 +33,32 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
     return [*sizes, max_num_seqs]
 
 
+def decode_logits(
+    model: CausalLM,
+    backend: AttentionBackend,
+    kv_caches: list[torch.Tensor],
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    query_pad_index: torch.Tensor,
+) -> torch.Tensor:
+    """Logits of one decode step (one query per sequence): the function captured in each graph."""
+    meta = PagedAttentionMetadata(
+        slot_mapping=slot_mapping,
+        block_tables=block_tables,
+        query_positions=positions[:, None],
+        query_pad_index=query_pad_index,
+        max_query_len=1,
+        seq_lens=seq_lens,
+        query_start_loc=query_start_loc,
+    )
+    hidden = model.hidden_states(input_ids, positions, PagedAttention(backend, kv_caches, meta))
+    return model.compute_logits(hidden)
+
+
 class DecodeBuffers:
     """The inputs of one decode step: pinned host staging and device buffers with the same layout.
 
@@ -89,34 +115,12 @@ class CUDAGraphDecoder:
         # Per row: (sequence, its block-table list, entries copied). Block tables only ever grow by
         # appending, and a freed sequence gets a new list, so this identifies what the row holds.
         self._rows: list[tuple[Sequence, list[int], int] | None] = [None] * self.max_batch
-        self._forward = torch.compile(self._logits, fullgraph=True) if compile_model else self._logits
+        # A module-level function, not a bound method: the compiled wrapper must not hold `self`, or the
+        # reference cycle would keep the KV cache alive after the engine is dropped.
+        self._forward = torch.compile(decode_logits, fullgraph=True) if compile_model else decode_logits
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.num_replays = 0
         self._pad(0, self.max_batch)
-
-    def _logits(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        block_tables: torch.Tensor,
-        seq_lens: torch.Tensor,
-        query_start_loc: torch.Tensor,
-        query_pad_index: torch.Tensor,
-    ) -> torch.Tensor:
-        meta = PagedAttentionMetadata(
-            slot_mapping=slot_mapping,
-            block_tables=block_tables,
-            query_positions=positions[:, None],
-            query_pad_index=query_pad_index,
-            max_query_len=1,
-            seq_lens=seq_lens,
-            query_start_loc=query_start_loc,
-        )
-        hidden = self.model.hidden_states(
-            input_ids, positions, PagedAttention(self.backend, self.kv_caches, meta)
-        )
-        return self.model.compute_logits(hidden)
 
     def _step(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Imported here: this module is importable without Triton (CPU installs), its use is not.
@@ -136,7 +140,7 @@ class CUDAGraphDecoder:
             # One compiled graph serves every bucket above 1 (size 1 is always specialised).
             for arg in args:
                 torch._dynamo.mark_dynamic(arg, 0)
-        logits = self._forward(*args)
+        logits = self._forward(self.model, self.backend, self.kv_caches, *args)
         tokens, logprobs = fused_sample(logits, dev["temperatures"][:n], dev["seeds"][:n], dev["steps"][:n])
         return logits, tokens, logprobs
 

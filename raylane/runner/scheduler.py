@@ -106,10 +106,14 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
             budget -= num_tokens
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        # Sequences whose prefix another sequence is computing right now sit out this step, but do
+        # not hold back those behind them (GRPO: the other prompts' first samples go ahead).
+        skipped = 0
+        while len(self.waiting) > skipped and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[skipped]
             if self.block_manager.should_wait_for_prefix(seq):
-                break
+                skipped += 1
+                continue
             cached = self.block_manager.allocate_cached_prefix(seq)
             seq.num_computed_tokens = cached
             num_tokens = min(seq.num_uncomputed_tokens, budget)
@@ -120,7 +124,7 @@ class Scheduler:
                 self.block_manager.free(seq)
                 seq.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
+            del self.waiting[skipped]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, cached, num_tokens))

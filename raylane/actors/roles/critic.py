@@ -7,6 +7,7 @@ import torch
 from raylane.actors.dispatch import Dispatch, register
 from raylane.actors.roles.config import CriticConfig
 from raylane.actors.roles.training import (
+    CheckpointedTrainer,
     build_optimizer,
     forward_micro_batches,
     optimizer_steps,
@@ -16,14 +17,12 @@ from raylane.actors.roles.training import (
     sequence_inputs,
     shard_model,
 )
-from raylane.actors.worker import Worker
-from raylane.fault_tolerance.checkpoint import load_train_state, save_train_state
 from raylane.models import ValueModel
 from raylane.rlhf.batch import Batch
 from raylane.rlhf.losses import value_loss
 
 
-class Critic(Worker):
+class Critic(CheckpointedTrainer):
     """Values ``[B, T]``: the value of the state before each response token."""
 
     def __init__(self, config: CriticConfig) -> None:
@@ -66,16 +65,3 @@ class Critic(Worker):
             }
 
         return rows_metrics(optimizer_steps(self, batch, loss_fn, "critic"))
-
-    @register(Dispatch.ONE_TO_ALL)
-    def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
-        save_train_state(
-            path, self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {}
-        )
-
-    @register(Dispatch.ONE_TO_ALL)
-    def load_checkpoint(self, path: str) -> dict:
-        self.global_step, extra = load_train_state(
-            path, self.model, self.optimizer, self.scheduler, self.rank
-        )
-        return extra

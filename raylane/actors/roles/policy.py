@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from raylane.actors.dispatch import Dispatch, register
 from raylane.actors.roles.config import ActorConfig, TrainConfig
 from raylane.actors.roles.training import (
+    CheckpointedTrainer,
     build_optimizer,
     forward_micro_batches,
     optimizer_steps,
@@ -19,7 +21,7 @@ from raylane.actors.roles.training import (
 )
 from raylane.actors.weight_transfer import WeightSyncSource
 from raylane.actors.worker import Worker
-from raylane.fault_tolerance.checkpoint import load_train_state, save_hf_checkpoint, save_train_state
+from raylane.fault_tolerance.checkpoint import save_hf_checkpoint
 from raylane.models import load_model
 from raylane.rlhf.batch import Batch
 from raylane.rlhf.kl import kl_loss
@@ -61,7 +63,7 @@ class Reference(_PolicyModel):
         return Batch.from_dict({"ref_log_probs": self._log_probs(batch)})
 
 
-class PolicyTrainer(_PolicyModel, WeightSyncSource):
+class PolicyTrainer(_PolicyModel, CheckpointedTrainer, WeightSyncSource):
     """The policy being trained: log-probs, PPO-style updates, SFT warm-start, checkpoints, HF export."""
 
     def __init__(self, config: ActorConfig) -> None:
@@ -147,19 +149,12 @@ class PolicyTrainer(_PolicyModel, WeightSyncSource):
         return self.model
 
     @register(Dispatch.ONE_TO_ALL)
-    def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
-        """Distributed checkpoint of model, optimizer, LR schedule, RNG and ``extra`` (e.g. data position)."""
-        save_train_state(
-            path, self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {}
+    def full_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """Full weights by Hugging Face name on rank 0 (an empty list elsewhere), e.g. for serving. Collective."""
+        state = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-
-    @register(Dispatch.ONE_TO_ALL)
-    def load_checkpoint(self, path: str) -> dict:
-        """Restore a checkpoint (any DP size); returns the ``extra`` state saved with it."""
-        self.global_step, extra = load_train_state(
-            path, self.model, self.optimizer, self.scheduler, self.rank
-        )
-        return extra
+        return list(state.items()) if self.rank == 0 else []
 
     @register(Dispatch.ONE_TO_ALL)
     def export_hf(self, path: str) -> None:

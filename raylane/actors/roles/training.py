@@ -16,7 +16,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
+from raylane.actors.dispatch import Dispatch, register
 from raylane.actors.roles.config import OptimConfig
+from raylane.actors.worker import Worker
+from raylane.fault_tolerance.checkpoint import load_train_state, save_train_state
 from raylane.rlhf.batch import Batch
 
 
@@ -123,3 +126,22 @@ def optimizer_steps(
                 worker.global_step += 1
     totals[f"{prefix}/lr"].append(optimizer.param_groups[0]["lr"])
     return {name: sum(values) / len(values) for name, values in totals.items()}
+
+
+class CheckpointedTrainer(Worker):
+    """A trained role's checkpoint verbs; it holds ``model``, ``optimizer``, ``scheduler``, ``global_step``."""
+
+    @register(Dispatch.ONE_TO_ALL)
+    def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
+        """Distributed checkpoint of model, optimizer, LR schedule, RNG and ``extra`` (e.g. data position)."""
+        save_train_state(
+            path, self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {}
+        )
+
+    @register(Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, path: str) -> dict:
+        """Restore a checkpoint (any DP size); returns the ``extra`` state saved with it."""
+        self.global_step, extra = load_train_state(
+            path, self.model, self.optimizer, self.scheduler, self.rank
+        )
+        return extra

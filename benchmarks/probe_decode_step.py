@@ -1,0 +1,99 @@
+"""Where a decode step's time goes on a GPU: engine step wall time against the captured graph's GPU time.
+
+Builds the Llama-3.2-1B-shaped model with random weights directly on the GPU (no checkpoint), puts
+``batch`` sequences of 128-token prompts into steady decoding, then times 60 engine steps and 20 bare
+replays of that batch's CUDA graph. The difference is host work not hidden behind the device.
+
+    python benchmarks/probe_decode_step.py [--no-compile] [--eager] [--profile] [--batch-sizes 1 16 64 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from raylane.models import CausalLM, tiny_config
+from raylane.runner import EngineConfig, LLMEngine, SamplingParams
+
+LLAMA_1B = {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096,
+            "tie_word_embeddings": True, "rope_theta": 500000.0}  # fmt: skip
+
+
+def random_model() -> CausalLM:
+    with torch.device("meta"):
+        model = CausalLM(tiny_config("llama", **LLAMA_1B))
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    model.model.rotary_emb.build_tables("cuda")
+    model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0, 0.02)
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--eager", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the top kernels of 3 steps at batch 1 and 256"
+    )
+    args = parser.parse_args()
+    start = time.perf_counter()
+    config = EngineConfig(model="<in memory>", device="cuda", max_model_len=776, max_num_seqs=256,
+                          max_num_batched_tokens=4096, num_kv_blocks=16000, enforce_eager=args.eager,
+                          compile_decode=not args.no_compile)  # fmt: skip
+    engine = LLMEngine(config, model=random_model())
+    print(f"start-up {time.perf_counter() - start:.1f} s, CUDA graphs {engine.runner.graphs is not None}")
+    for batch in args.batch_sizes:
+        gen = torch.Generator().manual_seed(batch)
+        for i in range(batch):
+            prompt = torch.randint(0, 128000, (128,), generator=gen).tolist()
+            params = SamplingParams(temperature=1.0, seed=i, max_tokens=200, ignore_eos=True)
+            engine.add_request(f"{batch}-{i}", prompt_token_ids=prompt, sampling_params=params)
+        while engine.scheduler.waiting or any(s.num_uncomputed_tokens > 1 for s in engine.scheduler.running):
+            engine.step(return_unfinished=False)
+        for _ in range(10):
+            engine.step(return_unfinished=False)
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        for _ in range(60):
+            engine.step(return_unfinished=False)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - begin) / 60
+        gpu = float("nan")
+        graphs = engine.runner.graphs
+        if graphs is not None:
+            graph = graphs._graphs[graphs._bucket_of[batch]][0]
+            first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            graph.replay()
+            first.record()
+            for _ in range(20):
+                graph.replay()
+            last.record()
+            torch.cuda.synchronize()
+            gpu = first.elapsed_time(last) / 20 / 1e3
+        print(f"batch {batch:4d}: step {wall * 1e3:7.3f} ms, graph on GPU {gpu * 1e3:7.3f} ms, "
+              f"host not hidden {(wall - gpu) * 1e3:7.3f} ms -> {batch / wall:9.1f} tok/s")  # fmt: skip
+        if args.profile and graphs is not None and batch in (1, 256):
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    engine.step(return_unfinished=False)
+                torch.cuda.synchronize()
+            print(
+                prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+            )
+        while engine.has_unfinished_requests():
+            engine.step(return_unfinished=False)
+
+
+if __name__ == "__main__":
+    main()
