@@ -117,3 +117,30 @@ def test_job_publishes_each_policy_version_to_a_serving_app(ray_cluster, tmp_pat
     finally:
         undeploy(serving)
         serve.shutdown()
+
+
+def test_reward_model_scores_the_last_response_token(tmp_path):
+    from raylane.actors.roles import RewardWorker
+    from raylane.models import ValueModel, save_checkpoint, tiny_config
+    from raylane.rlhf import Batch
+
+    config = tiny_config()
+    model = ValueModel(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.1)
+    save_checkpoint(dict(model.named_parameters()), config, str(tmp_path / "rm"))
+    prompts = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    responses = torch.tensor([[10, 11, 0], [12, 13, 14]])
+    attention = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    batch = Batch.from_dict(
+        {"prompts": prompts, "responses": responses, "attention_mask": attention,
+         "response_mask": torch.tensor([[1.0, 1, 0], [1, 1, 1]])}
+    )  # fmt: skip
+    scores = RewardWorker(reward_model=str(tmp_path / "rm")).compute_rewards(batch)["scores"]
+    with torch.no_grad():
+        values = model(torch.cat([prompts, responses], 1), attention_mask=attention)
+    assert torch.allclose(scores, torch.stack([values[0, 4], values[1, 5]]), atol=1e-6)
+    with pytest.raises(ValueError, match="exactly one of"):
+        RewardWorker(reward_fn="exact_match", reward_model=str(tmp_path / "rm"))

@@ -272,3 +272,22 @@ def test_bad_checkpoints_get_clear_errors(tiny_model_dir, tmp_path):
 def test_kv_pool_too_small_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="raise num_kv_blocks"):
         LLMEngine(EngineConfig(model=tiny_model_dir, num_kv_blocks=2, max_model_len=256))
+
+
+def test_sleep_releases_the_kv_cache_and_wake_up_restores_generation(tiny_model_dir):
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(tiny_model_dir)
+    before = llm.generate(["sleep well"], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    engine = llm.engine
+    cache_bytes = sum(c.untyped_storage().nbytes() for c in engine.runner.kv_caches)
+    engine.add_request("busy", prompt="x", sampling_params=greedy)
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.sleep()
+    engine.abort("busy")
+    engine.sleep(offload_weights=True)
+    assert sum(c.untyped_storage().nbytes() for c in engine.runner.kv_caches) == 0
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.add_request("late", prompt="x")
+    engine.wake_up()
+    assert sum(c.untyped_storage().nbytes() for c in engine.runner.kv_caches) == cache_bytes
+    assert llm.generate(["sleep well"], greedy, use_tqdm=False)[0].outputs[0].token_ids == before

@@ -43,6 +43,9 @@ class TaskConfig(_Strict):
     eval_file: str | None = None
     sft_file: str | None = None
     reward_fn: str = "exact_match"
+    reward_model: str | None = Field(
+        None, description="score with this reward-model checkpoint instead of reward_fn"
+    )
     n_train: int = 2000
     n_eval: int = 200
 

@@ -140,7 +140,13 @@ class RLJob:
         actor, critic, reference = self._role_configs()
         trainer_roles: dict[str, Role] = {
             "actor": Role(PolicyTrainer, (actor,)),
-            "reward": Role(RewardWorker, (cfg.task.reward_fn,)),
+            "reward": Role(
+                RewardWorker,
+                kwargs={
+                    "reward_fn": None if cfg.task.reward_model else cfg.task.reward_fn,
+                    "reward_model": cfg.task.reward_model,
+                },
+            ),
         }
         if cfg.use_reference:
             trainer_roles["ref"] = Role(Reference, (reference,))
@@ -174,6 +180,8 @@ class RLJob:
         self.ref = trainers.ref if cfg.use_reference else None
         self.critic = trainers.critic if cfg.algorithm.uses_critic else None
         self.rollout_dp = rollouts.layout("rollout").dp
+        # Colocated trainers share the rollout's device: free its cache while they work.
+        self._sleeps = placement.mode == "colocated" and cfg.rollout.free_cache_when_idle
 
     def shutdown(self) -> None:
         if self.weight_sync is not None:
@@ -234,6 +242,8 @@ class RLJob:
         prompts = self.prompt_batch(self.loader.next_batch(), seed=cfg.seed * 100_003 + step)
         with timer("generate"):
             batch = self.rollout.generate(prompts)
+        if self._sleeps:
+            self.rollout.sleep()
         with timer("reward"):
             batch = batch.union(self.reward.compute_rewards(batch))
         with timer("log_probs"):
@@ -251,6 +261,8 @@ class RLJob:
         with timer("update_actor"):
             metrics.update(mean_rows(self.actor.update_actor(batch)))
         with timer("sync_weights"):
+            if self._sleeps:
+                self.rollout.wake_up()
             self.sync_weights()
         mask = batch["response_mask"]
         response_tokens = int(mask.sum())

@@ -34,8 +34,11 @@ class ValueModel(nn.Module):
         return self.score(self.model(input_ids, position_ids, attention)).squeeze(-1)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32) -> ValueModel:
-        """Backbone from a causal-LM or value checkpoint; a missing ``score`` head starts at zero."""
+    def from_pretrained(
+        cls, model_dir: str, dtype: torch.dtype = torch.float32, require_head: bool = False
+    ) -> ValueModel:
+        """Backbone from a causal-LM or value checkpoint; a missing ``score`` head starts at zero
+        (a critic) or, with ``require_head`` (a reward model), is an error."""
         config = ModelConfig.from_pretrained(model_dir)
         model = cls(config).to(dtype)
         params = dict(model.named_parameters())
@@ -50,6 +53,10 @@ class ValueModel(nn.Module):
                     params[name].copy_(tensor)
                     seen.add(name)
             if "score.weight" not in seen:
+                if require_head:
+                    raise WeightLoadError(
+                        f"{model_dir!r} has no 'score.weight': a reward model needs a trained score head"
+                    )
                 model.score.weight.zero_()
                 seen.add("score.weight")
         missing = sorted(set(params) - seen)

@@ -127,6 +127,7 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.weight_version = 0
+        self.asleep = False
         self._requests: dict[str, _Request] = {}
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
@@ -166,6 +167,7 @@ class LLMEngine:
         sampling_params: SamplingParams | None = None,
     ) -> None:
         """Queue a request. Raises ``ValueError`` with an actionable message for bad input."""
+        self._check_awake()
         params = sampling_params or SamplingParams()
         params.validate()
         if request_id in self._requests:
@@ -362,6 +364,32 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache(live)
         self.weight_version = version
         logger.info("weights set in place to version %d", version)
+
+    def sleep(self, offload_weights: bool = False) -> None:
+        """Release the KV cache (and optionally move the weights to host memory) until :meth:`wake_up`.
+
+        For colocated RL: the trainers on the same device use the memory meanwhile. The engine must
+        be idle; cached prefixes are dropped with the cache.
+        """
+        if self.has_unfinished_requests():
+            raise RuntimeError(
+                f"sleep() needs an idle engine; {self.num_unfinished_requests} requests are unfinished "
+                "(let them finish or abort them first)"
+            )
+        if not self.asleep:
+            self.block_manager.reset_prefix_cache([])
+            self.runner.release_memory(offload_weights)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        """Reallocate what :meth:`sleep` released; the engine can generate again."""
+        if self.asleep:
+            self.runner.restore_memory()
+            self.asleep = False
+
+    def _check_awake(self) -> None:
+        if self.asleep:
+            raise RuntimeError("the engine is asleep (its KV cache is released): call wake_up() first")
 
     @property
     def stats(self) -> EngineStats:

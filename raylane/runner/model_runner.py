@@ -136,6 +136,7 @@ class ModelRunner:
             self.backend.name,
         )
         self.graphs = None
+        self._offloaded = False
         if use_graphs:
             from raylane.runner.cuda_graphs import CUDAGraphDecoder
 
@@ -273,3 +274,28 @@ class ModelRunner:
         return self.model.load_weights(
             ((name, t.to(self.device, self.dtype)) for name, t in named_tensors), strict=False
         )
+
+    def release_memory(self, offload_weights: bool) -> None:
+        """Free the KV cache (and move the weights to host memory) while the engine is idle.
+
+        Storage is resized in place so every holder of the cache tensors sees the change; the
+        decode graphs recorded the old addresses and are captured again by :meth:`restore_memory`.
+        """
+        for cache in self.kv_caches:
+            cache.untyped_storage().resize_(0)
+        self._offloaded = offload_weights and self.device.type != "cpu"
+        if self._offloaded:
+            for param in self.model.parameters():
+                param.data = param.data.to("cpu", non_blocking=True)
+
+    def restore_memory(self) -> None:
+        """Undo :meth:`release_memory`: reallocate the KV cache, bring the weights back, re-capture graphs."""
+        for cache in self.kv_caches:
+            cache.untyped_storage().resize_(cache.numel() * cache.element_size())
+            cache.zero_()
+        if self._offloaded:
+            for param in self.model.parameters():
+                param.data = param.data.to(self.device, non_blocking=True)
+            self._offloaded = False
+        if self.graphs is not None:
+            self.graphs.capture()

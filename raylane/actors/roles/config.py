@@ -74,3 +74,6 @@ class RolloutConfig(_Strict):
     free_cache_when_idle: bool = Field(
         True, description="release the KV cache while colocated trainers train"
     )
+    offload_weights_when_idle: bool = Field(
+        False, description="also move the runner's weights to host memory"
+    )

@@ -1,25 +1,49 @@
-"""The reward role: scores responses with a rule-based verifier picked by name."""
+"""The reward role: a rule-based verifier picked by name, or a reward model built on the shared decoder."""
 
 from __future__ import annotations
 
 import torch
 
 from raylane.actors.dispatch import Dispatch, register
+from raylane.actors.roles.training import forward_micro_batches, sequence_inputs
 from raylane.actors.worker import Worker
+from raylane.models import ValueModel
 from raylane.rlhf.batch import Batch
 from raylane.rlhf.rewards import get_reward_fn
 
 
 class RewardWorker(Worker):
-    """``scores`` [B]: ``reward_fn(response_text, ground_truth)`` per row."""
+    """``scores`` [B] for each response.
 
-    def __init__(self, reward_fn: str) -> None:
-        self.reward_fn = get_reward_fn(reward_fn)
+    With ``reward_fn`` the score is ``reward_fn(response_text, ground_truth)``; with ``reward_model``
+    (a checkpoint with a ``score`` head, as :class:`~raylane.models.ValueModel` saves it) it is the
+    model's output at the response's last token.
+    """
+
+    def __init__(
+        self, reward_fn: str | None = None, reward_model: str | None = None, micro_batch_size: int = 32
+    ):
+        if (reward_fn is None) == (reward_model is None):
+            raise ValueError(
+                "a reward role needs exactly one of reward_fn (a verifier name) or reward_model (a path)"
+            )
+        self.reward_fn = get_reward_fn(reward_fn) if reward_fn is not None else None
+        self.model = None
+        if reward_model is not None:
+            self.model = ValueModel.from_pretrained(reward_model, require_head=True).to(self.device).eval()
+        self.micro_batch_size = micro_batch_size
+
+    def _model_scores(self, batch: Batch) -> torch.Tensor:
+        input_ids, attention_mask, prompt_len = sequence_inputs(batch, self.device)
+        values = self.model(input_ids, attention_mask=attention_mask).float()
+        last = prompt_len + batch["response_mask"].sum(dim=1).long().clamp(min=1) - 1
+        return values.gather(1, last[:, None].to(self.device)).squeeze(1).cpu()[:, None]
 
     @register(Dispatch.DP_SHARD)
     def compute_rewards(self, batch: Batch) -> Batch:
-        scores = [
-            float(self.reward_fn(text, truth))
-            for text, truth in zip(batch["response_text"], batch["ground_truth"])
-        ]
-        return Batch.from_dict({"scores": torch.tensor(scores)})
+        if self.model is not None:
+            scores = forward_micro_batches(batch, self.micro_batch_size, self._model_scores).squeeze(1)
+        else:
+            pairs = zip(batch["response_text"], batch["ground_truth"])
+            scores = torch.tensor([float(self.reward_fn(text, truth)) for text, truth in pairs])
+        return Batch.from_dict({"scores": scores})

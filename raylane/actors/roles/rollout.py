@@ -117,6 +117,15 @@ class Rollout(WeightSyncTarget):
             meta={**batch.meta, "n": n},
         )
 
+    @register(Dispatch.ONE_TO_ALL)
+    def sleep(self) -> None:
+        """Release the KV cache (and offload weights, if configured) while colocated trainers train."""
+        self.engine.sleep(offload_weights=self.config.offload_weights_when_idle)
+
+    @register(Dispatch.ONE_TO_ALL)
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+
     def weight_sync_engine(self) -> LLMEngine:
         return self.engine
 
