@@ -28,7 +28,10 @@ def _config(tmp_path, name: str, **overrides) -> JobConfig:
         "rollout": {"n": 2, "max_tokens": 4},
         "actor": {"micro_batch_size": 4, "optim": {"lr": 1e-3}},
         "placement": {"trainer_ranks": 2, "cpus_per_bundle": 0.5},
-    }
+        "sft": {"steps": 0},
+        "model": {"tiny_shape": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}},
+    }  # fmt: skip
     for key, value in overrides.items():
         section, _, field = key.partition(".")
         if field:
