@@ -27,9 +27,9 @@ from raylane.runner import LLM, SamplingParams
 
 PRESETS = {
     # ~0.2 M parameters: the model CI and `make run` use.
-    "tiny": {},
+    "tiny": {"max_position_embeddings": 1024},
     # ~10 M parameters: still quick on a laptop CPU, big enough that matmuls matter.
-    "small": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 8,
+    "small": {"max_position_embeddings": 1024, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 8,
               "num_key_value_heads": 4},
     # Llama-3.2-1B shape (1.24 B parameters), random weights.
     "llama-1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
