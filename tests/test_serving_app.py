@@ -35,7 +35,10 @@ from tests.conftest import free_port
 
 APP = "test-serving"
 # Room for streams that outlast a weight publication.
-MAX_MODEL_LEN = 1024
+MAX_MODEL_LEN = 8192
+# A request that takes the tiny model seconds to finish, so a cancel always lands before it ends.
+LONG_REQUEST_TOKENS = 8000
+KV_BLOCKS = 1024
 
 
 @dataclass
@@ -104,7 +107,7 @@ def served(ray_cluster, tmp_path_factory):
     # std 0.3: outputs depend on the prompt, so a request answered with another's tokens shows.
     model_a = make_tiny_model(str(root / "a"), std=0.3, max_position_embeddings=MAX_MODEL_LEN)
     model_b = make_tiny_model(str(root / "b"), seed=1, std=0.3, max_position_embeddings=MAX_MODEL_LEN)
-    engine = {"model": model_a, "max_model_len": MAX_MODEL_LEN}
+    engine = {"model": model_a, "max_model_len": MAX_MODEL_LEN, "num_kv_blocks": KV_BLOCKS}
     config = ServingConfig(
         app_name=APP,
         models=[
@@ -124,7 +127,9 @@ def served(ray_cluster, tmp_path_factory):
         )
     try:
         _wait_until_serving(config.port, proc, log_path)
-        yield Served(config, model_a, model_b, LLM(model_a, max_model_len=MAX_MODEL_LEN))
+        yield Served(
+            config, model_a, model_b, LLM(model_a, max_model_len=MAX_MODEL_LEN, num_kv_blocks=KV_BLOCKS)
+        )
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, "`raylane serve` did not exit cleanly on Ctrl-C"
         assert APP not in serve.status().applications  # it removed its application
@@ -233,12 +238,12 @@ def test_grpc_client_streams_tokens_and_health_answers(served):
 
         # Cancelling a stream aborts its request too.
         before = _wait_idle(served)
-        stream = client.generate_stream(prompt, model="tiny", max_tokens=1000, ignore_eos=True)
+        stream = client.generate_stream(prompt, model="tiny", max_tokens=LONG_REQUEST_TOKENS, ignore_eos=True)
         next(stream), next(stream)
         stream.cancel()
     after = _wait_idle(served)
     assert after["num_free_blocks"] == after["num_total_blocks"]
-    assert after["num_generated_tokens"] - before["num_generated_tokens"] < 1000
+    assert after["num_generated_tokens"] - before["num_generated_tokens"] < LONG_REQUEST_TOKENS
 
 
 def test_32_concurrent_streaming_clients_get_their_own_outputs(served):
@@ -296,7 +301,8 @@ def _wait_idle(served: Served, timeout_s: float = 30.0) -> dict:
 def test_client_disconnecting_mid_stream_frees_its_kv_blocks(served):
     before = _wait_idle(served)
     conn, response = _open_stream(
-        served, {"model": "tiny", "prompt": "a long story", "max_tokens": 1000, "ignore_eos": True}
+        served,
+        {"model": "tiny", "prompt": "a long story", "max_tokens": LONG_REQUEST_TOKENS, "ignore_eos": True},
     )
     for _ in range(3):
         _next_event(response)
@@ -306,7 +312,7 @@ def test_client_disconnecting_mid_stream_frees_its_kv_blocks(served):
 
     after = _wait_idle(served)
     assert after["num_running"] == 0 and after["num_free_blocks"] == after["num_total_blocks"]
-    assert after["num_generated_tokens"] - before["num_generated_tokens"] < 1000  # aborted, not finished
+    assert after["num_generated_tokens"] - before["num_generated_tokens"] < LONG_REQUEST_TOKENS  # aborted
 
 
 def test_weight_update_during_a_stream(served):
@@ -337,7 +343,7 @@ def test_weight_update_during_a_stream(served):
     assert events[-2]["system_fingerprint"] == "raylane-weights-v2"
 
     assert {m.id: m.weight_version for m in client.models.list().data}["tiny"] == 2
-    offline_b = LLM(served.model_b, max_model_len=MAX_MODEL_LEN)
+    offline_b = LLM(served.model_b, max_model_len=MAX_MODEL_LEN, num_kv_blocks=KV_BLOCKS)
     (want_b,) = offline_b.generate(
         ["after the update"], SamplingParams(max_tokens=12, **SAMPLING), use_tqdm=False
     )[0].outputs
