@@ -28,7 +28,7 @@ import ray
 import torch
 from torch.distributed.fsdp import fully_shard
 
-from raylane.actors import Dispatch, ResourcePool, Role, WorkerGroup, register
+from raylane.actors import Dispatch, ResourcePool, Role, WorkerGroup, register, wait_all
 from raylane.actors.weight_transfer import WeightSyncSource, WeightSyncTarget
 from raylane.controllers.weight_sync import WeightSync, WeightSyncConfig
 from raylane.models import CausalLM, ModelConfig, TensorParallelGroup, make_tiny_tokenizer
@@ -154,16 +154,20 @@ class BenchRollout(WeightSyncTarget, _Timed):
         return self.engine.weight_version
 
 
-def _slowest(*futures) -> float:
-    """The slowest rank's seconds of calls that run at once (on one or several groups)."""
-    return max(seconds for future in futures for seconds in future.get())
+def _slowest(*futures, timeout_s: float) -> float:
+    """The slowest rank's seconds of calls that run at once (on one or several groups).
+
+    A failure on either side is raised at once and a stall ends in a timeout, instead of a hang.
+    """
+    return max(seconds for ranks in wait_all(futures, timeout_s) for seconds in ranks)
 
 
 def bench_mode(mode: str, args: argparse.Namespace, config: ModelConfig, dtype: torch.dtype) -> dict:
     gpus = 1.0 if args.device == "cuda" else 0.0
     cpus = 0.0 if gpus else 0.5
     rollout_ranks = args.tp * args.replicas
-    sync_config = WeightSyncConfig(bucket_bytes=args.bucket_mib * 2**20)
+    sync_config = WeightSyncConfig(bucket_bytes=args.bucket_mib * 2**20, timeout_s=args.timeout_s)
+    timeout_s = args.timeout_s
     trainer_role = Role(BenchTrainer, args=(config,))
     rollout_role = Role(BenchRollout, args=(config, dtype), tp_size=args.tp)
     if mode == "colocated":
@@ -193,17 +197,19 @@ def bench_mode(mode: str, args: argparse.Namespace, config: ModelConfig, dtype: 
 
     def run_sync(version: int) -> float:
         if mode == "colocated":
-            return _slowest(rollout.timed_reshard.remote(version))
-        return _slowest(trainer.timed_send.remote(version), rollout.timed_receive.remote(version))
+            return _slowest(rollout.timed_reshard.remote(version), timeout_s=timeout_s)
+        return _slowest(
+            trainer.timed_send.remote(version), rollout.timed_receive.remote(version), timeout_s=timeout_s
+        )
 
     def run_broadcast() -> float:
         futures = [rollout.timed_broadcast.remote(numel, dtype)]
         if mode == "disaggregated":
             futures.append(trainer.timed_broadcast.remote(numel, dtype))
-        return _slowest(*futures)
+        return _slowest(*futures, timeout_s=timeout_s)
 
     def run_copy() -> float:
-        return _slowest(rollout.on_ranks([0]).timed_copy.remote(numel, dtype))
+        return _slowest(rollout.on_ranks([0]).timed_copy.remote(numel, dtype), timeout_s=timeout_s)
 
     try:
         versions = range(args.warmup + args.repeats)
@@ -262,6 +268,12 @@ def main() -> None:
     )
     parser.add_argument("--bucket-mib", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=120.0,
+        help="bound on forming the sync group and on each timed call",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--output",

@@ -5,11 +5,13 @@ Builds the Llama-3.2-1B-shaped model with random weights directly on the GPU (no
 replays of that batch's CUDA graph. The difference is host work not hidden behind the device.
 
     python benchmarks/probe_decode_step.py [--no-compile] [--eager] [--profile] [--batch-sizes 1 16 64 256]
+                                           [--max-num-seqs 256] [--inductor coordinate_descent_tuning=True]
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import time
 
 import torch
@@ -44,19 +46,46 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="print the top kernels of 3 steps at batch 1 and 256"
     )
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="largest captured batch")
+    parser.add_argument(
+        "--inductor",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="torch._inductor.config settings for the compiled decode step",
+    )
     args = parser.parse_args()
+    for setting in args.inductor:
+        key, _, value = setting.partition("=")
+        setattr(torch._inductor.config, key, ast.literal_eval(value))
     start = time.perf_counter()
-    config = EngineConfig(model="<in memory>", device="cuda", max_model_len=776, max_num_seqs=256,
+    config = EngineConfig(model="<in memory>", device="cuda", max_model_len=776, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=4096, num_kv_blocks=16000, enforce_eager=args.eager,
                           compile_decode=not args.no_compile)  # fmt: skip
     engine = LLMEngine(config, model=random_model())
     print(f"start-up {time.perf_counter() - start:.1f} s, CUDA graphs {engine.runner.graphs is not None}")
     for batch in args.batch_sizes:
+        first_prefill = time.perf_counter()
         gen = torch.Generator().manual_seed(batch)
         for i in range(batch):
             prompt = torch.randint(0, 128000, (128,), generator=gen).tolist()
             params = SamplingParams(temperature=1.0, seed=i, max_tokens=200, ignore_eos=True)
             engine.add_request(f"{batch}-{i}", prompt_token_ids=prompt, sampling_params=params)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                engine.step(return_unfinished=False)
+                torch.cuda.synchronize()
+        else:
+            engine.step(return_unfinished=False)
+        print(f"batch {batch:4d}: first (prefill) step {(time.perf_counter() - first_prefill) * 1e3:.1f} ms")
+        if args.profile:
+            print(
+                prof.key_averages().table(
+                    sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60
+                )
+            )
         while engine.scheduler.waiting or any(s.num_uncomputed_tokens > 1 for s in engine.scheduler.running):
             engine.step(return_unfinished=False)
         for _ in range(10):

@@ -19,7 +19,9 @@ from raylane.actors import (
     WorkerGroupConfig,
     register,
 )
+from raylane.controllers import WeightSync, WeightSyncConfig
 from raylane.rlhf.batch import Batch
+from tests.test_weight_sync import CONFIG, SEED, FSDPTrainer, TPRollout
 
 pytestmark = [
     pytest.mark.gpu,
@@ -62,3 +64,23 @@ def test_nccl_group_all_reduces_cuda_tensors(ray_cluster):
         assert all(i.device == "cuda:0" and i.total_bytes > 0 for i in infos)
         gpu_ids = [n.gpu_ids for n in group.nodes]
         assert gpu_ids[0] != gpu_ids[1]  # one GPU per rank
+
+
+def test_disaggregated_weight_sync_over_nccl_is_bit_exact(ray_cluster):
+    """Trainer on one GPU, runner on the other (the CPU tests' roles, here on CUDA), synced over the
+    dedicated NCCL group; bounded in time, so a transport that stalls fails instead of hanging."""
+    config = WorkerGroupConfig(dist=DistConfig(backend="auto", timeout_s=60))
+    with ResourcePool([2], num_cpus_per_bundle=0.5, num_gpus_per_bundle=1, name="ws-gpu") as pool:
+        trainer_pool, rollout_pool = pool.split([1, 1], names=["ws-trainer", "ws-rollout"])
+        with (
+            WorkerGroup(
+                trainer_pool, Role(FSDPTrainer, args=(CONFIG, SEED)), name="ws-trainer", config=config
+            ) as trainer,
+            WorkerGroup(
+                rollout_pool, Role(TPRollout, args=(CONFIG,)), name="ws-rollout", config=config
+            ) as rollout,
+            WeightSync.disaggregated(trainer, rollout, config=WeightSyncConfig(timeout_s=60)) as sync,
+        ):
+            report = sync.sync(1)
+            assert {s.version for s in report.ranks} == {1}
+            assert rollout.mismatches(trainer.full_weights()[0]) == [[]]

@@ -19,6 +19,7 @@ from raylane.models import (
     make_tiny_tokenizer,
     save_model,
     tiny_config,
+    use_matvec_kernel,
 )
 from raylane.models.checkpoint import INDEX_FILE
 
@@ -86,3 +87,65 @@ def test_tokenizer_matches_transformers(tmp_path):
         messages, tokenize=False, add_generation_prompt=True
     ) == ours.apply_chat_template(messages)
     assert hf.encode("a b c") == ours.encode("a b c")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_projections_match_and_keep_writing_through_names(family):
+    """The runner's fused q/k/v and gate/up compute what the separate layers do; writes by name land in them."""
+    torch.manual_seed(0)
+    model = CausalLM(tiny_config(family))
+    init_weights(model, seed=0, std=0.1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):  # Qwen2's q/k/v biases: fused too
+                param.normal_(0, 0.1)
+    names = [name for name, _ in model.named_parameters()]
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        separate = model(ids)
+        model.fuse_projections()
+        assert [name for name, _ in model.named_parameters()] == names
+        torch.testing.assert_close(model(ids), separate, rtol=1e-5, atol=1e-5)
+
+        # A weight update by Hugging Face name (as update_weights and weight sync do) reaches the fused GEMM.
+        replacement = {
+            name: torch.randn_like(param)
+            for name, param in model.named_parameters()
+            if name.startswith("model.layers.0.") and name.endswith(("k_proj.weight", "up_proj.weight"))
+        }
+        model.load_weights(replacement.items(), strict=False)
+        fused_out = model(ids)
+        model.unfuse_projections()
+        torch.testing.assert_close(model(ids), fused_out, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(fused_out, separate)
+
+
+def test_single_row_linear_layers_route_to_the_installed_matvec_kernel():
+    """The runner's GEMV hook sees exactly the single-row projections (decode at batch 1), lm_head included."""
+    torch.manual_seed(0)
+    model = CausalLM(tiny_config("qwen2"))
+    init_weights(model, seed=0, std=0.1)
+    model.fuse_projections()
+    calls = []
+
+    def recording_kernel(x, weight, bias):
+        calls.append((tuple(x.shape), tuple(weight.shape)))
+        return torch.nn.functional.linear(x, weight, bias) + 1.0  # visibly not F.linear
+
+    one_token = torch.tensor([[5]])
+    with torch.no_grad():
+        expected = model(one_token)
+        use_matvec_kernel("cpu", recording_kernel)
+        try:
+            routed = model(one_token)
+            many = len(calls)
+            model(torch.tensor([[5, 6, 7]]))
+        finally:
+            use_matvec_kernel("cpu", None)
+        restored = model(one_token)
+    layers = model.config.num_hidden_layers
+    # Per layer: fused q/k/v, o, fused gate/up, down; then the head.
+    assert many == 4 * layers + 1 and len(calls) == many
+    assert calls[-1] == ((1, model.config.hidden_size), (model.config.vocab_size, model.config.hidden_size))
+    assert not torch.allclose(routed, expected)
+    torch.testing.assert_close(restored, expected)

@@ -199,6 +199,7 @@ class FSDPTrainer(WeightSyncSource):
     def __init__(self, config, seed: int) -> None:
         model = CausalLM(config)
         init_weights(model, seed, std=0.3)
+        model = model.to(self.device)
         mesh = self.mesh["dp"]
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
@@ -219,19 +220,25 @@ class FSDPTrainer(WeightSyncSource):
 
     @register(Dispatch.ONE_TO_ALL)
     def full_weights(self) -> dict[str, torch.Tensor]:
-        return {name: p.full_tensor() for name, p in self.model.named_parameters()}
+        return {name: p.full_tensor().cpu() for name, p in self.model.named_parameters()}
 
 
 class TPRollout(WeightSyncTarget):
-    """The runner, tensor-parallel over the role's TP groups, starting from NaN weights."""
+    """The runner, tensor-parallel over the role's TP groups, starting from NaN weights (CPU or GPU)."""
 
     def __init__(self, config) -> None:
-        model = CausalLM(config, TensorParallelGroup(self.tp_size, self.tp_rank, self.tp_group))
+        tp = TensorParallelGroup(self.tp_size, self.tp_rank, self.tp_group)
+        model = CausalLM(config, tp).to(self.device)
         with torch.no_grad():
             for param in model.parameters():
                 param.fill_(float("nan"))
         engine_config = EngineConfig(
-            model="unused", device="cpu", num_kv_blocks=8, max_model_len=64, max_num_seqs=4
+            model="unused",
+            device=str(self.device),
+            num_kv_blocks=8,
+            max_model_len=64,
+            max_num_seqs=4,
+            enforce_eager=True,
         )
         self.engine = LLMEngine(engine_config, model=model, tokenizer=make_tiny_tokenizer())
 
@@ -244,7 +251,7 @@ class TPRollout(WeightSyncTarget):
         return [
             name
             for name, param in model.named_parameters()
-            if not torch.equal(param.detach(), model.shard_for_rank(name, full[name]))
+            if not torch.equal(param.detach().cpu(), model.shard_for_rank(name, full[name]))
         ]
 
     @register(Dispatch.ONE_TO_ALL)

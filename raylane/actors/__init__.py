@@ -34,7 +34,7 @@ from raylane.actors.errors import (
     ResourcePoolError,
     WorkerGroupError,
 )
-from raylane.actors.futures import GroupFuture
+from raylane.actors.futures import GroupFuture, wait_all
 from raylane.actors.handles import GroupMethod, RoleHandle
 from raylane.actors.host import NodeInfo
 from raylane.actors.mesh import MeshLayout
@@ -73,4 +73,5 @@ __all__ = [
     "WorkerGroupConfig",
     "WorkerGroupError",
     "register",
+    "wait_all",
 ]

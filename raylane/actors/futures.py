@@ -18,7 +18,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from raylane.actors.errors import DeadRankError, GroupTimeoutError, RankError, WorkerGroupError
 from raylane.actors.host import NodeInfo
 
-__all__ = ["GroupFuture"]
+__all__ = ["GroupFuture", "wait_all"]
 
 # After a first failure, how long to let other ranks' results land: if one rank died,
 # its peers fail too (their collectives lose a peer), and the dead rank is the one to report.
@@ -148,3 +148,24 @@ class GroupFuture:
 
     def __repr__(self) -> str:
         return f"GroupFuture({self.group!r}.{self.method}, ranks={self.ranks}, done={self.done()})"
+
+
+def wait_all(futures: Sequence[GroupFuture], timeout_s: float) -> list[Any]:
+    """Results of futures (of one or several groups) that run together, in order.
+
+    The first failure on any of them is raised at once, even while the others are still blocked
+    (e.g. in a collective with the failed rank); ``GroupTimeoutError`` after ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    results: list[Any] = [None] * len(futures)
+    pending = set(range(len(futures)))
+    while pending:
+        for i in sorted(pending):
+            try:
+                results[i] = futures[i].get(timeout_s=0.05)
+            except GroupTimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+                continue
+            pending.discard(i)
+    return results

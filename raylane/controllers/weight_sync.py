@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.util import metrics
 
-from raylane.actors import GroupFuture, GroupTimeoutError, WorkerGroup
+from raylane.actors import WorkerGroup, wait_all
 from raylane.actors.weight_transfer import (
     Bucket,
     FSDPLayout,
@@ -239,23 +239,6 @@ class SyncReport:
         return self.summary.model_bytes / self.seconds / 1e9
 
 
-def _wait_all(futures: Sequence[GroupFuture], timeout_s: float) -> list[Any]:
-    """Results of futures that run together; the first failure on any side is raised at once."""
-    deadline = time.monotonic() + timeout_s
-    results: list[Any] = [None] * len(futures)
-    pending = set(range(len(futures)))
-    while pending:
-        for i in sorted(pending):
-            try:
-                results[i] = futures[i].get(timeout_s=0.05)
-            except GroupTimeoutError:
-                if time.monotonic() > deadline:
-                    raise
-                continue
-            pending.discard(i)
-    return results
-
-
 @functools.cache
 def _sync_seconds_gauge() -> metrics.Gauge:
     # Created on first use: Ray metrics need a connected Ray runtime.
@@ -339,7 +322,7 @@ class WeightSync:
         for handle in targets:
             joins.append(handle.join_weight_sync.remote(rendezvous, plan, config.timeout_s, first_dst_rank))
             first_dst_rank += len(handle.ranks)
-        _wait_all(joins, config.timeout_s)
+        wait_all(joins, config.timeout_s)
         sync = cls(source, targets, plan, config)
         sync._log()
         return sync
@@ -378,7 +361,7 @@ class WeightSync:
         else:
             futures = [self.source.send_weights.remote(version)]
             futures += [target.receive_weights.remote(version) for target in self.targets]
-            stats = [s for group_stats in _wait_all(futures, self.config.timeout_s) for s in group_stats]
+            stats = [s for group_stats in wait_all(futures, self.config.timeout_s) for s in group_stats]
         seconds = time.perf_counter() - started
         _sync_seconds_gauge().set(seconds, tags={"mode": self.mode})
         report = SyncReport(version, seconds, self.summary, tuple(stats))

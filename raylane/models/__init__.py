@@ -3,7 +3,7 @@
 from raylane.models.attention import AttentionContext, DenseAttention, expand_kv_heads
 from raylane.models.checkpoint import iter_checkpoint_tensors, load_model, save_checkpoint, save_model
 from raylane.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelConfigError
-from raylane.models.layers import TensorParallelGroup
+from raylane.models.layers import TensorParallelGroup, use_matvec_kernel
 from raylane.models.tiny import init_weights, make_tiny_model, tiny_config
 from raylane.models.tokenizer import Tokenizer, TokenizerError, make_tiny_tokenizer
 from raylane.models.transformer import CausalLM, WeightLoadError, dense_inputs
@@ -31,4 +31,5 @@ __all__ = [
     "save_checkpoint",
     "save_model",
     "tiny_config",
+    "use_matvec_kernel",
 ]

@@ -10,12 +10,36 @@ rank's slice. It is declared on the class, not the parameter, so it survives ``t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+
+MatVecKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+_matvec_kernels: dict[str, MatVecKernel] = {}
+
+
+def use_matvec_kernel(device_type: str, kernel: MatVecKernel | None) -> None:
+    """Compute single-row linear layers on ``device_type`` with ``kernel(x, weight, bias)`` (None: ``F.linear``).
+
+    Batch-1 decode is a chain of matrix-vector products; the runner installs a GEMV kernel that
+    reads the weights faster than the general matrix multiply does at that shape.
+    """
+    if kernel is None:
+        _matvec_kernels.pop(device_type, None)
+    else:
+        _matvec_kernels[device_type] = kernel
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or the installed matrix-vector kernel when ``x`` holds a single row."""
+    kernel = _matvec_kernels.get(x.device.type)
+    if kernel is not None and x.numel() == x.shape[-1]:
+        return kernel(x.reshape(1, -1), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 class RMSNorm(nn.Module):
@@ -125,6 +149,9 @@ class ColumnParallelLinear(nn.Linear):
     ) -> None:
         super().__init__(in_features, _divide(out_features, tp.size, what), bias=bias)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
 
 class RowParallelLinear(nn.Linear):
     """``y = x W^T + b`` with W split along input features; partial sums are all-reduced."""
@@ -139,8 +166,38 @@ class RowParallelLinear(nn.Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(linear(x, self.weight))
         return out if self.bias is None else out + self.bias
+
+
+class FusedLinear:
+    """Several linear layers over the same input, computed as one matrix multiply (inference only).
+
+    The layers' weights (and biases) move into one tensor, stacked along output features, and each
+    layer's parameters become views of it. Everything that writes parameters in place by their
+    Hugging Face name (checkpoint loading, ``update_weights``, weight sync) therefore keeps writing
+    into the fused tensor. It is deliberately not an ``nn.Module``: the fused tensor is no second
+    parameter in ``named_parameters()`` or ``state_dict()``. Build it after the model has its final
+    device and dtype, since ``.to()`` gives the parameters new storage and breaks the views.
+    """
+
+    def __init__(self, linears: Sequence[nn.Linear]) -> None:
+        biases = [linear.bias is not None for linear in linears]
+        if any(biases) != all(biases):
+            raise ValueError("FusedLinear needs all or none of the fused layers to have a bias")
+        with torch.no_grad():
+            self.weight = torch.cat([linear.weight for linear in linears])
+            self.bias = torch.cat([linear.bias for linear in linears]) if all(biases) else None
+        self.sizes = [linear.weight.shape[0] for linear in linears]
+        weights = self.weight.split(self.sizes)
+        bias_views = self.bias.split(self.sizes) if self.bias is not None else [None] * len(linears)
+        for linear, weight, bias in zip(linears, weights, bias_views, strict=True):
+            linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 class SwiGLU(nn.Module):
@@ -151,6 +208,11 @@ class SwiGLU(nn.Module):
         self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size, bias, tp, "intermediate_size")
         self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, bias, tp, "intermediate_size")
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, tp, "intermediate_size")
+        self.gate_up: FusedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)

@@ -15,11 +15,13 @@ from raylane.models.attention import AttentionContext, DenseAttention, segment_i
 from raylane.models.config import ModelConfig
 from raylane.models.layers import (
     ColumnParallelLinear,
+    FusedLinear,
     RMSNorm,
     RotaryEmbedding,
     RowParallelLinear,
     SwiGLU,
     TensorParallelGroup,
+    linear,
 )
 
 
@@ -46,14 +48,19 @@ class SelfAttention(nn.Module):
         self.k_proj = ColumnParallelLinear(hidden, kv_out, bias, tp, "num_key_value_heads * head_dim")
         self.v_proj = ColumnParallelLinear(hidden, kv_out, bias, tp, "num_key_value_heads * head_dim")
         self.o_proj = RowParallelLinear(q_out, hidden, False, tp, "num_attention_heads * head_dim")
+        self.qkv: FusedLinear | None = None
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attention: AttentionContext
     ) -> torch.Tensor:
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(*lead, self.num_heads, self.head_dim)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
         out = attention.attend(self.layer_idx, q, k, v, self.scale)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
@@ -132,7 +139,24 @@ class CausalLM(nn.Module):
         return self.model(input_ids, positions, attention)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return linear(hidden, self.lm_head.weight)
+
+    def fuse_projections(self) -> None:
+        """Run q/k/v and gate/up as one matrix multiply each (the runner's layout; see :class:`FusedLinear`).
+
+        Parameter names and shapes stay those of Hugging Face. Call it once the model is on its
+        device in its dtype; :meth:`unfuse_projections` undoes it before the parameters move again.
+        """
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
+            mlp.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
+
+    def unfuse_projections(self) -> None:
+        """Back to one matrix multiply per projection; the parameters stay views until they move."""
+        for layer in self.model.layers:
+            layer.self_attn.qkv = None
+            layer.mlp.gate_up = None
 
     def forward(
         self,

@@ -132,6 +132,26 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
         self._counters = {"prompt_computed": 0, "prompt_cached": 0, "generated": 0, "steps": 0}
+        if self.device.type == "cuda":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run a few tiny requests so that the first real ones pay no one-time GPU costs.
+
+        The decode graphs are compiled and captured already, but CUDA loads each kernel of the eager
+        prefill path on its first use, which costs tens of milliseconds per step the first time.
+        """
+        params = SamplingParams(max_tokens=2, ignore_eos=True, seed=0)
+        longest = max(1, min(17, self.max_model_len - params.max_tokens))
+        for lengths in ([5], [3, longest]):
+            for i, length in enumerate(lengths):
+                self.add_request(
+                    f"warm-up-{i}", prompt_token_ids=[0] * min(length, longest), sampling_params=params
+                )
+            while self.has_unfinished_requests():
+                self.step(return_unfinished=False)
+        self.block_manager.reset_prefix_cache([])
+        self._counters = dict.fromkeys(self._counters, 0)
 
     def _max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings

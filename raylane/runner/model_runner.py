@@ -101,10 +101,17 @@ class ModelRunner:
         compile_decode: bool = True,
     ) -> None:
         self.model = model
+        # One GEMM for q/k/v and one for gate/up: fewer, larger reads of the weights per decode step.
+        model.fuse_projections()
         self.block_size = block_size
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.backend = get_attention_backend(resolve_attention_backend(attention_backend, self.device))
+        if self.backend.name == "triton":
+            # The Triton path also computes batch-1 projections with its GEMV kernel.
+            from raylane.runner.gemv_kernel import install
+
+            install()
         self.sampler = Sampler()
         use_graphs = cuda_graphs and self.device.type == "cuda"
         if use_graphs and importlib.util.find_spec("triton") is None:
@@ -285,6 +292,8 @@ class ModelRunner:
             cache.untyped_storage().resize_(0)
         self._offloaded = offload_weights and self.device.type != "cpu"
         if self._offloaded:
+            # The fused tensors would keep the device copy alive; the parameters move one by one.
+            self.model.unfuse_projections()
             for param in self.model.parameters():
                 param.data = param.data.to("cpu", non_blocking=True)
 
@@ -296,6 +305,7 @@ class ModelRunner:
         if self._offloaded:
             for param in self.model.parameters():
                 param.data = param.data.to(self.device, non_blocking=True)
+            self.model.fuse_projections()
             self._offloaded = False
         if self.graphs is not None:
             self.graphs.capture()

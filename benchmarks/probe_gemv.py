@@ -1,0 +1,66 @@
+"""Batch-1 projections of the Llama-3.2-1B shape: cuBLAS (``F.linear``) against the Triton GEMV.
+
+At batch 1 a decode step is a chain of matrix-vector products whose speed is the bandwidth they
+reach reading the weights. Each shape is timed from a CUDA graph that runs it over enough weight
+copies (>= 400 MB) that no weight is still in the L2 cache when it is read again, as in a real
+step. Prints GB/s of ``F.linear``, of the tile ``gemv_tile`` picks, and of the best tile swept.
+
+    python benchmarks/probe_gemv.py
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+import triton.testing
+
+from raylane.runner.gemv_kernel import gemv, gemv_tile
+
+SHAPES = {  # name: (out_features, in_features)
+    "qkv": (3072, 2048),
+    "o": (2048, 2048),
+    "gate_up": (16384, 2048),
+    "down": (2048, 8192),
+    "lm_head": (128256, 2048),
+}
+
+
+def per_weight_us(fn, x, weights) -> float:
+    """Microseconds per weight of ``fn(x, w)`` over all ``weights``, replayed from a CUDA graph."""
+
+    def run_all():
+        for weight in weights:
+            fn(x, weight)
+
+    return 1e3 * triton.testing.do_bench_cudagraph(run_all, rep=100) / len(weights)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print(f"{'shape':<8} {'MB':>6} {'cuBLAS GB/s':>12} {'gemv_tile GB/s':>15} {'best GB/s':>10}  best tile")
+    for name, (n, k) in SHAPES.items():
+        mb = n * k * 2 / 1e6
+        weights = [
+            torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            for _ in range(max(1, int(400 // mb)))
+        ]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        reference = torch.nn.functional.linear(x, weights[0])
+        cublas = per_weight_us(torch.nn.functional.linear, x, weights)
+        picked = per_weight_us(functools.partial(gemv, bias=None), x, weights)
+        best = None
+        for tile in itertools.product((1, 2, 4, 8), (512, 1024, 2048), (2, 4, 8)):
+            if tile[0] * tile[1] > 16384 or tile[1] > max(k, 512):
+                continue
+            torch.testing.assert_close(gemv(x, weights[0], None, tile), reference, rtol=2e-2, atol=2e-2)
+            us = per_weight_us(functools.partial(gemv, bias=None, tile=tile), x, weights)
+            if best is None or us < best[0]:
+                best = (us, tile)
+        print(f"{name:<8} {mb:>6.1f} {mb / cublas * 1e3:>12.0f} {mb / picked * 1e3:>15.0f} {mb / best[0] * 1e3:>10.0f}"
+              f"  {best[1]} (picked {gemv_tile(n, k)}); us: cuBLAS {cublas:.2f}, picked {picked:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Matrix-vector product for batch-1 decode: ``y = x W^T (+ b)`` with one row of ``x``.
+
+At batch 1 every projection is a GEMV whose time is the read of ``W``. cuBLAS launches few
+thread blocks for the narrow projections of a small model (q/k/v and o of a 1 B model have 2-3 k
+output features) and splits long reductions into a second kernel; here each program reduces
+``BLOCK_N`` whole rows of ``W``, so even 2,048 outputs spread over hundreds of programs, in one
+kernel. Registered as the ``raylane::gemv`` custom op so ``torch.compile`` and CUDA graphs treat it
+as one opaque call; :func:`install` routes the model's single-row linear layers through it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from raylane.models import use_matvec_kernel
+
+
+@triton.jit
+def _gemv(
+    x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        w = tl.load(
+            w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :]
+        )
+        x = tl.load(x_ptr + cols, mask=col_mask)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_mask).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+
+
+def gemv_tile(n: int, k: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_K, num_warps)`` for an ``n x k`` weight (swept on an H100 by probe_gemv.py)."""
+    block_k = min(2048, triton.next_power_of_2(k))
+    if k > 2048:
+        return 2, block_k, 2
+    return 2, min(block_k, 1024) if n <= 4096 else block_k, 4 if n <= 4096 else 8
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tile: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``x`` of shape ``[1, K]`` and a weight with contiguous rows."""
+    n, k = weight.shape
+    block_n, block_k, num_warps = tile or gemv_tile(n, k)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )  # fmt: skip
+    return y
+
+
+@torch.library.custom_op("raylane::gemv", mutates_args=())
+def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`gemv` as an op that ``torch.compile`` keeps whole (``F.linear`` for strided weights)."""
+    if weight.stride(1) != 1:
+        return torch.nn.functional.linear(x, weight, bias)
+    return gemv(x.contiguous(), weight, bias)
+
+
+@gemv_op.register_fake
+def _gemv_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(1, weight.shape[0])
+
+
+def install() -> None:
+    """Compute single-row linear layers on CUDA with the GEMV kernel."""
+    use_matvec_kernel("cuda", gemv_op)
