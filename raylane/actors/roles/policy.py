@@ -8,6 +8,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from raylane.actors.dispatch import Dispatch, register
+from raylane.actors.roles.checkpoint import save_hf_checkpoint
 from raylane.actors.roles.config import ActorConfig, TrainConfig
 from raylane.actors.roles.training import (
     CheckpointedTrainer,
@@ -21,7 +22,6 @@ from raylane.actors.roles.training import (
 )
 from raylane.actors.weight_transfer import WeightSyncSource
 from raylane.actors.worker import Worker
-from raylane.fault_tolerance.checkpoint import save_hf_checkpoint
 from raylane.models import load_model
 from raylane.rlhf.batch import Batch
 from raylane.rlhf.kl import kl_loss

@@ -17,9 +17,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
 from raylane.actors.dispatch import Dispatch, register
+from raylane.actors.roles.checkpoint import load_train_state, save_train_state
 from raylane.actors.roles.config import OptimConfig
 from raylane.actors.worker import Worker
-from raylane.fault_tolerance.checkpoint import load_train_state, save_train_state
 from raylane.rlhf.batch import Batch
 
 
