@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every GPU measurement of raylane in one go, for a GPU machine that has PyTorch but not Ray:
+# the GPU tests, the runner benchmark (batch 1/16/64/256 + GRPO prefix caching, against HF) and,
+# with two GPUs, the disaggregated NCCL weight-sync test and the weight-sync benchmark.
+#
+#   ../shared/tools/gpu-wheels pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
+#   bash benchmarks/gpu_all.sh [RESULTS_DIR]      # default: $OUT if set, else benchmarks/results
+#
+# Keeps NVLink multicast off (the lent machines require it). Each step is bounded in time and
+# logs to RESULTS_DIR; a failing step does not stop the ones after it.
+set -uo pipefail
+results=${1:-${OUT:-benchmarks/results}}
+mkdir -p "$results"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+echo "GPUs: $gpus"
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 seconds=$2; shift 2
+  echo "== $name"
+  timeout "$seconds" "$@" > "$results/$name.log" 2>&1
+  echo "   exit $? (log: $results/$name.log)"
+  grep -E "passed|failed|tok/s|GB/s|x$|Error" "$results/$name.log" | grep -v -i warn | tail -12
+}
+
+step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_runner_gpu.py tests/test_actors_gpu.py
+step bench_runner 420 python3 benchmarks/bench_runner.py --preset llama-1b --device cuda \
+  --batch-sizes 1 16 64 256 --output "$results/bench_runner_cuda_llama-1b.json"
+if [ "$gpus" -ge 2 ]; then
+  step bench_weight_sync_disaggregated 300 python3 benchmarks/bench_weight_sync.py --device cuda \
+    --shape llama-1b --dp 1 --tp 1 --modes disaggregated --timeout-s 120 \
+    --output "$results/bench_weight_sync_cuda_disaggregated.json"
+  step bench_weight_sync_colocated 300 python3 benchmarks/bench_weight_sync.py --device cuda \
+    --shape llama-1b --dp 2 --tp 2 --modes colocated --repeats 10 \
+    --output "$results/bench_weight_sync_cuda_dp2tp2.json"
+fi
