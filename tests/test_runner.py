@@ -291,3 +291,32 @@ def test_sleep_releases_the_kv_cache_and_wake_up_restores_generation(tiny_model_
     engine.wake_up()
     assert sum(c.untyped_storage().nbytes() for c in engine.runner.kv_caches) == cache_bytes
     assert llm.generate(["sleep well"], greedy, use_tqdm=False)[0].outputs[0].token_ids == before
+
+
+@pytest.mark.parametrize("num_kv_blocks", [64, 2])
+def test_start_up_warm_up_leaves_no_trace(tiny_model_dir, num_kv_blocks):
+    """The CUDA engine's start-up warm-up (run here on CPU) frees what it used and resets the
+    counters, also with a KV pool too small to run its requests side by side."""
+
+    def greedy(engine):
+        engine.add_request(
+            "r",
+            prompt_token_ids=[7, 8, 9, 10, 11],
+            sampling_params=SamplingParams(temperature=0, max_tokens=6),
+        )
+        outputs = []
+        while engine.has_unfinished_requests():
+            outputs += engine.step(return_unfinished=False)
+        return outputs[0].outputs[0].token_ids
+
+    config = EngineConfig(model=tiny_model_dir, max_model_len=32, num_kv_blocks=num_kv_blocks)
+    expected = greedy(LLMEngine(config))
+    engine = LLMEngine(config)
+    engine._warm_up()
+    stats = engine.stats
+    assert not engine.has_unfinished_requests()
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert (stats.num_steps, stats.num_generated_tokens, stats.num_prompt_tokens_computed) == (0, 0, 0)
+    assert not engine.block_manager.hash_to_block
+    assert greedy(engine) == expected
+    assert engine.stats.num_prompt_tokens_computed == 5  # nothing served from the warm-up's cache

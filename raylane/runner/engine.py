@@ -142,12 +142,13 @@ class LLMEngine:
         prefill path on its first use, which costs tens of milliseconds per step the first time.
         """
         params = SamplingParams(max_tokens=2, ignore_eos=True, seed=0)
-        longest = max(1, min(17, self.max_model_len - params.max_tokens))
-        for lengths in ([5], [3, longest]):
+        # Each request fits max_model_len, which the KV pool is checked to hold; a pool too small
+        # for both requests of a pair runs them one after the other.
+        longest = max(1, self.max_model_len - params.max_tokens)
+        for lengths in ([5], [3, 17]):
             for i, length in enumerate(lengths):
-                self.add_request(
-                    f"warm-up-{i}", prompt_token_ids=[0] * min(length, longest), sampling_params=params
-                )
+                length = min(length, longest)
+                self.add_request(f"warm-up-{i}", prompt_token_ids=[0] * length, sampling_params=params)
             while self.has_unfinished_requests():
                 self.step(return_unfinished=False)
         self.block_manager.reset_prefix_cache([])
