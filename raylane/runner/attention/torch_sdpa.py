@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from raylane.models import expand_kv_heads
 from raylane.runner.attention.base import AttentionBackend, PagedAttentionMetadata, register_attention_backend
 
 
@@ -24,12 +23,13 @@ class TorchSDPABackend(AttentionBackend):
         # [B, W, bs, Hkv, D] -> [B, Hkv, W * bs, D]: every sequence's keys laid out by position.
         keys = kv_cache[0][meta.block_tables].reshape(num_seqs, width * block_size, num_kv_heads, head_dim)
         values = kv_cache[1][meta.block_tables].reshape(num_seqs, width * block_size, num_kv_heads, head_dim)
-        keys = expand_kv_heads(keys.transpose(1, 2), num_heads, 1)
-        values = expand_kv_heads(values.transpose(1, 2), num_heads, 1)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
         padded = q.new_zeros(num_seqs * max_q, num_heads, head_dim)
         padded.index_copy_(0, meta.query_pad_index, q)
         padded = padded.view(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)
         key_positions = torch.arange(width * block_size, device=q.device)
         mask = key_positions[None, None, :] <= meta.query_positions[:, :, None]
-        out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=mask[:, None], scale=scale)
+        out = F.scaled_dot_product_attention(
+            padded, keys, values, attn_mask=mask[:, None], scale=scale, enable_gqa=num_heads != num_kv_heads
+        )
         return out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)[meta.query_pad_index]
