@@ -236,14 +236,23 @@ def test_grpc_client_streams_tokens_and_health_answers(served):
             list(client.generate_stream(prompt, model="nope"))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
-        # Cancelling a stream aborts its request too.
-        before = _wait_idle(served)
-        stream = client.generate_stream(prompt, model="tiny", max_tokens=LONG_REQUEST_TOKENS, ignore_eos=True)
-        next(stream), next(stream)
-        stream.cancel()
-    after = _wait_idle(served)
-    assert after["num_free_blocks"] == after["num_total_blocks"]
-    assert after["num_generated_tokens"] - before["num_generated_tokens"] < LONG_REQUEST_TOKENS
+        # Cancelling a stream aborts its request too. Ray Serve's gRPC proxy forwards a client's
+        # cancel only if it arrives while the proxy awaits the next message, not while it is writing
+        # one to the client (ray-project/ray#42665); on a loaded machine a cancel can land in that
+        # window and the request then runs to its end. Up to three cancels, one must abort.
+        for _ in range(3):
+            before = _wait_idle(served, timeout_s=120.0)  # a cancel that did not land runs to its end
+            stream = client.generate_stream(
+                prompt, model="tiny", max_tokens=LONG_REQUEST_TOKENS, ignore_eos=True
+            )
+            next(stream), next(stream)
+            stream.cancel()
+            after = _wait_idle(served, timeout_s=10.0)
+            generated = after["num_generated_tokens"] - before["num_generated_tokens"]
+            if after["num_running"] == 0 and generated < LONG_REQUEST_TOKENS:
+                break
+    assert generated < LONG_REQUEST_TOKENS, "no cancelled gRPC stream aborted its request"
+    assert after["num_running"] == 0 and after["num_free_blocks"] == after["num_total_blocks"]
 
 
 def test_32_concurrent_streaming_clients_get_their_own_outputs(served):
