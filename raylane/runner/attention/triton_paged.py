@@ -248,8 +248,7 @@ def _pad(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
-@torch.library.custom_op("raylane::paged_attention", mutates_args=("kv_cache",))
-def paged_attention(
+def _paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -310,6 +309,13 @@ def paged_attention(
     return out
 
 
+# The op is what torch.compile traces; eager steps call the function itself, skipping the custom-op
+# dispatch (about 0.1 ms of host time per layer and step).
+paged_attention = torch.library.custom_op("raylane::paged_attention", mutates_args=("kv_cache",))(
+    _paged_attention
+)
+
+
 @paged_attention.register_fake
 def _paged_attention_fake(
     q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, max_query_len, scale
@@ -330,7 +336,8 @@ class TritonPagedBackend(AttentionBackend):
         meta: PagedAttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        return paged_attention(
+        attend = paged_attention if torch.compiler.is_compiling() else _paged_attention
+        return attend(
             q,
             k,
             v,
