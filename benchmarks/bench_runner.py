@@ -147,6 +147,9 @@ def main() -> int:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
     parser.add_argument("--no-compile", action="store_true", help="CUDA graphs of the eager model")
     parser.add_argument(
+        "--no-async-scheduling", action="store_true", help="read each step's tokens before launching the next"
+    )
+    parser.add_argument(
         "--output", help="JSON path (default benchmarks/results/bench_runner_<device>_<preset>.json)"
     )
     args = parser.parse_args()
@@ -170,7 +173,8 @@ def main() -> int:
     llm = LLM(model_dir, device=str(device), dtype=str(dtype).removeprefix("torch."), max_model_len=max_len,
               max_num_seqs=max_batch, max_num_batched_tokens=max(4096, max_batch), num_kv_blocks=num_kv_blocks,
               attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-              compile_decode=not args.no_compile)  # fmt: skip
+              compile_decode=not args.no_compile,
+              async_scheduling=False if args.no_async_scheduling else None)  # fmt: skip
     startup_s = time.perf_counter() - start
     config = llm.engine.model_config
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
@@ -209,8 +213,8 @@ def main() -> int:
     print(f"\nraylane runner vs HF generate — preset {args.preset}, {sum(p.numel() for p in llm.engine.model.parameters()) / 1e6:.1f} M params, "
           f"{device.type} {dtype}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, prompt {args.prompt_len}, new {args.new_tokens}")  # fmt: skip
     runner = llm.engine.runner
-    print(f"attention backend {runner.backend.name}, CUDA graphs {runner.graphs is not None}, "
-          f"engine start-up {startup_s:.1f} s (compile + capture)")  # fmt: skip
+    print(f"attention backend {runner.backend.name}, CUDA graphs {runner.graphs is not None}, async scheduling "
+          f"{llm.engine.async_scheduling}, engine start-up {startup_s:.1f} s (compile + capture)")  # fmt: skip
     print(
         f"{'workload':<12} {'raylane tok/s':>14} {'HF tok/s':>10} {'ratio':>7} {'roofline':>9} {'median step':>12}"
     )
@@ -237,6 +241,7 @@ def main() -> int:
         "attention_backend": runner.backend.name,
         "cuda_graphs": runner.graphs is not None,
         "compile_decode": runner.graphs is not None and not args.no_compile,
+        "async_scheduling": llm.engine.async_scheduling,
         "engine_startup_s": startup_s,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,

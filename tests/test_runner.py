@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from raylane.models import ModelConfigError, WeightLoadError, load_model, make_tiny_model
-from raylane.runner import LLM, EngineConfig, LLMEngine, SamplingParams, UnknownRequestError
+from raylane.runner import LLM, EngineConfig, LLMEngine, RequestOutput, SamplingParams, UnknownRequestError
 
 MAX_TOKENS = 24
 
@@ -320,3 +321,82 @@ def test_start_up_warm_up_leaves_no_trace(tiny_model_dir, num_kv_blocks):
     assert not engine.block_manager.hash_to_block
     assert greedy(engine) == expected
     assert engine.stats.num_prompt_tokens_computed == 5  # nothing served from the warm-up's cache
+
+
+def _async_script(engine: LLMEngine) -> dict[str, RequestOutput]:
+    """Requests that stop early (stop tokens), sample n=3, join mid-run and get aborted mid-run."""
+    stops = list(range(0, 256, 9))
+    prompts = _mixed_prompts(10, seed=11)
+
+    def params(i: int) -> SamplingParams:
+        p = _params_for(i)
+        return dataclasses.replace(p, stop_token_ids=stops if i % 3 == 0 else [], n=3 if i == 4 else 1)
+
+    def add(indices):
+        for i in indices:
+            engine.add_request(f"r{i}", prompt_token_ids=prompts[i], sampling_params=params(i))
+
+    add(range(6))
+    outputs, calls = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
+        calls += 1
+        if calls == 3:
+            add(range(6, 10))
+        if calls == 5:
+            outputs["r1"] = engine.abort("r1")
+    return outputs
+
+
+def test_async_scheduling_gives_the_same_outputs(tiny_model_dir):
+    """Steps launched before the previous step's tokens are read: same tokens, log-probs and ends."""
+    results, stats = {}, {}
+    for async_scheduling in (False, True):
+        engine = LLMEngine(EngineConfig(model=tiny_model_dir, async_scheduling=async_scheduling))
+        results[async_scheduling] = _async_script(engine)
+        stats[async_scheduling] = engine.stats
+    sync, ahead = results[False], results[True]
+    assert stats[False].num_steps_launched_ahead == 0
+    assert stats[True].num_steps_launched_ahead > 20
+    assert set(sync) == set(ahead) == {f"r{i}" for i in range(10)}
+    stopped = 0
+    for request_id, want in sync.items():
+        got = ahead[request_id]
+        assert len(got.outputs) == len(want.outputs)
+        for g, w in zip(got.outputs, want.outputs):
+            if request_id == "r1":  # aborted after the same number of calls, not the same number of tokens
+                shorter, longer = sorted((g.token_ids, w.token_ids), key=len)
+                assert longer[: len(shorter)] == shorter and g.finish_reason == w.finish_reason == "abort"
+                continue
+            assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason, request_id
+            torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5, rtol=0)
+            stopped += w.finish_reason == "stop"
+    assert stopped >= 2, "the script should stop some requests early"
+    for s in stats.values():
+        assert s.num_free_blocks == s.num_total_blocks and s.num_running == s.num_waiting == 0
+
+
+def test_async_scheduling_labels_tokens_with_the_weights_that_computed_them(tiny_model_dir, tmp_path):
+    """A weight update between steps: the token computed ahead, under the old weights, keeps their version."""
+    other = load_model(make_tiny_model(str(tmp_path / "o"), seed=3, std=0.3))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=True)
+    old = LLM(tiny_model_dir).generate(["labels"], params, use_tqdm=False)[0].outputs[0]
+    engine = LLMEngine(EngineConfig(model=tiny_model_dir, async_scheduling=True))
+    engine.add_request("a", prompt="labels", sampling_params=params)
+    for _ in range(4):
+        engine.step()
+    engine.update_weights(other.named_parameters(), version=1)
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final = out
+    got = final.outputs[0]
+    # Four steps read four tokens; the fifth was already being computed with version 0.
+    assert got.weight_versions == [0] * 5 + [1] * 7
+    assert got.token_ids[:5] == old.token_ids[:5]
+    torch.testing.assert_close(
+        torch.tensor(got.logprobs[:5]), torch.tensor(old.logprobs[:5]), atol=1e-6, rtol=0
+    )
+    assert abs(got.logprobs[5] - old.logprobs[5]) > 1e-3, "the sixth token should come from the new weights"

@@ -158,11 +158,22 @@ def _prompts(count: int, seed: int = 0) -> list[list[int]]:
 
 
 def _params(i: int) -> SamplingParams:
-    # Varying lengths shrink the batch through every graph bucket; every third request samples.
+    # Varying lengths shrink the batch through every graph bucket; every third request samples;
+    # every fourth may stop at a stop token, leaving rows of steps launched ahead unused.
     max_tokens = 8 + (i * 5) % 28
+    stops = list(range(0, 256, 11)) if i % 4 == 1 else []
     if i % 3 == 2:
-        return SamplingParams(temperature=0.8, seed=i, max_tokens=max_tokens, ignore_eos=True, logprobs=True)
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=True)
+        return SamplingParams(
+            temperature=0.8,
+            seed=i,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            logprobs=True,
+            stop_token_ids=stops,
+        )
+    return SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=True, stop_token_ids=stops
+    )
 
 
 def _generate(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, tuple[list[int], list[float]]]:
@@ -188,6 +199,8 @@ def test_cuda_path_matches_cpu_reference_fp32(tiny_model_dir):
     assert engine.runner.backend.name == "triton" and engine.runner.graphs is not None
     got = _generate(engine, prompts)
     assert engine.runner.graphs.num_replays > 0, "decode steps should replay CUDA graphs"
+    # The CPU reference steps synchronously; on CUDA steps are launched ahead (async scheduling).
+    assert engine.stats.num_steps_launched_ahead > 0
     for request_id, (tokens, logprobs) in reference.items():
         assert got[request_id][0] == tokens, request_id
         torch.testing.assert_close(

@@ -35,6 +35,12 @@ class EngineConfig(BaseModel):
     compile_decode: bool = Field(
         True, description="torch.compile the captured decode step on CUDA (fuses norms, rotary, activations)"
     )
+    async_scheduling: bool | None = Field(
+        None,
+        description="launch each decode step before the previous one's tokens reach the host, hiding "
+        "the host's per-step work behind the device's; default: on for CUDA, off on CPU (where the "
+        "host is the device and nothing overlaps)",
+    )
     seed: int = Field(0, description="seeds requests that do not bring their own")
 
     @model_validator(mode="after")

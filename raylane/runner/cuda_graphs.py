@@ -19,6 +19,7 @@ import torch
 
 from raylane.models import CausalLM
 from raylane.runner.attention import AttentionBackend, PagedAttention, PagedAttentionMetadata
+from raylane.runner.scheduler import ScheduledChunk
 from raylane.runner.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -175,13 +176,16 @@ class CUDAGraphDecoder:
         host["block_tables"][start:stop, 0] = self.scratch_block
         self._rows[start:stop] = [None] * (stop - start)
 
-    def prepare(self, seqs: list[Sequence]) -> None:
-        """Fill the host buffers for one decode step of ``seqs`` (each computes its last token)."""
+    def prepare(self, chunks: list[ScheduledChunk]) -> None:
+        """Fill the host buffers for one decode step (each chunk computes one token of its sequence)."""
+        seqs = [chunk.seq for chunk in chunks]
         n = len(seqs)
         host = self.buffers.host
         bs = self.block_size
-        lengths = np.fromiter((len(seq.token_ids) for seq in seqs), dtype=np.int64, count=n)
-        positions = lengths - 1
+        positions = np.fromiter((chunk.start for chunk in chunks), dtype=np.int64, count=n)
+        lengths = positions + 1
+        # A step launched ahead computes a token the host does not have yet: its id is copied in on
+        # the device by run(); the stale id written here is overwritten.
         host["input_ids"][:n] = [seq.token_ids[-1] for seq in seqs]
         host["positions"][:n] = positions
         host["seq_lens"][:n] = lengths
@@ -210,9 +214,16 @@ class CUDAGraphDecoder:
                 rows[i] = (seq, table, len(table))
         self._pad(n, self._bucket_of[n])
 
-    def run(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Upload the prepared inputs and replay; returns ``(logits, tokens, logprobs)`` of the n rows."""
+    def run(
+        self, n: int, input_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Upload the prepared inputs and replay; returns ``(logits, tokens, logprobs)`` of the n rows.
+
+        ``input_ids`` (on the device) replace the prepared ids: the tokens a previous step sampled.
+        """
         self.buffers.upload()
+        if input_ids is not None:
+            self.buffers.device["input_ids"][:n].copy_(input_ids)
         graph, logits, tokens, logprobs = self._graphs[self._bucket_of[n]]
         graph.replay()
         self.num_replays += 1

@@ -1,7 +1,10 @@
 """The step API of the runner: add requests, step, abort, update weights.
 
 Servers and rollout loops drive :class:`LLMEngine` one step at a time; :class:`~raylane.runner.LLM`
-wraps it for offline batches.
+wraps it for offline batches. With async scheduling (the default on CUDA) a step that continues
+every running sequence by one token is launched before the previous step's tokens reach the host,
+fed from them on the device, so the host's per-step work (reading tokens, stop checks, scheduling,
+building inputs) runs while the device computes instead of between its steps.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from raylane.models import CausalLM, Tokenizer, load_model
 from raylane.runner.block_manager import BlockManager
 from raylane.runner.config import EngineConfig
 from raylane.runner.detokenizer import IncrementalDetokenizer
-from raylane.runner.model_runner import ModelRunner, kv_cache_block_bytes
+from raylane.runner.model_runner import ModelRunner, PendingStep, kv_cache_block_bytes
 from raylane.runner.outputs import CompletionOutput, EngineStats, RequestOutput
 from raylane.runner.sampling_params import SamplingParams
-from raylane.runner.scheduler import Scheduler
+from raylane.runner.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from raylane.runner.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,13 @@ class _Request:
     @property
     def finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
+
+
+@dataclass
+class _LaunchedStep:
+    plan: SchedulerOutput
+    pending: PendingStep
+    weight_version: int  # the weights the step computes with, whatever happens before it is read
 
 
 def resolve_device(device: str) -> torch.device:
@@ -128,10 +138,14 @@ class LLMEngine:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.weight_version = 0
         self.asleep = False
+        self.async_scheduling = (
+            config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
+        )
+        self._ahead: _LaunchedStep | None = None
         self._requests: dict[str, _Request] = {}
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
-        self._counters = {"prompt_computed": 0, "prompt_cached": 0, "generated": 0, "steps": 0}
+        self._counters = {"prompt_computed": 0, "prompt_cached": 0, "generated": 0, "steps": 0, "ahead": 0}
         if self.device.type == "cuda":
             self._warm_up()
 
@@ -258,27 +272,87 @@ class LLMEngine:
 
         With ``return_unfinished=False`` only requests that finished in this step are returned,
         which saves building (and detokenizing) every running request's output on every step.
+
+        With async scheduling the next decode step may already be running on the device when this
+        returns (see :meth:`_launch_ahead`); the next call completes it.
         """
-        plan = self.scheduler.schedule()
-        if not plan.chunks:
-            if self.scheduler.waiting and not self.scheduler.running:
-                raise RuntimeError("no waiting request fits the KV cache; raise num_kv_blocks")
-            return []
-        pending = self.runner.launch(plan)
-        # Bookkeeping that does not need the sampled tokens overlaps with the device's work.
-        self.scheduler.mark_computed(plan)
+        launched = self._take_ahead()
+        if launched is None:
+            plan = self.scheduler.schedule()
+            if not plan.chunks:
+                if self.scheduler.waiting and not self.scheduler.running:
+                    raise RuntimeError("no waiting request fits the KV cache; raise num_kv_blocks")
+                return []
+            launched = self._launch(plan)
+        if self.async_scheduling:
+            self._ahead = self._launch_ahead(launched)
+        outputs = self._complete(launched, return_unfinished)
+        if self._ahead is not None and not self._requests:
+            self._discard_ahead()  # every request stopped (e.g. at EOS) at the tokens just read
+        return outputs
+
+    def _launch(self, plan: SchedulerOutput, feed: PendingStep | None = None) -> _LaunchedStep:
+        pending = self.runner.launch(plan, feed)
         self._counters["steps"] += 1
+        self._counters["ahead"] += feed is not None
         self._counters["prompt_cached"] += plan.num_cached_tokens
         for chunk in plan.chunks:
             self._counters["prompt_computed"] += max(
                 0, min(chunk.start + chunk.num_tokens, chunk.seq.num_prompt_tokens) - chunk.start
             )
-        result = pending.result()
+        return _LaunchedStep(plan, pending, self.weight_version)
+
+    def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
+        """Launch the step after ``launched`` before its sampled tokens reach the host.
+
+        Only when that next step is certain to be "every running sequence decodes one more token":
+        nothing waits to be admitted, every running sequence samples in ``launched`` and none reaches
+        its length limit with that token. The new step takes its input tokens from ``launched``'s
+        device output, so the host's bookkeeping of one step overlaps the device's next step. A
+        sequence that stops at the token being sampled (EOS, a stop token, an abort) leaves an
+        unused row, dropped when the step completes.
+        """
+        chunks = launched.plan.chunks
+        if self.scheduler.waiting or len(chunks) != len(self.scheduler.running):
+            return None
+        for chunk in chunks:
+            seq = chunk.seq
+            if seq.is_finished or not chunk.samples:
+                return None
+            # The token being sampled lands at index len(seq); would the sequence end with it?
+            if seq.num_output_tokens + 1 >= seq.params.max_tokens or len(seq) + 1 >= self.max_model_len:
+                return None
+        if not all(self.block_manager.allocate(chunk.seq, len(chunk.seq) + 1) for chunk in chunks):
+            return None
+        plan = SchedulerOutput(chunks=[ScheduledChunk(chunk.seq, len(chunk.seq), 1) for chunk in chunks])
+        return self._launch(plan, feed=launched.pending)
+
+    def _take_ahead(self) -> _LaunchedStep | None:
+        """The step launched ahead by the previous call, unless none of its rows is still wanted."""
+        launched, self._ahead = self._ahead, None
+        if launched is not None and all(chunk.seq.is_finished for chunk in launched.plan.chunks):
+            launched.pending.result()
+            return None
+        return launched
+
+    def _discard_ahead(self) -> None:
+        """Wait for the step launched ahead and drop it (all of its sequences have ended)."""
+        if self._ahead is not None:
+            self._ahead.pending.result()
+            self._ahead = None
+
+    def _complete(self, launched: _LaunchedStep, return_unfinished: bool) -> list[RequestOutput]:
+        plan = launched.plan
+        # Bookkeeping that does not need the sampled tokens overlaps with the device's work.
+        self.scheduler.mark_computed(plan)
+        result = launched.pending.result()
         touched: dict[str, _Request] = {}
         sampling = [chunk for chunk in plan.chunks if chunk.samples]
         for chunk, token, logprob in zip(sampling, result.sampled_token_ids, result.sampled_logprobs):
             seq = chunk.seq
-            self._append_token(seq, token, logprob)
+            if seq.is_finished:
+                continue  # a row launched ahead for a sequence that has stopped since
+            self._append_token(seq, token, logprob, launched.weight_version)
             touched[seq.request_id] = self._requests[seq.request_id]
         for chunk in plan.chunks:
             logprobs = result.prompt_logprobs.get(chunk.seq.seq_id)
@@ -294,10 +368,10 @@ class LLMEngine:
                 del self._requests[request.request_id]
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float) -> None:
+    def _append_token(self, seq: Sequence, token: int, logprob: float, weight_version: int) -> None:
         seq.token_ids.append(token)
         seq.logprobs.append(logprob)
-        seq.weight_versions.append(self.weight_version)
+        seq.weight_versions.append(weight_version)
         self._counters["generated"] += 1
         params = seq.params
         if (
@@ -372,11 +446,22 @@ class LLMEngine:
         logger.info("weights updated to version %d (%d tensors)", version, len(loaded))
         return loaded
 
+    def synchronize(self) -> None:
+        """Wait until the device has finished every step launched so far.
+
+        With async scheduling a decode step can still be running after :meth:`step` returned. Call
+        this before writing the model's parameters from outside the engine's stream (a weight sync
+        over its own process group); :meth:`update_weights` needs no such call.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def set_weight_version(self, version: int) -> None:
         """Record that the model's parameters were overwritten in place (e.g. by a resharding weight
         sync writing this rank's tensor-parallel shards) and now hold weight ``version``.
 
-        Call it between steps, after the last tensor landed. Like :meth:`update_weights`, cached
+        Call it between steps, after the last tensor landed (and :meth:`synchronize` before the
+        writes began). Like :meth:`update_weights`, cached
         prefixes are dropped (the old weights computed them) and requests in flight carry on.
         """
         if not isinstance(version, int):
@@ -398,6 +483,7 @@ class LLMEngine:
                 "(let them finish or abort them first)"
             )
         if not self.asleep:
+            self._discard_ahead()
             self.block_manager.reset_prefix_cache([])
             self.runner.release_memory(offload_weights)
             self.asleep = True
@@ -424,4 +510,5 @@ class LLMEngine:
             num_cached_prompt_tokens=self._counters["prompt_cached"],
             num_generated_tokens=self._counters["generated"],
             num_steps=self._counters["steps"],
+            num_steps_launched_ahead=self._counters["ahead"],
         )

@@ -5,7 +5,8 @@ forward pass itself never reads device values back. On CUDA, decode-only steps r
 CUDA graph (:mod:`raylane.runner.cuda_graphs`); prefill and mixed steps run eagerly. The only host
 synchronisation per step is reading the sampled token ids and their log-probs, and a step is
 split into :meth:`ModelRunner.launch` and :meth:`PendingStep.result` so that the engine can do its
-bookkeeping while the device computes.
+bookkeeping while the device computes, and can launch the next decode step fed from this one's
+sampled ids on the device (async scheduling).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class PendingStep:
         host: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> None:
         self._tokens, self._logprobs, self._prompt_work = tokens, logprobs, prompt_work
+        # The sampled ids where the device wrote them: a step launched ahead reads its input here.
+        self.device_tokens = tokens
         self._event = None
         if tokens is not None and host is not None and tokens.shape[0] <= host[0].shape[0]:
             # Start the copy back now; result() then waits once instead of syncing per tensor.
@@ -172,13 +175,18 @@ class ModelRunner:
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(len(model.model.layers))
         ]
         self._upload = HostUploader(self.device)
-        self._host_out = None
+        # Pinned buffers the sampled ids and log-probs are copied back into, two in turn: with a
+        # step launched ahead, the next step's copy may land before this step's values are read.
+        self._host_outs: list[tuple[torch.Tensor, torch.Tensor]] = []
         if self.device.type == "cuda":
             capacity = max_num_seqs or 256
-            self._host_out = (
-                torch.empty(capacity, dtype=torch.int64, pin_memory=True),
-                torch.empty(capacity, dtype=torch.float32, pin_memory=True),
-            )
+            self._host_outs = [
+                (
+                    torch.empty(capacity, dtype=torch.int64, pin_memory=True),
+                    torch.empty(capacity, dtype=torch.float32, pin_memory=True),
+                )
+                for _ in range(2)
+            ]
         logger.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB), attention backend %r",
             num_blocks,
@@ -208,11 +216,29 @@ class ModelRunner:
         return self.launch(plan).result()
 
     @torch.inference_mode()
-    def launch(self, plan: SchedulerOutput) -> PendingStep:
-        """Enqueue one step on the device; the returned handle's ``result()`` reads the samples."""
+    def launch(self, plan: SchedulerOutput, feed: PendingStep | None = None) -> PendingStep:
+        """Enqueue one step on the device; the returned handle's ``result()`` reads the samples.
+
+        ``feed`` is a step launched earlier whose sampled tokens, still on the device, are the input
+        tokens of this decode-only plan, row for row (async scheduling: the host has not seen them).
+        """
+        if feed is not None and not (
+            plan.is_decode_only
+            and feed.device_tokens is not None
+            and feed.device_tokens.shape[0] == len(plan.chunks)
+        ):
+            raise ValueError(
+                "a fed step must be decode-only with one input row per token sampled by its feed"
+            )
         if self.graphs is not None and self._graph_friendly(plan):
-            return self._launch_graph(plan)
-        return self._launch_eager(plan)
+            return self._launch_graph(plan, feed)
+        return self._launch_eager(plan, feed)
+
+    def _host_out(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self._host_outs:
+            return None
+        self._host_outs.reverse()
+        return self._host_outs[0]
 
     def _graph_friendly(self, plan: SchedulerOutput) -> bool:
         return (
@@ -223,17 +249,15 @@ class ModelRunner:
             )
         )
 
-    def _launch_graph(self, plan: SchedulerOutput) -> PendingStep:
-        seqs = [chunk.seq for chunk in plan.chunks]
-        self.graphs.prepare(seqs)
-        logits, tokens, logprobs = self.graphs.run(len(seqs))
-        params = [seq.params for seq in seqs]
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+    def _launch_graph(self, plan: SchedulerOutput, feed: PendingStep | None) -> PendingStep:
+        self.graphs.prepare(plan.chunks)
+        logits, tokens, logprobs = self.graphs.run(len(plan.chunks), feed and feed.device_tokens)
+        if any(chunk.seq.params.top_k > 0 or chunk.seq.params.top_p < 1.0 for chunk in plan.chunks):
             # The graph sampled without truncation; redo those rows' sampling on its logits.
             tokens, logprobs = self.sampler(logits, self._sampling_batch(plan.chunks))
-        return PendingStep(tokens, logprobs, [], self._host_out)
+        return PendingStep(tokens, logprobs, [], self._host_out())
 
-    def _launch_eager(self, plan: SchedulerOutput) -> PendingStep:
+    def _launch_eager(self, plan: SchedulerOutput, feed: PendingStep | None) -> PendingStep:
         bs = self.block_size
         input_ids, positions, slots, pad_index = [], [], [], []
         query_positions, block_tables, seq_lens, query_start = [], [], [], [0]
@@ -246,7 +270,8 @@ class ModelRunner:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
             first = len(input_ids)
             span = range(start, start + n)
-            input_ids.extend(seq.token_ids[start : start + n])
+            known = seq.token_ids[start : start + n]
+            input_ids.extend(known + [0] * (n - len(known)))  # a fed step's ids come from its feed
             positions.extend(span)
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in span)
             pad_index.extend(range(b * max_q, b * max_q + n))
@@ -281,6 +306,8 @@ class ModelRunner:
             seq_lens=seq_lens,
             query_start_loc=query_start,
         )
+        if feed is not None:
+            input_ids = feed.device_tokens.to(torch.long)
         hidden = self.model.hidden_states(
             input_ids, positions, PagedAttention(self.backend, self.kv_caches, meta)
         )
@@ -290,7 +317,7 @@ class ModelRunner:
             batch = self._sampling_batch(sampling_chunks, sampling_ints, self._upload(floats, torch.float32))
             tokens, logprobs = self.sampler(logits[sample_rows], batch)
         prompt_work = [(chunk, logits[first : first + count]) for chunk, first, count in prompt_spans]
-        return PendingStep(tokens, logprobs, prompt_work, self._host_out)
+        return PendingStep(tokens, logprobs, prompt_work, self._host_out())
 
     def _sampling_inputs(self, chunks: list) -> tuple[list[list[int]], list[list[float]]]:
         """Host values of a sampling batch: ``[top_ks, seeds, steps]`` and ``[temperatures, top_ps]``."""
@@ -299,7 +326,8 @@ class ModelRunner:
         ints = [
             [p.top_k if p.top_k > 0 else vocab for p in params],
             [chunk.seq.seed for chunk in chunks],
-            [chunk.seq.num_output_tokens for chunk in chunks],
+            # Index of the token being sampled among the outputs (one past the host's for a fed step).
+            [chunk.start + chunk.num_tokens - chunk.seq.num_prompt_tokens for chunk in chunks],
         ]
         return ints, [[0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params]]
 

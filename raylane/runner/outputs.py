@@ -52,3 +52,5 @@ class EngineStats:
     num_cached_prompt_tokens: int
     num_generated_tokens: int
     num_steps: int
+    # Decode steps launched before the previous step's tokens reached the host (async scheduling).
+    num_steps_launched_ahead: int = 0

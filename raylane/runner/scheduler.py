@@ -28,8 +28,11 @@ class ScheduledChunk:
 
     @property
     def samples(self) -> bool:
-        """Whether this chunk reaches the end of the sequence, so a token is sampled after it."""
-        return self.start + self.num_tokens == len(self.seq)
+        """Whether this chunk reaches the end of the sequence, so a token is sampled after it.
+
+        A step launched ahead computes the position of a token not yet on the host, one past the end.
+        """
+        return self.start + self.num_tokens >= len(self.seq)
 
 
 @dataclass
@@ -145,5 +148,7 @@ class Scheduler:
     def mark_computed(self, out: SchedulerOutput) -> None:
         """After the forward pass: advance each sequence and publish its completed blocks."""
         for chunk in out.chunks:
+            if chunk.seq.is_finished:
+                continue  # stopped while a step launched ahead computed its row
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
             self.block_manager.register_computed_blocks(chunk.seq)

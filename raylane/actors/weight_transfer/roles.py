@@ -131,7 +131,10 @@ class WeightSyncTarget(Worker):
         raise NotImplementedError(f"{type(self).__name__} must implement weight_sync_engine()")
 
     def _weight_sync_targets(self, plan: TransferPlan, dst_rank: int) -> dict[str, torch.Tensor]:
-        model = self.weight_sync_engine().model
+        engine = self.weight_sync_engine()
+        # A decode step launched ahead may still read the weights about to be overwritten.
+        engine.synchronize()
+        model = engine.model
         if model.tp.size != plan.target.tp or model.tp.rank != plan.target.tp_rank(dst_rank):
             raise WeightSyncError(
                 f"rollout rank {self.rank} runs TP rank {model.tp.rank} of {model.tp.size}, but the plan expects "
