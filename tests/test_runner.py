@@ -174,12 +174,8 @@ def test_update_weights_switches_model_and_version(tiny_model_dir, tmp_path):
     assert out.token_ids == expected and out.weight_version == 7
 
 
-def test_update_weights_mid_request_continues(tiny_model_dir, tmp_path):
-    other = load_model(make_tiny_model(str(tmp_path / "o"), seed=3, std=0.3))
-    engine = LLMEngine(EngineConfig(model=tiny_model_dir))
-    engine.add_request(
-        "a", prompt="partial rollout", sampling_params=SamplingParams(max_tokens=10, ignore_eos=True)
-    )
+def _update_weights_after_four_steps(engine: LLMEngine, other) -> RequestOutput:
+    """Step four times, load ``other``'s weights as version 1, run to the end; the last output."""
     for _ in range(4):
         engine.step()
     engine.update_weights(other.named_parameters(), version=1)
@@ -187,6 +183,16 @@ def test_update_weights_mid_request_continues(tiny_model_dir, tmp_path):
     while engine.has_unfinished_requests():
         for out in engine.step():
             final = out
+    return final
+
+
+def test_update_weights_mid_request_continues(tiny_model_dir, tmp_path):
+    other = load_model(make_tiny_model(str(tmp_path / "o"), seed=3, std=0.3))
+    engine = LLMEngine(EngineConfig(model=tiny_model_dir))
+    engine.add_request(
+        "a", prompt="partial rollout", sampling_params=SamplingParams(max_tokens=10, ignore_eos=True)
+    )
+    final = _update_weights_after_four_steps(engine, other)
     versions = final.outputs[0].weight_versions
     assert len(versions) == 10 and versions[0] == 0 and versions[-1] == 1
 
@@ -385,13 +391,7 @@ def test_async_scheduling_labels_tokens_with_the_weights_that_computed_them(tiny
     old = LLM(tiny_model_dir).generate(["labels"], params, use_tqdm=False)[0].outputs[0]
     engine = LLMEngine(EngineConfig(model=tiny_model_dir, async_scheduling=True))
     engine.add_request("a", prompt="labels", sampling_params=params)
-    for _ in range(4):
-        engine.step()
-    engine.update_weights(other.named_parameters(), version=1)
-    final = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            final = out
+    final = _update_weights_after_four_steps(engine, other)
     got = final.outputs[0]
     # Four steps read four tokens; the fifth was already being computed with version 0.
     assert got.weight_versions == [0] * 5 + [1] * 7
