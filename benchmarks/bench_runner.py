@@ -127,6 +127,14 @@ def bench_hf(model_dir: str, prompts: list[list[int]], new_tokens: int, device, 
     return {"seconds": elapsed, "tokens": tokens, "tokens_per_s": tokens / elapsed}
 
 
+def print_row(row: dict) -> None:
+    """One line of the table, printed as soon as the workload is measured."""
+    hf = row.get("hf", {}).get("tokens_per_s")
+    ratio = row.get("ratio_vs_hf")
+    print(f"{row['workload']:<12} {row['raylane']['tokens_per_s']:>14.1f} "
+          f"{(f'{hf:.1f}' if hf else '-'):>10} {(f'{ratio:.2f}x' if ratio else '-'):>7} {row['roofline_share']:>8.1%} {row['raylane']['median_step_ms']:>9.2f} ms")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -183,6 +191,14 @@ def main() -> int:
     bandwidth = copy_bandwidth(device)
     params = SamplingParams(temperature=1.0, seed=0, max_tokens=args.new_tokens, ignore_eos=True)
 
+    runner = llm.engine.runner
+    print(f"raylane runner vs HF generate — preset {args.preset}, {sum(p.numel() for p in llm.engine.model.parameters()) / 1e6:.1f} M params, "
+          f"{device.type} {dtype}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, prompt {args.prompt_len}, new {args.new_tokens}")  # fmt: skip
+    print(f"attention backend {runner.backend.name}, CUDA graphs {runner.graphs is not None}, async scheduling "
+          f"{llm.engine.async_scheduling}, engine start-up {startup_s:.1f} s (compile + capture)")  # fmt: skip
+    print(
+        f"{'workload':<12} {'raylane tok/s':>14} {'HF tok/s':>10} {'ratio':>7} {'roofline':>9} {'median step':>12}"
+    )
     rows = []
     for batch in args.batch_sizes:
         prompts = random_prompts(batch, args.prompt_len, config.vocab_size, seed=batch)
@@ -197,6 +213,7 @@ def main() -> int:
             row["hf"] = hf
             row["ratio_vs_hf"] = ours["tokens_per_s"] / hf["tokens_per_s"]
         rows.append(row)
+        print_row(row)
 
     grpo_prompts = random_prompts(args.grpo_prompts, args.grpo_prompt_len, config.vocab_size, seed=99)
     grpo_params = SamplingParams(
@@ -210,19 +227,6 @@ def main() -> int:
     llm.engine.block_manager.enable_prefix_caching = llm.engine.config.enable_prefix_caching
     grpo["speedup"] = grpo["on"]["tokens_per_s"] / grpo["off"]["tokens_per_s"]
 
-    print(f"\nraylane runner vs HF generate — preset {args.preset}, {sum(p.numel() for p in llm.engine.model.parameters()) / 1e6:.1f} M params, "
-          f"{device.type} {dtype}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, prompt {args.prompt_len}, new {args.new_tokens}")  # fmt: skip
-    runner = llm.engine.runner
-    print(f"attention backend {runner.backend.name}, CUDA graphs {runner.graphs is not None}, async scheduling "
-          f"{llm.engine.async_scheduling}, engine start-up {startup_s:.1f} s (compile + capture)")  # fmt: skip
-    print(
-        f"{'workload':<12} {'raylane tok/s':>14} {'HF tok/s':>10} {'ratio':>7} {'roofline':>9} {'median step':>12}"
-    )
-    for row in rows:
-        hf = row.get("hf", {}).get("tokens_per_s")
-        ratio = row.get("ratio_vs_hf")
-        print(f"{row['workload']:<12} {row['raylane']['tokens_per_s']:>14.1f} "
-              f"{(f'{hf:.1f}' if hf else '-'):>10} {(f'{ratio:.2f}x' if ratio else '-'):>7} {row['roofline_share']:>8.1%} {row['raylane']['median_step_ms']:>9.2f} ms")  # fmt: skip
     print(f"GRPO n=8 x {args.grpo_prompts} prompts of {args.grpo_prompt_len}: prefix cache on "
           f"{grpo['on']['tokens_per_s']:.1f} tok/s, off {grpo['off']['tokens_per_s']:.1f} tok/s "
           f"({grpo['speedup']:.2f}x); prompt tokens computed {grpo['on']['prompt_tokens_computed']} vs "

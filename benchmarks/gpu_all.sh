@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of raylane in one go, for a GPU machine that has PyTorch but not Ray:
-# the GPU tests, the runner benchmark (batch 1/16/64/256 + GRPO prefix caching, against HF) and,
+# the GPU tests, the runner benchmark (batch 1/16/64/256 + GRPO prefix caching, against HF), batch 1
+# again with async scheduling off and,
 # with two GPUs, the disaggregated NCCL weight-sync test and the weight-sync benchmark.
 #
 #   ../shared/tools/gpu-wheels pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
@@ -31,6 +32,9 @@ step() {  # step NAME SECONDS COMMAND...
 step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_runner_gpu.py tests/test_actors_gpu.py
 step bench_runner 420 python3 benchmarks/bench_runner.py --preset llama-1b --device cuda \
   --batch-sizes 1 16 64 256 --output "$results/bench_runner_cuda_llama-1b.json"
+# The same batch-1 workload with async scheduling off: its effect, measured on this machine.
+step bench_runner_b1_sync 240 python3 benchmarks/bench_runner.py --preset llama-1b --device cuda \
+  --batch-sizes 1 --no-hf --no-async-scheduling --output "$results/bench_runner_cuda_llama-1b_b1_sync.json"
 if [ "$gpus" -ge 2 ]; then
   step bench_weight_sync_disaggregated 300 python3 benchmarks/bench_weight_sync.py --device cuda \
     --shape llama-1b --dp 1 --tp 1 --modes disaggregated --timeout-s 120 \
