@@ -166,7 +166,9 @@ def bench_mode(mode: str, args: argparse.Namespace, config: ModelConfig, dtype: 
     gpus = 1.0 if args.device == "cuda" else 0.0
     cpus = 0.0 if gpus else 0.5
     rollout_ranks = args.tp * args.replicas
-    sync_config = WeightSyncConfig(bucket_bytes=args.bucket_mib * 2**20, timeout_s=args.timeout_s)
+    sync_config = WeightSyncConfig(
+        bucket_bytes=args.bucket_mib * 2**20, timeout_s=args.timeout_s, coalesce_p2p=not args.no_coalesce
+    )
     timeout_s = args.timeout_s
     trainer_role = Role(BenchTrainer, args=(config,))
     rollout_role = Role(BenchRollout, args=(config, dtype), tp_size=args.tp)
@@ -267,6 +269,11 @@ def main() -> None:
         "--modes", nargs="+", choices=["colocated", "disaggregated"], default=["colocated", "disaggregated"]
     )
     parser.add_argument("--bucket-mib", type=int, default=128)
+    parser.add_argument(
+        "--no-coalesce",
+        action="store_true",
+        help="post each message on its own instead of one NCCL group call",
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
         "--timeout-s",
@@ -321,6 +328,7 @@ def main() -> None:
         "dp": args.dp,
         "tp": args.tp,
         "bucket_mib": args.bucket_mib,
+        "coalesce_p2p": not args.no_coalesce,
         "statistic": (
             "median over repeats of the slowest rank's seconds after a barrier; GB/s = model bytes (one replica, "
             "runner dtype) / seconds; baseline: broadcast of the model bytes from trainer rank 0 over the same "

@@ -36,9 +36,14 @@ step bench_runner 420 python3 benchmarks/bench_runner.py --preset llama-1b --dev
 step bench_runner_b1_sync 240 python3 benchmarks/bench_runner.py --preset llama-1b --device cuda \
   --batch-sizes 1 --no-hf --no-async-scheduling --output "$results/bench_runner_cuda_llama-1b_b1_sync.json"
 if [ "$gpus" -ge 2 ]; then
-  step bench_weight_sync_disaggregated 300 python3 benchmarks/bench_weight_sync.py --device cuda \
+  # NCCL's own log of forming the group and of each point-to-point call, for a stall's diagnosis.
+  NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P step bench_weight_sync_disaggregated 300 \
+    python3 benchmarks/bench_weight_sync.py --device cuda \
     --shape llama-1b --dp 1 --tp 1 --modes disaggregated --timeout-s 120 \
     --output "$results/bench_weight_sync_cuda_disaggregated.json"
+  step bench_weight_sync_disaggregated_one_by_one 300 python3 benchmarks/bench_weight_sync.py --device cuda \
+    --shape llama-1b --dp 1 --tp 1 --modes disaggregated --timeout-s 120 --no-coalesce \
+    --output "$results/bench_weight_sync_cuda_disaggregated_one_by_one.json"
   step bench_weight_sync_colocated 300 python3 benchmarks/bench_weight_sync.py --device cuda \
     --shape llama-1b --dp 2 --tp 2 --modes colocated --repeats 10 \
     --output "$results/bench_weight_sync_cuda_dp2tp2.json"

@@ -66,9 +66,11 @@ def test_nccl_group_all_reduces_cuda_tensors(ray_cluster):
         assert gpu_ids[0] != gpu_ids[1]  # one GPU per rank
 
 
-def test_disaggregated_weight_sync_over_nccl_is_bit_exact(ray_cluster):
+@pytest.mark.parametrize("coalesce_p2p", [True, False], ids=["grouped", "one-by-one"])
+def test_disaggregated_weight_sync_over_nccl_is_bit_exact(ray_cluster, coalesce_p2p):
     """Trainer on one GPU, runner on the other (the CPU tests' roles, here on CUDA), synced over the
-    dedicated NCCL group; bounded in time, so a transport that stalls fails instead of hanging."""
+    dedicated NCCL group; bounded in time, so a transport that stalls fails instead of hanging.
+    Both ways of posting a bucket's messages, so a stall can be pinned on grouped point-to-point."""
     config = WorkerGroupConfig(dist=DistConfig(backend="auto", timeout_s=60))
     with ResourcePool([2], num_cpus_per_bundle=0.5, num_gpus_per_bundle=1, name="ws-gpu") as pool:
         trainer_pool, rollout_pool = pool.split([1, 1], names=["ws-trainer", "ws-rollout"])
@@ -79,7 +81,9 @@ def test_disaggregated_weight_sync_over_nccl_is_bit_exact(ray_cluster):
             WorkerGroup(
                 rollout_pool, Role(TPRollout, args=(CONFIG,)), name="ws-rollout", config=config
             ) as rollout,
-            WeightSync.disaggregated(trainer, rollout, config=WeightSyncConfig(timeout_s=60)) as sync,
+            WeightSync.disaggregated(
+                trainer, rollout, config=WeightSyncConfig(timeout_s=60, coalesce_p2p=coalesce_p2p)
+            ) as sync,
         ):
             report = sync.sync(1)
             assert {s.version for s in report.ranks} == {1}

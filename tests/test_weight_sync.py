@@ -109,6 +109,19 @@ def test_each_destination_gets_exactly_its_shards(dp, target, colocated):
             params, FSDPLayout(dp), target, colocated=colocated, bucket_bytes=40_000, pack_below_bytes=1024
         ).digest
     )
+    # The fingerprint covers how the messages are posted (grouped or one by one) too.
+    ungrouped = plan_weight_transfer(
+        params,
+        FSDPLayout(dp),
+        target,
+        colocated=colocated,
+        bucket_bytes=40_000,
+        pack_below_bytes=1024,
+        coalesce_p2p=False,
+    )
+    assert (
+        not ungrouped.coalesce_p2p and ungrouped.buckets == plan.buckets and ungrouped.digest != plan.digest
+    )
 
 
 def test_colocated_plan_copies_local_rows_and_sends_only_the_rest():

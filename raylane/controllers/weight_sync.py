@@ -53,12 +53,15 @@ class WeightSyncConfig:
     two buckets are in flight at a time. ``pack_below_bytes``: slices smaller than this travel
     packed into one message per pair of ranks and bucket (fewer, larger messages); larger slices
     travel alone and land in place. ``timeout_s`` bounds forming the weight-sync group and every
-    transfer in it.
+    transfer in it. ``coalesce_p2p``: post a bucket's sends and receives as one NCCL group call
+    (off: one call per message, to rule grouped point-to-point out when a sync stalls); gloo posts
+    them one by one either way.
     """
 
     bucket_bytes: int = 128 * _MiB
     pack_below_bytes: int = 1 * _MiB
     timeout_s: float = 300.0
+    coalesce_p2p: bool = True
 
     def __post_init__(self) -> None:
         if self.bucket_bytes <= 0:
@@ -159,6 +162,7 @@ def plan_weight_transfer(
     colocated: bool,
     bucket_bytes: int = WeightSyncConfig.bucket_bytes,
     pack_below_bytes: int = WeightSyncConfig.pack_below_bytes,
+    coalesce_p2p: bool = WeightSyncConfig.coalesce_p2p,
 ) -> TransferPlan:
     """The transfer plan from FSDP2 ``Shard(0)`` over ``source.dp`` ranks to ``target``'s TP shards.
 
@@ -196,6 +200,7 @@ def plan_weight_transfer(
         colocated=colocated,
         bucket_bytes=bucket_bytes,
         buckets=tuple(buckets),
+        coalesce_p2p=coalesce_p2p,
     )
 
 
@@ -284,6 +289,7 @@ class WeightSync:
             colocated=colocated,
             bucket_bytes=config.bucket_bytes,
             pack_below_bytes=config.pack_below_bytes,
+            coalesce_p2p=config.coalesce_p2p,
         )
 
     @classmethod

@@ -198,6 +198,8 @@ class TransferPlan:
     colocated: bool
     bucket_bytes: int
     buckets: tuple[Bucket, ...]
+    # Post each bucket's messages as one grouped call where the backend can (NCCL).
+    coalesce_p2p: bool = True
 
     @property
     def world_size(self) -> int:
@@ -213,7 +215,7 @@ class TransferPlan:
     @cached_property
     def digest(self) -> int:
         """A 62-bit fingerprint; ranks compare it before a sync so mismatched plans never move bytes."""
-        text = repr((self.params, self.source, self.target, self.colocated, self.buckets))
+        text = repr((self.params, self.source, self.target, self.colocated, self.buckets, self.coalesce_p2p))
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 2
 
     def summary(self) -> PlanSummary:

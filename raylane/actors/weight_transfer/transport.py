@@ -104,20 +104,25 @@ class WeightSyncChannel:
         self._coalesce = group._get_backend(device).supports_coalescing
 
     def start(
-        self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]
+        self,
+        sends: Sequence[tuple[torch.Tensor, int]],
+        recvs: Sequence[tuple[torch.Tensor, int]],
+        coalesce: bool = True,
     ) -> list[dist.Work]:
         """Post ``(tensor, peer)`` sends and receives; wait on the returned works.
 
         Between one pair of ranks and one direction, messages match in posting order, so both
-        sides post in the plan's order.
+        sides post in the plan's order. ``coalesce`` groups them into one call where the backend
+        supports it.
         """
         if not sends and not recvs:
             return []
-        if self._coalesce:
+        grouped = coalesce and self._coalesce
+        if grouped:
             self.group._start_coalescing(self.device)
         works = [self.group.send([tensor], peer, 0) for tensor, peer in sends]
         works += [self.group.recv([tensor], peer, 0) for tensor, peer in recvs]
-        if self._coalesce:
+        if grouped:
             return [self.group._end_coalescing(self.device)]
         return works
 
@@ -276,7 +281,9 @@ def run_transfer(
     for sends, recvs, local in _bucket_ops(plan, src_rank, dst_rank):
         send_ops = [(pack_message(m, source), plan.dst_peer(m.dst_rank)) for m in sends]
         receives = [(m, _receive_buffer(m, target)) for m in recvs]
-        works = channel.start(send_ops, [(buf, plan.src_peer(m.src_rank)) for m, buf in receives])
+        works = channel.start(
+            send_ops, [(buf, plan.src_peer(m.src_rank)) for m, buf in receives], plan.coalesce_p2p
+        )
         for piece in local:
             _dst_view(target, piece).copy_(_src_view(source, piece))
             copied += piece.nbytes
