@@ -319,8 +319,7 @@ class LLMEngine:
             seq = chunk.seq
             if seq.is_finished or not chunk.samples:
                 return None
-            # The token being sampled lands at index len(seq); would the sequence end with it?
-            if seq.num_output_tokens + 1 >= seq.params.max_tokens or len(seq) + 1 >= self.max_model_len:
+            if self._ends_by_length(seq, more=1):  # with the token being sampled
                 return None
         if not all(self.block_manager.allocate(chunk.seq, len(chunk.seq) + 1) for chunk in chunks):
             return None
@@ -329,10 +328,9 @@ class LLMEngine:
 
     def _take_ahead(self) -> _LaunchedStep | None:
         """The step launched ahead by the previous call, unless none of its rows is still wanted."""
+        if self._ahead is not None and all(chunk.seq.is_finished for chunk in self._ahead.plan.chunks):
+            self._discard_ahead()
         launched, self._ahead = self._ahead, None
-        if launched is not None and all(chunk.seq.is_finished for chunk in launched.plan.chunks):
-            launched.pending.result()
-            return None
         return launched
 
     def _discard_ahead(self) -> None:
@@ -380,8 +378,12 @@ class LLMEngine:
             or (params.stop and self._hit_stop_string(seq))
         ):
             self._finish(seq, "stop")
-        elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+        elif self._ends_by_length(seq):
             self._finish(seq, "length")
+
+    def _ends_by_length(self, seq: Sequence, more: int = 0) -> bool:
+        """Whether ``seq`` has reached max_tokens or the context limit (after ``more`` further tokens)."""
+        return seq.num_output_tokens + more >= seq.params.max_tokens or len(seq) + more >= self.max_model_len
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
         request = self._requests[seq.request_id]

@@ -254,7 +254,11 @@ class ModelRunner:
         logits, tokens, logprobs = self.graphs.run(len(plan.chunks), feed and feed.device_tokens)
         if any(chunk.seq.params.top_k > 0 or chunk.seq.params.top_p < 1.0 for chunk in plan.chunks):
             # The graph sampled without truncation; redo those rows' sampling on its logits.
-            tokens, logprobs = self.sampler(logits, self._sampling_batch(plan.chunks))
+            ints, floats = self._sampling_inputs(plan.chunks)
+            batch = self._sampling_batch(
+                plan.chunks, self._upload(ints, torch.long), self._upload(floats, torch.float32)
+            )
+            tokens, logprobs = self.sampler(logits, batch)
         return PendingStep(tokens, logprobs, [], self._host_out())
 
     def _launch_eager(self, plan: SchedulerOutput, feed: PendingStep | None) -> PendingStep:
@@ -331,11 +335,10 @@ class ModelRunner:
         ]
         return ints, [[0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params]]
 
-    def _sampling_batch(self, chunks: list, ints=None, floats=None) -> SamplingBatch:
-        """The sampling batch of ``chunks``; ``ints``/``floats`` are its inputs if already uploaded."""
-        if ints is None:
-            host_ints, host_floats = self._sampling_inputs(chunks)
-            ints, floats = self._upload(host_ints, torch.long), self._upload(host_floats, torch.float32)
+    def _sampling_batch(
+        self, chunks: list, ints: list[torch.Tensor], floats: list[torch.Tensor]
+    ) -> SamplingBatch:
+        """The sampling batch of ``chunks`` from its :meth:`_sampling_inputs`, uploaded."""
         params = [chunk.seq.params for chunk in chunks]
         vocab = self.model.config.vocab_size
         return SamplingBatch(
