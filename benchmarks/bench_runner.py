@@ -233,6 +233,7 @@ def main() -> int:
           f"{grpo['off']['prompt_tokens_computed']}")  # fmt: skip
 
     result = {
+        "command": " ".join(["python", *sys.argv]),
         "preset": args.preset if not args.model else args.model,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"

@@ -5,8 +5,8 @@ replica), colocated (one process per bundle hosting both roles, synced over the 
 group) and disaggregated (separate pools, synced over a dedicated process group of both). Each sync
 is timed inside the workers, after a barrier, as the slowest rank's time. The baseline is a plain
 ``broadcast`` of the same bytes (one full replica in the runner's dtype) from trainer rank 0, in
-the same processes over the same process group and backend; a device copy of those bytes is
-listed too. Prints a table and writes JSON under ``benchmarks/results/``.
+the same processes over the same process group and backend (none when a single trainer rank is
+colocated with its runner: nothing crosses a link); a device copy of those bytes is listed too. Prints a table and writes JSON under ``benchmarks/results/``.
 
     python benchmarks/bench_weight_sync.py                       # CPU, ~110 M params fp32, dp=2 -> tp=2
     python benchmarks/bench_weight_sync.py --device cuda --shape llama-1b --dtype bfloat16 --dp 1 --tp 1
@@ -213,19 +213,23 @@ def bench_mode(mode: str, args: argparse.Namespace, config: ModelConfig, dtype: 
     def run_copy() -> float:
         return _slowest(rollout.on_ranks([0]).timed_copy.remote(numel, dtype), timeout_s=timeout_s)
 
+    # One trainer rank colocated with its runner has nobody to broadcast to: no network baseline.
+    broadcast_ranks = args.dp if mode == "colocated" else args.dp + rollout_ranks
+
     try:
         versions = range(args.warmup + args.repeats)
         sync_s = [run_sync(version) for version in versions][args.warmup :]
         if rollout.weight_version() != [versions[-1]] * rollout_ranks:
             raise RuntimeError("the runner did not record the last synced version")
-        bcast_s = [run_broadcast() for _ in versions][args.warmup :]
+        bcast_s = [run_broadcast() for _ in versions][args.warmup :] if broadcast_ranks > 1 else []
         copy_s = [run_copy() for _ in versions][args.warmup :]
     finally:
         sync.close()
         for group in groups:
             group.shutdown()
         pool.release()
-    sync_t, bcast_t, copy_t = (statistics.median(x) for x in (sync_s, bcast_s, copy_s))
+    sync_t, copy_t = statistics.median(sync_s), statistics.median(copy_s)
+    bcast_t = statistics.median(bcast_s) if bcast_s else None
     gb = summary.model_bytes / 1e9
     return {
         "mode": mode,
@@ -239,11 +243,11 @@ def bench_mode(mode: str, args: argparse.Namespace, config: ModelConfig, dtype: 
         "sync_gbps": gb / sync_t,
         "sync_samples_s": sync_s,
         "broadcast_s": bcast_t,
-        "broadcast_gbps": gb / bcast_t,
-        "broadcast_ranks": args.dp if mode == "colocated" else args.dp + rollout_ranks,
+        "broadcast_gbps": gb / bcast_t if bcast_t else None,
+        "broadcast_ranks": broadcast_ranks,
         "device_copy_s": copy_t,
         "device_copy_gbps": gb / copy_t,
-        "sync_vs_broadcast": bcast_t / sync_t,
+        "sync_vs_broadcast": bcast_t / sync_t if bcast_t else None,
     }
 
 
@@ -312,9 +316,15 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for r in results:
+        if r["broadcast_s"] is None:
+            bcast = f"{'-':>8} {'-':>7} {r['device_copy_gbps']:>10.2f} {'-':>11}"
+        else:
+            bcast = (
+                f"{r['broadcast_s']:>8.3f} {r['broadcast_gbps']:>7.2f} {r['device_copy_gbps']:>10.2f} "
+                f"{r['sync_vs_broadcast']:>10.2f}x"
+            )
         print(
-            f"{r['mode']:<14} {r['plan']['network_bytes'] / 1e6:>8.0f} {r['sync_s']:>8.3f} {r['sync_gbps']:>7.2f} "
-            f"{r['broadcast_s']:>8.3f} {r['broadcast_gbps']:>7.2f} {r['device_copy_gbps']:>10.2f} {r['sync_vs_broadcast']:>10.2f}x"
+            f"{r['mode']:<14} {r['plan']['network_bytes'] / 1e6:>8.0f} {r['sync_s']:>8.3f} {r['sync_gbps']:>7.2f} {bcast}"
         )
     report = {
         "benchmark": "bench_weight_sync",

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of raylane in one go, for a GPU machine that has PyTorch but not Ray:
 # the GPU tests, the runner benchmark (batch 1/16/64/256 + GRPO prefix caching, against HF), batch 1
-# again with async scheduling off and,
-# with two GPUs, the disaggregated NCCL weight-sync test and the weight-sync benchmark.
+# again with async scheduling off, the same-GPU weight reshard and, with two GPUs, the
+# disaggregated NCCL weight-sync benchmark and the two-GPU colocated reshard.
 #
 #   ../shared/tools/gpu-wheels pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
 #   bash benchmarks/gpu_all.sh [RESULTS_DIR]      # default: $OUT if set, else benchmarks/results
@@ -35,6 +35,9 @@ step bench_runner 420 python3 benchmarks/bench_runner.py --preset llama-1b --dev
 # The same batch-1 workload with async scheduling off: its effect, measured on this machine.
 step bench_runner_b1_sync 240 python3 benchmarks/bench_runner.py --preset llama-1b --device cuda \
   --batch-sizes 1 --no-hf --no-async-scheduling --output "$results/bench_runner_cuda_llama-1b_b1_sync.json"
+step bench_weight_sync_same_gpu 240 python3 benchmarks/bench_weight_sync.py --device cuda \
+  --shape llama-1b --dp 1 --tp 1 --modes colocated --repeats 10 \
+  --output "$results/bench_weight_sync_cuda_colocated_dp1tp1.json"
 if [ "$gpus" -ge 2 ]; then
   # NCCL's own log of forming the group and of each point-to-point call, for a stall's diagnosis.
   NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P step bench_weight_sync_disaggregated 300 \
