@@ -4,7 +4,7 @@ Builds the Llama-3.2-1B-shaped model with random weights directly on the GPU (no
 ``batch`` sequences of 128-token prompts into steady decoding, then times 60 engine steps and 20 bare
 replays of that batch's CUDA graph. The difference is host work not hidden behind the device.
 
-    python benchmarks/probe_decode_step.py [--no-compile] [--eager] [--profile] [--batch-sizes 1 16 64 256]
+    python benchmarks/probe_decode_step.py [--no-compile] [--eager] [--profile [BATCH ...]] [--batch-sizes 1 16 64 256]
                                            [--max-num-seqs 256] [--inductor coordinate_descent_tuning=True]
 """
 
@@ -44,7 +44,13 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--eager", action="store_true")
     parser.add_argument(
-        "--profile", action="store_true", help="print the top kernels of 3 steps at batch 1 and 256"
+        "--profile",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="BATCH",
+        help="print the prefill step's top ops and the top kernels of 3 decode steps at these batch "
+        "sizes (none given: 1 and 256)",
     )
     parser.add_argument("--max-num-seqs", type=int, default=256, help="largest captured batch")
     parser.add_argument(
@@ -55,6 +61,7 @@ def main() -> None:
         help="torch._inductor.config settings for the compiled decode step",
     )
     args = parser.parse_args()
+    profiled = set(args.profile or [1, 256]) if args.profile is not None else set()
     for setting in args.inductor:
         key, _, value = setting.partition("=")
         setattr(torch._inductor.config, key, ast.literal_eval(value))
@@ -71,7 +78,7 @@ def main() -> None:
             prompt = torch.randint(0, 128000, (128,), generator=gen).tolist()
             params = SamplingParams(temperature=1.0, seed=i, max_tokens=200, ignore_eos=True)
             engine.add_request(f"{batch}-{i}", prompt_token_ids=prompt, sampling_params=params)
-        if args.profile:
+        if batch in profiled:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -80,7 +87,7 @@ def main() -> None:
         else:
             engine.step(return_unfinished=False)
         print(f"batch {batch:4d}: first (prefill) step {(time.perf_counter() - first_prefill) * 1e3:.1f} ms")
-        if args.profile:
+        if batch in profiled:
             print(
                 prof.key_averages().table(
                     sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60
@@ -110,7 +117,7 @@ def main() -> None:
             gpu = first.elapsed_time(last) / 20 / 1e3
         print(f"batch {batch:4d}: step {wall * 1e3:7.3f} ms, graph on GPU {gpu * 1e3:7.3f} ms, "
               f"host not hidden {(wall - gpu) * 1e3:7.3f} ms -> {batch / wall:9.1f} tok/s")  # fmt: skip
-        if args.profile and graphs is not None and batch in (1, 256):
+        if graphs is not None and batch in profiled:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
