@@ -6,7 +6,8 @@ group) and disaggregated (separate pools, synced over a dedicated process group 
 is timed inside the workers, after a barrier, as the slowest rank's time. The baseline is a plain
 ``broadcast`` of the same bytes (one full replica in the runner's dtype) from trainer rank 0, in
 the same processes over the same process group and backend (none when a single trainer rank is
-colocated with its runner: nothing crosses a link); a device copy of those bytes is listed too. Prints a table and writes JSON under ``benchmarks/results/``.
+colocated with its runner: nothing crosses a link); a device copy of those bytes is listed too.
+Prints a table and writes JSON under ``benchmarks/results/``.
 
     python benchmarks/bench_weight_sync.py                       # CPU, ~110 M params fp32, dp=2 -> tp=2
     python benchmarks/bench_weight_sync.py --device cuda --shape llama-1b --dtype bfloat16 --dp 1 --tp 1
@@ -251,6 +252,12 @@ def bench_mode(mode: str, args: argparse.Namespace, config: ModelConfig, dtype: 
     }
 
 
+def _cell(value: float | None, spec: str, width: int, suffix: str = "") -> str:
+    """A right-aligned table cell; ``-`` where the run has no such number."""
+    text = "-" if value is None else f"{value:{spec}}{suffix}"
+    return f"{text:>{width}}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -316,15 +323,10 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for r in results:
-        if r["broadcast_s"] is None:
-            bcast = f"{'-':>8} {'-':>7} {r['device_copy_gbps']:>10.2f} {'-':>11}"
-        else:
-            bcast = (
-                f"{r['broadcast_s']:>8.3f} {r['broadcast_gbps']:>7.2f} {r['device_copy_gbps']:>10.2f} "
-                f"{r['sync_vs_broadcast']:>10.2f}x"
-            )
         print(
-            f"{r['mode']:<14} {r['plan']['network_bytes'] / 1e6:>8.0f} {r['sync_s']:>8.3f} {r['sync_gbps']:>7.2f} {bcast}"
+            f"{r['mode']:<14} {r['plan']['network_bytes'] / 1e6:>8.0f} {r['sync_s']:>8.3f} {r['sync_gbps']:>7.2f} "
+            f"{_cell(r['broadcast_s'], '.3f', 8)} {_cell(r['broadcast_gbps'], '.2f', 7)} "
+            f"{r['device_copy_gbps']:>10.2f} {_cell(r['sync_vs_broadcast'], '.2f', 11, 'x')}"
         )
     report = {
         "benchmark": "bench_weight_sync",

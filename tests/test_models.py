@@ -121,7 +121,8 @@ def test_fused_projections_match_and_keep_writing_through_names(family):
 
 
 def test_single_row_linear_layers_route_to_the_installed_matvec_kernel():
-    """The runner's GEMV hook sees exactly the single-row projections (decode at batch 1), lm_head included."""
+    """The runner's GEMV hook sees exactly the single-row projections (decode at batch 1), lm_head
+    included, and only under no_grad / inference: a forward that records gradients keeps F.linear."""
     torch.manual_seed(0)
     model = CausalLM(tiny_config("qwen2"))
     init_weights(model, seed=0, std=0.1)
@@ -140,6 +141,8 @@ def test_single_row_linear_layers_route_to_the_installed_matvec_kernel():
             routed = model(one_token)
             many = len(calls)
             model(torch.tensor([[5, 6, 7]]))
+            with torch.enable_grad():  # a trainer's forward: the kernel has no backward
+                model(one_token).sum().backward()
         finally:
             use_matvec_kernel("cpu", None)
         restored = model(one_token)

@@ -26,7 +26,8 @@ def use_matvec_kernel(device_type: str, kernel: MatVecKernel | None) -> None:
     """Compute single-row linear layers on ``device_type`` with ``kernel(x, weight, bias)`` (None: ``F.linear``).
 
     Batch-1 decode is a chain of matrix-vector products; the runner installs a GEMV kernel that
-    reads the weights faster than the general matrix multiply does at that shape.
+    reads the weights faster than the general matrix multiply does at that shape. The kernel serves
+    inference only: with autograd on (a trainer in the same process) layers keep ``F.linear``.
     """
     if kernel is None:
         _matvec_kernels.pop(device_type, None)
@@ -35,9 +36,10 @@ def use_matvec_kernel(device_type: str, kernel: MatVecKernel | None) -> None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, or the installed matrix-vector kernel when ``x`` holds a single row."""
+    """``F.linear``, or the installed matrix-vector kernel when ``x`` holds a single row and no
+    gradient is being recorded (the kernel has no backward)."""
     kernel = _matvec_kernels.get(x.device.type)
-    if kernel is not None and x.numel() == x.shape[-1]:
+    if kernel is not None and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
         return kernel(x.reshape(1, -1), weight, bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 

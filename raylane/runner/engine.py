@@ -276,7 +276,8 @@ class LLMEngine:
         With async scheduling the next decode step may already be running on the device when this
         returns (see :meth:`_launch_ahead`); the next call completes it.
         """
-        launched = self._take_ahead()
+        self._discard_unwanted_ahead()
+        launched, self._ahead = self._ahead, None
         if launched is None:
             plan = self.scheduler.schedule()
             if not plan.chunks:
@@ -287,8 +288,7 @@ class LLMEngine:
         if self.async_scheduling:
             self._ahead = self._launch_ahead(launched)
         outputs = self._complete(launched, return_unfinished)
-        if self._ahead is not None and not self._requests:
-            self._discard_ahead()  # every request stopped (e.g. at EOS) at the tokens just read
+        self._discard_unwanted_ahead()  # e.g. every request stopped at EOS with the tokens just read
         return outputs
 
     def _launch(self, plan: SchedulerOutput, feed: PendingStep | None = None) -> _LaunchedStep:
@@ -326,12 +326,10 @@ class LLMEngine:
         plan = SchedulerOutput(chunks=[ScheduledChunk(chunk.seq, len(chunk.seq), 1) for chunk in chunks])
         return self._launch(plan, feed=launched.pending)
 
-    def _take_ahead(self) -> _LaunchedStep | None:
-        """The step launched ahead by the previous call, unless none of its rows is still wanted."""
+    def _discard_unwanted_ahead(self) -> None:
+        """Drop the step launched ahead once every sequence it computes has ended (stop, abort)."""
         if self._ahead is not None and all(chunk.seq.is_finished for chunk in self._ahead.plan.chunks):
             self._discard_ahead()
-        launched, self._ahead = self._ahead, None
-        return launched
 
     def _discard_ahead(self) -> None:
         """Wait for the step launched ahead and drop it (all of its sequences have ended)."""

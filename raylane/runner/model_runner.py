@@ -377,9 +377,10 @@ class ModelRunner:
         for cache in self.kv_caches:
             cache.untyped_storage().resize_(0)
         self._offloaded = offload_weights and self.device.type != "cpu"
-        if self._offloaded and self._fused:
-            # The fused tensors would keep the device copy alive; the parameters move one by one.
-            self.model.unfuse_projections()
+        if self._offloaded:
+            if self._fused:
+                # The fused tensors would keep the device copy alive; the parameters move one by one.
+                self.model.unfuse_projections()
             for param in self.model.parameters():
                 param.data = param.data.to("cpu", non_blocking=True)
 
