@@ -15,6 +15,11 @@ import torch
 # Tests run on 2 cores: keep intra-op threads low so Ray actors and the driver do not oversubscribe.
 torch.set_num_threads(2)
 
+# Without a GPU the Triton kernels still run, in Triton's interpreter: it must be on before any
+# kernel is defined, so before raylane is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def free_port() -> int:
     with socket.socket() as sock:

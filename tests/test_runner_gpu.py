@@ -1,11 +1,14 @@
 """The runner's CUDA path against the CPU reference: Triton attention, fused sampling, CUDA graphs.
 
-The GPU tests are marked ``gpu`` and skipped without CUDA, so CI (CPU only) runs just the checks
-that the CPU path never touches the GPU-only machinery.
+The engine-level GPU tests are marked ``gpu`` and skipped without CUDA. The kernel-level parity
+tests run everywhere Triton is installed: on the GPU, or on CPU in Triton's interpreter (which
+``conftest.py`` turns on when there is no CUDA), so CI runs the GPU kernels' own code, in fp32.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import random
 
 import pytest
@@ -19,9 +22,22 @@ from raylane.runner.attention import (
     get_attention_backend,
     resolve_attention_backend,
 )
-from raylane.runner.sampler import Sampler, SamplingBatch, gumbel_noise
+from raylane.runner.sampler import SamplingBatch, gumbel_noise
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+ON_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA device")
+
+# Where the Triton kernels run: the GPU, else Triton's interpreter on CPU. The interpreter computes
+# in numpy, whose bf16 is not faithful, so off the GPU the kernels are checked in fp32 only.
+KERNEL_DEVICE = "cuda" if ON_CUDA else "cpu"
+KERNEL_DTYPES = [torch.float32, torch.bfloat16] if ON_CUDA else [torch.float32]
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or not (ON_CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs Triton, and a CUDA device or TRITON_INTERPRET=1",
+)
+kernel_dtypes = pytest.mark.parametrize(
+    "dtype", KERNEL_DTYPES, ids=[str(d).removeprefix("torch.") for d in KERNEL_DTYPES]
+)
 
 
 # ---- CPU: what CI checks -----------------------------------------------------------------------
@@ -79,19 +95,19 @@ def _random_paged(query_lens, context_lens, num_heads, num_kv_heads, head_dim, b
         query_positions.append([*span, *([0] * (max_q - n))])
         starts.append(starts[-1] + n)
 
-    def cuda(x):
-        return torch.tensor(x, dtype=torch.long, device="cuda")
+    def index(x):
+        return torch.tensor(x, dtype=torch.long, device=KERNEL_DEVICE)
 
     meta = PagedAttentionMetadata(
-        slot_mapping=cuda(slots),
-        block_tables=cuda([t + [0] * (width - len(t)) for t in tables]),
-        query_positions=cuda(query_positions),
-        query_pad_index=cuda(pad),
+        slot_mapping=index(slots),
+        block_tables=index([t + [0] * (width - len(t)) for t in tables]),
+        query_positions=index(query_positions),
+        query_pad_index=index(pad),
         max_query_len=max_q,
-        seq_lens=cuda(seq_lens),
-        query_start_loc=cuda(starts),
+        seq_lens=index(seq_lens),
+        query_start_loc=index(starts),
     )
-    return [t.to("cuda", dtype) for t in (q, k, v, cache)], meta
+    return [t.to(KERNEL_DEVICE, dtype) for t in (q, k, v, cache)], meta
 
 
 PAGED_CASES = {
@@ -103,9 +119,8 @@ PAGED_CASES = {
 }
 
 
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@needs_triton
+@kernel_dtypes
 @pytest.mark.parametrize("case", list(PAGED_CASES), ids=list(PAGED_CASES))
 def test_triton_attention_matches_reference(case, dtype):
     (q, k, v, cache), meta = _random_paged(*PAGED_CASES[case], dtype=dtype, seed=hash(case) % 1000)
@@ -120,27 +135,19 @@ def test_triton_attention_matches_reference(case, dtype):
     assert torch.equal(cache.double(), ref_cache), "the new K/V must land in the same slots"
 
 
-@pytest.mark.gpu
-@needs_cuda
+@needs_triton
 def test_fused_sampler_matches_torch_sampler():
+    from raylane.runner.sampling_kernel import fused_sample
+
     gen = torch.Generator().manual_seed(0)
-    rows, vocab = 64, 128256
-    logits = (torch.randn((rows, vocab), generator=gen) * 3).cuda()
-    temperatures = torch.rand(rows, generator=gen).cuda() + 0.3
+    # A Llama-3 vocabulary on the GPU; a smaller odd one keeps the interpreter quick.
+    rows, vocab = (64, 128256) if ON_CUDA else (16, 5003)
+    logits = (torch.randn((rows, vocab), generator=gen) * 3).to(KERNEL_DEVICE)
+    temperatures = (torch.rand(rows, generator=gen) + 0.3).to(KERNEL_DEVICE)
     temperatures[::4] = 0.0  # greedy rows mixed in
-    seeds = torch.randint(-(2**62), 2**62, (rows,), generator=gen).cuda()
-    steps = torch.randint(0, 1000, (rows,), generator=gen).cuda()
-    batch = SamplingBatch(
-        temperatures,
-        torch.full_like(steps, vocab),
-        torch.ones_like(temperatures),
-        seeds,
-        steps,
-        False,
-        False,
-        False,
-    )
-    tokens, logprobs = Sampler()(logits, batch)  # the fused Triton path on CUDA
+    seeds = torch.randint(-(2**62), 2**62, (rows,), generator=gen).to(KERNEL_DEVICE)
+    steps = torch.randint(0, 1000, (rows,), generator=gen).to(KERNEL_DEVICE)
+    tokens, logprobs = fused_sample(logits, temperatures, seeds, steps)
     greedy = temperatures == 0
     scaled = logits / torch.where(greedy, 1.0, temperatures)[:, None]
     noisy = (scaled + gumbel_noise(seeds, steps, vocab)).argmax(-1)
@@ -148,8 +155,31 @@ def test_fused_sampler_matches_torch_sampler():
     assert torch.equal(tokens, expected)
     expected_logprobs = scaled.log_softmax(-1).gather(1, expected[:, None]).squeeze(1)
     torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-4, rtol=1e-5)
-    bf16_tokens, _ = Sampler()(logits.bfloat16(), batch)
-    assert bf16_tokens.shape == tokens.shape
+    if ON_CUDA:
+        bf16_tokens, _ = fused_sample(logits.bfloat16(), temperatures, seeds, steps)
+        assert bf16_tokens.shape == tokens.shape
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_sampler_uses_the_fused_kernel_on_cuda(monkeypatch):
+    from raylane.runner import sampling_kernel
+    from raylane.runner.sampler import Sampler
+
+    calls = []
+    fused_sample = sampling_kernel.fused_sample
+
+    def counting_fused_sample(*args):
+        calls.append(args)
+        return fused_sample(*args)
+
+    monkeypatch.setattr(sampling_kernel, "fused_sample", counting_fused_sample)
+    logits = torch.randn(4, 1000, device="cuda")
+    greedy = torch.zeros(4, device="cuda")
+    steps = torch.zeros(4, dtype=torch.long, device="cuda")
+    batch = SamplingBatch(greedy, torch.full_like(steps, 1000), greedy + 1, steps, steps, True, False, False)
+    tokens, _ = Sampler()(logits, batch)
+    assert len(calls) == 1 and torch.equal(tokens, logits.argmax(-1))
 
 
 def _prompts(count: int, seed: int = 0) -> list[list[int]]:
@@ -201,6 +231,28 @@ def test_cuda_path_matches_cpu_reference_fp32(tiny_model_dir):
     assert engine.runner.graphs.num_replays > 0, "decode steps should replay CUDA graphs"
     # The CPU reference steps synchronously; on CUDA steps are launched ahead (async scheduling).
     assert engine.stats.num_steps_launched_ahead > 0
+    for request_id, (tokens, logprobs) in reference.items():
+        assert got[request_id][0] == tokens, request_id
+        torch.testing.assert_close(
+            torch.tensor(got[request_id][1]), torch.tensor(logprobs), atol=1e-4, rtol=0
+        )
+
+
+@needs_triton
+@pytest.mark.skipif(
+    ON_CUDA, reason="on a GPU test_cuda_path_matches_cpu_reference_fp32 runs the whole CUDA path"
+)
+def test_triton_backend_in_the_engine_matches_reference_on_cpu(tiny_model_dir):
+    # The engine's Triton attention path (metadata, decode splits, chunked prefill, mixed steps) in
+    # the interpreter: the same tokens as the reference, greedy and seeded.
+    prompts = _prompts(6)
+    options = dict(
+        model=tiny_model_dir, device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=64
+    )
+    reference = _generate(LLMEngine(EngineConfig(attention_backend="torch", **options)), prompts)
+    engine = LLMEngine(EngineConfig(attention_backend="triton", **options))
+    assert engine.runner.backend.name == "triton"
+    got = _generate(engine, prompts)
     for request_id, (tokens, logprobs) in reference.items():
         assert got[request_id][0] == tokens, request_id
         torch.testing.assert_close(
@@ -291,17 +343,22 @@ def test_truncated_sampling_on_graphs_matches_eager(tiny_model_dir):
     assert tokens[False] == tokens[True]
 
 
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@needs_triton
+@kernel_dtypes
 def test_gemv_kernel_matches_linear(dtype):
     from raylane.runner.gemv_kernel import gemv_op
 
     torch.manual_seed(0)
-    # Odd sizes exercise the row and column masks; one shape per tile the heuristic picks.
-    for n, k in [(3072, 2048), (1000, 2047), (16384, 2048), (2048, 8192), (1, 33)]:
-        weight = torch.randn(n, k, device="cuda", dtype=dtype) * 0.05
-        bias = torch.randn(n, device="cuda", dtype=dtype)
-        x = torch.randn(1, k, device="cuda", dtype=dtype)
+    # Odd sizes exercise the row and column masks; one shape per tile the heuristic picks. The
+    # interpreter runs every program in Python: off the GPU the matrices have fewer rows, and the
+    # tile for more than 4,096 rows is left to the GPU run.
+    shapes = [(3072, 2048), (1000, 2047), (16384, 2048), (2048, 8192), (1, 33)]
+    if not ON_CUDA:
+        shapes = [(301, 2048), (99, 2047), (37, 8195), (1, 33)]
+    for n, k in shapes:
+        weight = torch.randn(n, k, device=KERNEL_DEVICE, dtype=dtype) * 0.05
+        bias = torch.randn(n, device=KERNEL_DEVICE, dtype=dtype)
+        x = torch.randn(1, k, device=KERNEL_DEVICE, dtype=dtype)
         tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(
             gemv_op(x, weight, bias), torch.nn.functional.linear(x, weight, bias), **tol

@@ -48,6 +48,37 @@ def _write_kv(
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _attend_tile(
+    q, acc, m, denom, k_cache_ptr, v_cache_ptr, block_table_ptr, offs_n, n_mask, visible, kv_offset,
+    offs_d, d_mask, scale, stride_cache_slot, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Folds one tile of keys (positions ``offs_n`` of one sequence, read through its block table)
+    into the running ``(acc, m, denom)`` of the online softmax; ``visible`` masks scores."""
+    block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
+    slots = block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+    kv_ptrs = slots[:, None] * stride_cache_slot + kv_offset + offs_d[None, :]
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
+    scores = tl.where(visible, _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    p = tl.exp(scores - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    denom = denom * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, m_new, denom
+
+
+@triton.jit
 def _decode(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     scale, stride_q_t, stride_q_h, stride_bt, stride_cache_slot, stride_cache_head,
@@ -81,26 +112,10 @@ def _decode(
     for tile in range(first_tile, last_tile):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < seq_len
-        block = tl.load(block_tables_ptr + seq * stride_bt + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
-        slots = block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        kv_ptrs = slots[:, None] * stride_cache_slot + kv_offset + offs_d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(n_mask[None, :], scores * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        denom = denom * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        acc, m, denom = _attend_tile(
+            q, acc, m, denom, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, offs_n, n_mask,
+            n_mask[None, :], kv_offset, offs_d, d_mask, scale, stride_cache_slot, BLOCK_SIZE, IEEE,
+        )  # fmt: skip
 
     out_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
@@ -200,27 +215,11 @@ def _prefill(
     for start in range(0, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        block = tl.load(block_tables_ptr + seq * stride_bt + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
-        slots = block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        kv_ptrs = slots[:, None] * stride_cache_slot + kv_offset + offs_d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
         visible = n_mask[None, :] & (offs_n[None, :] <= positions[:, None])
-        scores = tl.where(visible, scores * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        denom = denom * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        acc, m, denom = _attend_tile(
+            q, acc, m, denom, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, offs_n, n_mask,
+            visible, kv_offset, offs_d, d_mask, scale, stride_cache_slot, BLOCK_SIZE, IEEE,
+        )  # fmt: skip
     out = acc / denom[:, None]
     tl.store(
         out_ptr + tokens[:, None] * stride_out_t + heads[:, None] * stride_out_h + offs_d[None, :],
