@@ -217,6 +217,15 @@ def _generate(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, tuple[li
     return done
 
 
+def _assert_same_generations(got: dict, reference: dict) -> None:
+    """Every request's tokens equal the reference's, and its log-probs agree within 1e-4."""
+    for request_id, (tokens, logprobs) in reference.items():
+        assert got[request_id][0] == tokens, request_id
+        torch.testing.assert_close(
+            torch.tensor(got[request_id][1]), torch.tensor(logprobs), atol=1e-4, rtol=0
+        )
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_path_matches_cpu_reference_fp32(tiny_model_dir):
@@ -231,11 +240,7 @@ def test_cuda_path_matches_cpu_reference_fp32(tiny_model_dir):
     assert engine.runner.graphs.num_replays > 0, "decode steps should replay CUDA graphs"
     # The CPU reference steps synchronously; on CUDA steps are launched ahead (async scheduling).
     assert engine.stats.num_steps_launched_ahead > 0
-    for request_id, (tokens, logprobs) in reference.items():
-        assert got[request_id][0] == tokens, request_id
-        torch.testing.assert_close(
-            torch.tensor(got[request_id][1]), torch.tensor(logprobs), atol=1e-4, rtol=0
-        )
+    _assert_same_generations(got, reference)
 
 
 @needs_triton
@@ -253,11 +258,7 @@ def test_triton_backend_in_the_engine_matches_reference_on_cpu(tiny_model_dir):
     engine = LLMEngine(EngineConfig(attention_backend="triton", **options))
     assert engine.runner.backend.name == "triton"
     got = _generate(engine, prompts)
-    for request_id, (tokens, logprobs) in reference.items():
-        assert got[request_id][0] == tokens, request_id
-        torch.testing.assert_close(
-            torch.tensor(got[request_id][1]), torch.tensor(logprobs), atol=1e-4, rtol=0
-        )
+    _assert_same_generations(got, reference)
 
 
 def _teacher_forced_logits(model, sequences: list[list[int]], prompt_lens: list[int]) -> torch.Tensor:
