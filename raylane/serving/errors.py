@@ -8,7 +8,9 @@ import grpc
 
 _GRPC_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
@@ -54,6 +56,28 @@ class BadRequestError(ServingError):
 
     status_code = 400
     error_type = "invalid_request_error"
+
+
+class PayloadTooLargeError(ServingError):
+    """The request body (HTTP) or message (gRPC) is over ``max_request_bytes`` (HTTP 413)."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = "request_too_large"
+    ) -> None:
+        super().__init__(message, param, code)
+
+
+class UnauthorizedError(ServingError):
+    """The API key is missing or wrong (HTTP 401, gRPC UNAUTHENTICATED)."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = "invalid_api_key") -> None:
+        super().__init__(message, param, code)
 
 
 class ModelNotFoundError(ServingError):

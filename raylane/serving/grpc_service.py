@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from raylane.runner.sampling_params import SamplingParams
+from raylane.serving.admission import Admission
 from raylane.serving.errors import BadRequestError, ServingError
 from raylane.serving.proto import llm_pb2
 from raylane.serving.streaming import Delta, DeltaTracker, admit, collect, merge
@@ -71,14 +72,18 @@ def _completion(delta: Delta, fallback_version: int) -> llm_pb2.Completion:
 class GrpcServing:
     """Serve `LLMService` requests for one model with one engine."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, admission: Admission) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.admission = admission
 
     async def _admit(self, request: llm_pb2.GenerateRequest) -> tuple[str, list[str], list[RequestStream]]:
         params = sampling_params_from_proto(request.sampling)
+        self.admission.check_sampling(params)
+        prompt = _prompt(request)
+        self.admission.check_prompt(prompt)
         request_id = f"grpc-{uuid.uuid4().hex}"
-        streams = await admit(self.engine, [_prompt(request)], params, request_id)
+        streams = await admit(self.engine, [prompt], params, request_id)
         return request_id, params.stop, streams
 
     async def generate(self, request: llm_pb2.GenerateRequest) -> llm_pb2.GenerateResponse:
