@@ -43,7 +43,12 @@ CASES = [
     ("10,000 stop strings", {"stop": ["s"] * 10_000}, {"stop": ["s"] * 10_000}, "stop"),
     ("long stop string", {"stop": ["s" * 257]}, {"stop": ["s" * 257]}, "stop"),
     ("many stop token ids", {"stop_token_ids": [1] * 65}, {"stop_token_ids": [1] * 65}, "stop_token_ids"),
-    ("max_tokens past the context", {"max_tokens": MAX_MODEL_LEN}, {"max_tokens": MAX_MODEL_LEN}, "max_tokens"),
+    (
+        "max_tokens past the context",
+        {"max_tokens": MAX_MODEL_LEN},
+        {"max_tokens": MAX_MODEL_LEN},
+        "max_tokens",
+    ),
     ("hot temperature", {"temperature": 2.5}, {"temperature": 2.5}, "temperature"),
 ]
 

@@ -9,8 +9,9 @@ characters has more tokens than the model accepts.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from raylane.runner.sampling_params import SamplingParamError, SamplingParams
 from raylane.serving.config import RequestLimits
 from raylane.serving.errors import BadRequestError
 
@@ -18,7 +19,6 @@ from raylane.serving.errors import BadRequestError
 MAX_TEMPERATURE = 2.0
 
 if TYPE_CHECKING:
-    from raylane.runner import SamplingParams
     from raylane.runner.async_engine import AsyncLLMEngine
 
 
@@ -34,12 +34,23 @@ class Admission:
         longest = max(map(len, tokenizer.backend.get_vocab())) if tokenizer is not None else 0
         self.max_prompt_chars = (engine.max_model_len - 1) * max(longest, 1)
 
+    def sampling_params(self, num_prompts: int = 1, **fields: Any) -> SamplingParams:
+        """`SamplingParams` of a request for ``num_prompts`` prompts, checked against the engine's
+        ranges and these limits."""
+        try:
+            params = SamplingParams(**fields)
+        except SamplingParamError as exc:
+            raise BadRequestError(str(exc), param=exc.field) from None
+        self.check_sampling(params, num_prompts)
+        return params
+
     def check_sampling(self, params: SamplingParams, num_prompts: int = 1) -> None:
         """The request's sampling parameters, for ``num_prompts`` prompts, are within the limits."""
         limits = self.limits
         if params.temperature > MAX_TEMPERATURE:
             raise BadRequestError(
-                f"temperature must be in [0, {MAX_TEMPERATURE}], got {params.temperature}", param="temperature"
+                f"temperature must be in [0, {MAX_TEMPERATURE}], got {params.temperature}",
+                param="temperature",
             )
         sequences = params.n * num_prompts
         if sequences > limits.max_sequences:

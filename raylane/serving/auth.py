@@ -51,7 +51,9 @@ class ApiKeyCheck:
             return
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            raise UnauthorizedError("this server needs an API key: send the header 'Authorization: Bearer KEY'")
+            raise UnauthorizedError(
+                "this server needs an API key: send the header 'Authorization: Bearer KEY'"
+            )
         if not hmac.compare_digest(key_digest(key.strip()), self.digest):
             raise UnauthorizedError("the API key is wrong")
 

@@ -131,7 +131,8 @@ class ServingConfig(BaseModel):
         None, ge=0, le=65535, description="gRPC port, listening on every interface; None: no gRPC"
     )
     grpc_without_api_key: bool = Field(
-        False, description="allow gRPC without an API key (it listens on every interface: trusted networks only)"
+        False,
+        description="allow gRPC without an API key (it listens on every interface: trusted networks only)",
     )
     api_key_env: str | None = Field(
         "RAYLANE_API_KEY", description="environment variable holding the API key; unset or empty: no key"

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from raylane.runner.sampling_params import SamplingParams
 from raylane.serving.admission import Admission
 from raylane.serving.errors import BadRequestError, ServingError
 from raylane.serving.protocol import (
@@ -37,7 +36,7 @@ from raylane.serving.protocol import (
 from raylane.serving.streaming import DeltaTracker, admit, collect, merge
 
 if TYPE_CHECKING:
-    from raylane.runner import RequestOutput
+    from raylane.runner import RequestOutput, SamplingParams
     from raylane.runner.async_engine import AsyncLLMEngine, RequestStream
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -76,23 +75,19 @@ class OpenAIServing:
         logprobs: bool,
         num_prompts: int = 1,
     ) -> SamplingParams:
-        try:
-            params = SamplingParams(
-                n=request.n,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                top_k=request.top_k,
-                seed=request.seed,
-                max_tokens=max_tokens,
-                stop=request.stop or [],
-                stop_token_ids=request.stop_token_ids or [],
-                ignore_eos=request.ignore_eos,
-                logprobs=logprobs,
-            )
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from None
-        self.admission.check_sampling(params, num_prompts)
-        return params
+        return self.admission.sampling_params(
+            num_prompts,
+            n=request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            max_tokens=max_tokens,
+            stop=request.stop or [],
+            stop_token_ids=request.stop_token_ids or [],
+            ignore_eos=request.ignore_eos,
+            logprobs=logprobs,
+        )
 
     async def _chat_prompt(self, request: ChatCompletionRequest) -> tuple[list[int], int]:
         """Token ids of the chat-templated prompt and the max_tokens to use."""
