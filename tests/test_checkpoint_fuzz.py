@@ -132,5 +132,5 @@ def test_a_truncated_dcp_shard_or_safetensors_file_is_named(hf_checkpoint, dcp_c
     os.remove(os.path.join(copy, "model.safetensors"))
     with pytest.raises(WeightLoadError, match="no weights in"):
         check_checkpoint(copy)
-    with pytest.raises(ModelConfigError, match="no config.json"):
+    with pytest.raises(ModelConfigError, match=r"no config\.json"):
         check_checkpoint(os.path.join(copy, "nope"))

@@ -22,6 +22,8 @@ import grpc
 import openai
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from ray import serve
 
 from raylane.models import iter_checkpoint_tensors, make_tiny_model
@@ -525,3 +527,158 @@ def test_hostile_requests_get_4xx_on_both_protocols_while_others_carry_on(served
     after = _wait_idle(served)
     assert after["num_free_blocks"] == after["num_total_blocks"]
     assert after["num_generated_tokens"] - before["num_generated_tokens"] == 300  # nothing else ran
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+# Bounded so the suite keeps its time budget: a few dozen requests per protocol, none generating long.
+SERVE_FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+
+# Wrong for any field: other types, integer edges of the engine's int64 and beyond, floats that are not numbers.
+HOSTILE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.sampled_from([-1, 0, 2**31, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**30]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.integers(-5, 300), max_size=4),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+
+
+def _field(valid: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(valid, HOSTILE)
+
+
+SAMPLING_FIELDS = {
+    "max_tokens": _field(st.integers(1, 8)),
+    "n": _field(st.integers(1, 3)),
+    "temperature": _field(st.floats(0, 2)),
+    "top_p": _field(st.floats(0.01, 1)),
+    "top_k": _field(st.integers(-1, 300)),
+    "seed": _field(st.integers(0, 2**63 - 1)),
+    "stop": _field(st.lists(st.text(min_size=1, max_size=4), max_size=6)),
+    "stop_token_ids": _field(st.lists(st.integers(0, 300), max_size=4)),
+    "stream": st.booleans(),
+    "ignore_eos": _field(st.booleans()),
+    "logit_bias": HOSTILE,
+    "stream_options": _field(st.fixed_dictionaries({"include_usage": st.booleans()})),
+}
+MODEL = st.one_of(st.just("tiny"), st.just("tiny"), st.text(max_size=6))
+PROMPT = st.one_of(
+    st.text(max_size=40),
+    st.lists(st.integers(-3, 300), max_size=12),
+    st.lists(st.text(max_size=8), max_size=3),
+    st.lists(st.lists(st.integers(0, 258), max_size=4), max_size=3),
+)
+COMPLETION = st.fixed_dictionaries(
+    {"model": MODEL, "prompt": _field(PROMPT)},
+    optional={**SAMPLING_FIELDS, "logprobs": _field(st.just(0)), "echo": HOSTILE, "best_of": HOSTILE},
+)
+MESSAGE = st.fixed_dictionaries(
+    {
+        "role": _field(st.sampled_from(["system", "user", "assistant"])),
+        "content": _field(st.text(max_size=30)),
+    }
+)
+CHAT = st.fixed_dictionaries(
+    {"model": MODEL, "messages": _field(st.lists(MESSAGE, max_size=3))},
+    optional={**SAMPLING_FIELDS, "max_completion_tokens": _field(st.integers(1, 8)), "logprobs": HOSTILE},
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+HTTP_REQUESTS = st.one_of(
+    st.tuples(st.just("/v1/completions"), COMPLETION.map(lambda body: json.dumps(body).encode())),
+    st.tuples(st.just("/v1/chat/completions"), CHAT.map(lambda body: json.dumps(body).encode())),
+    st.tuples(
+        st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+        st.one_of(st.binary(max_size=64), JSON_VALUES.map(lambda value: json.dumps(value).encode())),
+    ),
+)
+
+CLIENT_ERRORS = {400, 404, 413}
+
+
+def _post_raw(served: Served, path: str, data: bytes) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", served.config.port, timeout=120)
+    try:
+        conn.request("POST", path, data, {"Content-Type": "application/json", **AUTH})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _assert_serves_normally_with_every_block_free(served: Served) -> None:
+    (want,) = served.expected("after the fuzzing", max_tokens=6, **SAMPLING)
+    got = served.openai().completions.create(
+        model="tiny", prompt="after the fuzzing", max_tokens=6, **SAMPLING
+    )
+    assert got.choices[0].text == want.text
+    with served.grpc_client() as client:
+        assert (
+            client.generate("after the fuzzing", model="tiny", max_tokens=6, **SAMPLING).completions[0].text
+            == want.text
+        )
+    stats = _wait_idle(served)
+    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_fuzzed_http_requests_get_a_2xx_or_a_clear_4xx(served):
+    @SERVE_FUZZ
+    @given(request=HTTP_REQUESTS)
+    def one(request: tuple[str, bytes]) -> None:
+        path, data = request
+        status, raw = _post_raw(served, path, data)
+        assert status == 200 or status in CLIENT_ERRORS, (status, raw[:300])
+        if status != 200:
+            _assert_openai_error(status, json.loads(raw), status)
+        elif raw.startswith(b"data: "):  # an event stream: every event is JSON, then [DONE]
+            events = [line.removeprefix(b"data: ") for line in raw.split(b"\n\n") if line]
+            assert events[-1] == b"[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+        else:
+            assert json.loads(raw)["choices"]
+
+    one()
+    _assert_serves_normally_with_every_block_free(served)
+
+
+GRPC_SAMPLING = st.fixed_dictionaries(
+    {},
+    optional={
+        "max_tokens": st.one_of(st.integers(0, 8), st.sampled_from([MAX_MODEL_LEN, 2**32 - 1])),
+        "temperature": st.floats(width=32),
+        "top_p": st.floats(width=32),
+        "top_k": st.integers(-(2**31), 2**31 - 1),
+        "seed": st.integers(-(2**63), 2**63 - 1),
+        "stop": st.lists(st.text(max_size=300), max_size=8),
+        "stop_token_ids": st.lists(st.integers(-(2**31), 2**31 - 1), max_size=70),
+        "n": st.one_of(st.integers(0, 3), st.sampled_from([129, 20_000, 2**32 - 1])),
+        "logprobs": st.booleans(),
+        "ignore_eos": st.booleans(),
+    },
+)
+GRPC_PROMPT = st.one_of(st.text(max_size=40), st.lists(st.integers(-(2**31), 2**31 - 1), max_size=12))
+GRPC_CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+
+
+def test_fuzzed_grpc_requests_get_ok_or_a_clear_client_error(served):
+    with served.grpc_client() as client:
+
+        @SERVE_FUZZ
+        @given(prompt=GRPC_PROMPT, model=MODEL, sampling=GRPC_SAMPLING, stream=st.booleans())
+        def one(prompt: str | list[int], model: str, sampling: dict, stream: bool) -> None:
+            try:
+                if stream:
+                    messages = list(client.generate_stream(prompt, model=model, **sampling))
+                    assert messages[-1].HasField("usage")
+                else:
+                    assert client.generate(prompt, model=model, **sampling).completions
+            except grpc.RpcError as exc:
+                assert exc.code() in GRPC_CLIENT_ERRORS and exc.details(), (exc.code(), exc.details())
+
+        one()
+    _assert_serves_normally_with_every_block_free(served)
