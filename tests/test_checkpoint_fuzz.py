@@ -134,3 +134,12 @@ def test_a_truncated_dcp_shard_or_safetensors_file_is_named(hf_checkpoint, dcp_c
         check_checkpoint(copy)
     with pytest.raises(ModelConfigError, match=r"no config\.json"):
         check_checkpoint(os.path.join(copy, "nope"))
+
+
+def test_serve_refuses_a_truncated_checkpoint_before_deploying(hf_checkpoint):
+    from raylane.serving import ModelDeploymentConfig, ServingConfig, deploy
+
+    copy = _damaged_copy(hf_checkpoint, ("model.safetensors", ("truncate", 0.5)))
+    config = ServingConfig(models=[ModelDeploymentConfig.from_path(copy)])
+    with pytest.raises(WeightLoadError, match=r"cannot read .*model\.safetensors"):
+        deploy(config)  # before Serve (or Ray) is touched: no replica retries a traceback
