@@ -532,7 +532,7 @@ def test_hostile_requests_get_4xx_on_both_protocols_while_others_carry_on(served
 # ----------------------------------------------------------------------------- fuzzing
 
 # Bounded so the suite keeps its time budget: a few dozen requests per protocol, none generating long.
-SERVE_FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+SERVE_FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 
 # Wrong for any field: other types, integer edges of the engine's int64 and beyond, floats that are not numbers.
 HOSTILE = st.one_of(
@@ -546,8 +546,12 @@ HOSTILE = st.one_of(
 )
 
 
+# Numbers at the edges of what the engine's types hold, tried often on every numeric field.
+EDGES = st.sampled_from([-1, 0, 2**31 - 1, 2**32, 2**63 - 1, 2**63, 2**64, float("nan"), float("inf"), 1e300])
+
+
 def _field(valid: st.SearchStrategy) -> st.SearchStrategy:
-    return st.one_of(valid, HOSTILE)
+    return st.one_of(valid, EDGES, HOSTILE)
 
 
 SAMPLING_FIELDS = {
@@ -564,7 +568,7 @@ SAMPLING_FIELDS = {
     "logit_bias": HOSTILE,
     "stream_options": _field(st.fixed_dictionaries({"include_usage": st.booleans()})),
 }
-MODEL = st.one_of(st.just("tiny"), st.just("tiny"), st.text(max_size=6))
+MODEL = st.one_of(st.just("tiny"), st.just("tiny"), st.just("tiny"), st.text(max_size=6))
 PROMPT = st.one_of(
     st.text(max_size=40),
     st.lists(st.integers(-3, 300), max_size=12),
@@ -572,17 +576,16 @@ PROMPT = st.one_of(
     st.lists(st.lists(st.integers(0, 258), max_size=4), max_size=3),
 )
 COMPLETION = st.fixed_dictionaries(
-    {"model": MODEL, "prompt": _field(PROMPT)},
+    {"model": MODEL, "prompt": st.one_of(PROMPT, PROMPT, HOSTILE)},
     optional={**SAMPLING_FIELDS, "logprobs": _field(st.just(0)), "echo": HOSTILE, "best_of": HOSTILE},
 )
+ROLE = st.sampled_from(["system", "user", "assistant"])
+CONTENT = st.text(max_size=30)
 MESSAGE = st.fixed_dictionaries(
-    {
-        "role": _field(st.sampled_from(["system", "user", "assistant"])),
-        "content": _field(st.text(max_size=30)),
-    }
+    {"role": st.one_of(ROLE, ROLE, ROLE, HOSTILE), "content": st.one_of(CONTENT, CONTENT, CONTENT, HOSTILE)}
 )
 CHAT = st.fixed_dictionaries(
-    {"model": MODEL, "messages": _field(st.lists(MESSAGE, max_size=3))},
+    {"model": MODEL, "messages": st.one_of(st.lists(MESSAGE, min_size=1, max_size=3), HOSTILE)},
     optional={**SAMPLING_FIELDS, "max_completion_tokens": _field(st.integers(1, 8)), "logprobs": HOSTILE},
 )
 JSON_VALUES = st.recursive(
@@ -590,7 +593,35 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=8,
 )
+# A valid completion with one field swapped for an edge or a wrong type: such a request reaches the
+# engine unless admission catches it, where a fully random one is usually refused for another field.
+VALID_SAMPLING = {
+    "max_tokens": st.integers(1, 8),
+    "n": st.integers(1, 3),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(-1, 300),
+    "seed": st.integers(0, 2**63 - 1),
+    "stop": st.lists(st.text(min_size=1, max_size=4), max_size=4),
+    "stop_token_ids": st.lists(st.integers(0, 300), max_size=4),
+    "ignore_eos": st.booleans(),
+    "stream": st.booleans(),
+}
+ONE_BAD_FIELD = st.builds(
+    lambda base, name, value: {**base, name: value},
+    st.fixed_dictionaries(
+        {
+            "model": st.just("tiny"),
+            "prompt": st.one_of(st.text(max_size=40), st.lists(st.integers(0, 258), max_size=12)),
+        },
+        optional=VALID_SAMPLING,
+    ),
+    st.sampled_from(sorted(VALID_SAMPLING)),
+    st.one_of(EDGES, EDGES, HOSTILE),
+)
 HTTP_REQUESTS = st.one_of(
+    st.tuples(st.just("/v1/completions"), ONE_BAD_FIELD.map(lambda body: json.dumps(body).encode())),
+    st.tuples(st.just("/v1/completions"), ONE_BAD_FIELD.map(lambda body: json.dumps(body).encode())),
     st.tuples(st.just("/v1/completions"), COMPLETION.map(lambda body: json.dumps(body).encode())),
     st.tuples(st.just("/v1/chat/completions"), CHAT.map(lambda body: json.dumps(body).encode())),
     st.tuples(

@@ -100,8 +100,8 @@ class OpenAIIngress:
     def __init__(
         self,
         models: dict[str, DeploymentHandle],
-        api_key_digest: str | None = None,
-        max_request_bytes: int = 2 * 2**20,
+        api_key_digest: str | None,
+        max_request_bytes: int,
     ) -> None:
         self.models = models
         self.api_key = ApiKeyCheck(api_key_digest)
