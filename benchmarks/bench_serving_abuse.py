@@ -173,18 +173,21 @@ def summarize(outcomes: list[Outcome]) -> dict:
     }
 
 
-def replica_rss_mib() -> dict[str, float]:
-    """Resident memory of each Serve replica of the application (local cluster: read from /proc)."""
-    from ray.util.state import list_actors
-
+def replica_rss_mib(app: str) -> dict[str, float]:
+    """Resident memory of the application's Serve replicas on this machine, found by process title."""
+    title = f"ray::ServeReplica:{app}:"
     rss = {}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-        name = actor.get("repr_name") or actor.get("class_name") or ""
-        if "ServeReplica" not in actor.get("class_name", "") or not actor.get("pid"):
-            continue
-        with open(f"/proc/{actor['pid']}/status") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        rss[name or str(actor["pid"])] = kib / 1024
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+            if not cmdline.startswith(title):
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue  # the process ended meanwhile
+        rss[cmdline.removeprefix(title).split("\0")[0].strip()] = kib / 1024
     return rss
 
 
@@ -200,10 +203,10 @@ async def measure(http_url: str, grpc_target: str, app: str, args: argparse.Name
         await normal_request(target, 0, 2)  # warm-up, both protocols
         await normal_request(target, 1, 2)
         reference, _ = await run_load(target, args, abuse=False)
-        rss_before = replica_rss_mib()
+        rss_before = replica_rss_mib(app)
         abused, bad_codes = await run_load(target, args, abuse=True)
         await asyncio.sleep(2.0)  # let the allocator return what the burst took
-        rss_after = replica_rss_mib()
+        rss_after = replica_rss_mib(app)
     finally:
         await target.close()
     return {
