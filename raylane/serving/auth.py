@@ -11,9 +11,13 @@ import hashlib
 import hmac
 import os
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from raylane.serving.config import ServingConfig
 from raylane.serving.errors import UnauthorizedError
+
+if TYPE_CHECKING:
+    # Only for typing: the ingress imports this module and must not load the engine (and torch).
+    from raylane.serving.config import ServingConfig
 
 
 def read_api_key(config: ServingConfig) -> str | None:

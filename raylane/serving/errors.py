@@ -25,12 +25,15 @@ class ServingError(Exception):
 
     status_code = 500
     error_type = "server_error"
+    # What ``param`` and ``code`` are when the raiser leaves them out.
+    default_param: str | None = None
+    default_code: str | None = None
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.param = param
-        self.code = code
+        self.param = param if param is not None else self.default_param
+        self.code = code if code is not None else self.default_code
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.message, self.param, self.code))
@@ -63,11 +66,7 @@ class PayloadTooLargeError(ServingError):
 
     status_code = 413
     error_type = "invalid_request_error"
-
-    def __init__(
-        self, message: str, param: str | None = None, code: str | None = "request_too_large"
-    ) -> None:
-        super().__init__(message, param, code)
+    default_code = "request_too_large"
 
 
 class UnauthorizedError(ServingError):
@@ -75,9 +74,7 @@ class UnauthorizedError(ServingError):
 
     status_code = 401
     error_type = "authentication_error"
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = "invalid_api_key") -> None:
-        super().__init__(message, param, code)
+    default_code = "invalid_api_key"
 
 
 class ModelNotFoundError(ServingError):
@@ -85,11 +82,8 @@ class ModelNotFoundError(ServingError):
 
     status_code = 404
     error_type = "invalid_request_error"
-
-    def __init__(
-        self, message: str, param: str | None = "model", code: str | None = "model_not_found"
-    ) -> None:
-        super().__init__(message, param, code)
+    default_param = "model"
+    default_code = "model_not_found"
 
 
 class OverloadedError(ServingError):
@@ -97,6 +91,4 @@ class OverloadedError(ServingError):
 
     status_code = 503
     error_type = "server_error"
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = "overloaded") -> None:
-        super().__init__(message, param, code)
+    default_code = "overloaded"
