@@ -108,12 +108,11 @@ def test_damaged_training_checkpoints_fail_naming_the_checkpoint(dcp_checkpoint,
     )
     damage = data.draw(_damages(files))
     copy = _damaged_copy(dcp_checkpoint, damage)
+    # Loading may succeed: a flipped tensor byte or pickled number is undetectable without checksums.
     try:
-        step, extra = _load_train_state(copy)
+        _load_train_state(copy)
     except CheckpointLoadError as exc:
         assert copy in str(exc) and "resume from an earlier step_* folder" in str(exc), str(exc)
-    else:
-        assert step == 3 and extra == {"epoch": 1}  # only tensor bytes were hit: nothing to detect
     finally:
         shutil.rmtree(os.path.dirname(copy))
 

@@ -12,6 +12,8 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +30,8 @@ from torch.distributed.checkpoint.state_dict import (
 from raylane.models import ModelConfig, save_checkpoint
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _DCP_DIR = "dcp"
 _TOKENIZER_FILES = (
@@ -70,11 +74,12 @@ def _check_dcp_files(path: str, dcp_dir: str) -> None:
             )
 
 
-def _load_pickle(path: str, file: str) -> dict:
+def _restore(path: str, file: str, apply: Callable[[dict], T]) -> T:
+    """``apply`` to what ``file`` (saved with torch.save) holds; any failure names the file."""
     try:
-        return torch.load(file, weights_only=False)
+        return apply(torch.load(file, weights_only=False))
     except Exception as exc:
-        raise _damaged(path, f"{file} is unreadable ({exc!r})") from exc
+        raise _damaged(path, f"{file} is unreadable or does not hold what raylane saved ({exc!r})") from exc
 
 
 def _rng_state() -> dict:
@@ -123,7 +128,12 @@ def load_train_state(
         raise FileNotFoundError(
             f"{path!r} is not a raylane checkpoint (no train_state.pt); pick a step_* folder"
         )
-    meta = _load_pickle(path, meta_path)
+
+    def restore_schedule(meta: dict) -> tuple[int, dict]:
+        scheduler.load_state_dict(meta["scheduler"])
+        return meta["step"], meta["extra"]
+
+    step, extra = _restore(path, meta_path, restore_schedule)
     dcp_dir = os.path.join(path, _DCP_DIR)
     _check_dcp_files(path, dcp_dir)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
@@ -132,13 +142,12 @@ def load_train_state(
     except (Exception, CheckpointException) as exc:  # DCP's error derives from BaseException
         raise _damaged(path, f"the shards in {dcp_dir} cannot be read ({exc!r})") from exc
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    scheduler.load_state_dict(meta["scheduler"])
     rng_path = os.path.join(path, f"rng_rank{rank}.pt")
     if not os.path.isfile(rng_path):
         # Resuming on more ranks than were saved: new ranks continue from rank 0's stream.
         rng_path = os.path.join(path, "rng_rank0.pt")
-    _set_rng_state(_load_pickle(path, rng_path)["rng"])
-    return meta["step"], meta["extra"]
+    _restore(path, rng_path, lambda saved: _set_rng_state(saved["rng"]))
+    return step, extra
 
 
 def save_hf_checkpoint(path: str, model: nn.Module, source_dir: str, rank: int) -> None:
