@@ -4,6 +4,7 @@ and the engine carries on (in-process, real engine on a tiny model, no Ray)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -115,3 +116,28 @@ def test_a_request_over_the_waiting_cap_is_refused_as_never_fitting(servings):
     response, stats = asyncio.run(normal())
     assert response.choices[0].finish_reason in {"stop", "length"}
     assert stats.num_free_blocks == stats.num_total_blocks and openai.engine.is_running
+
+
+def test_prompts_are_tokenized_off_the_engine_loop_and_the_event_loop(servings):
+    openai, _ = servings
+    tokenizer = openai.engine.tokenizer
+    threads = []
+    encode = tokenizer.encode
+
+    def recording_encode(text, *args, **kwargs):
+        threads.append(threading.current_thread())
+        return encode(text, *args, **kwargs)
+
+    async def requests() -> None:
+        await openai.create_completion(CompletionRequest(model="m", prompt="a text prompt", max_tokens=2))
+        await openai.create_chat_completion(
+            ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        )
+
+    tokenizer.encode = recording_encode
+    try:
+        asyncio.run(requests())  # its event loop runs on this (the main) thread
+    finally:
+        del tokenizer.encode
+    assert len(threads) == 2
+    assert all(t is not threading.main_thread() and t.name != "raylane-engine-loop" for t in threads)
