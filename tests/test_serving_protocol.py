@@ -216,3 +216,25 @@ def test_every_public_name_resolves():
 
     for name in raylane.serving.__all__:
         assert getattr(raylane.serving, name) is not None
+
+
+def test_grpc_listens_everywhere_so_it_needs_an_api_key_or_an_explicit_opt_out(tmp_path, monkeypatch):
+    from raylane.models import make_tiny_model
+    from raylane.serving import deploy
+    from raylane.serving.auth import read_api_key
+
+    model = make_tiny_model(str(tmp_path / "m"))
+    monkeypatch.delenv("RAYLANE_API_KEY", raising=False)
+    config = ServingConfig(models=[ModelDeploymentConfig.from_path(model)], grpc_port=9000)
+    with pytest.raises(ValueError, match=r"every interface \(\[::\]:9000.*grpc_without_api_key"):
+        deploy(config)  # refused before Serve (or Ray) is touched
+    assert ServingConfig(models=config.models).grpc_port is None  # gRPC is off unless asked for
+
+    key_file = tmp_path / "key"
+    key_file.write_text("from-a-file\n")
+    monkeypatch.setenv("RAYLANE_API_KEY", "from-the-env")
+    assert read_api_key(config) == "from-the-env"
+    assert read_api_key(config.model_copy(update={"api_key_file": str(key_file)})) == "from-a-file"
+    key_file.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        read_api_key(config.model_copy(update={"api_key_file": str(key_file)}))
