@@ -11,7 +11,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raylane.actors.roles import ActorConfig, CriticConfig, OptimConfig, RolloutConfig, TrainConfig
+from raylane.runner import EngineOptions
 from raylane.serving.weights import WeightPublishConfig
+
+# A colocated engine shares its GPU with trainers whose parameters, gradients and optimiser state stay
+# there while it generates (its KV cache is released only while they train): it takes less than the
+# engine's own default share unless the job sets rollout.engine.gpu_memory_utilization.
+COLOCATED_GPU_MEMORY_UTILIZATION = 0.4
 
 
 class _Strict(BaseModel):
@@ -106,7 +112,9 @@ class JobConfig(_Strict):
     actor: ActorConfig = ActorConfig(micro_batch_size=64, optim=OptimConfig(lr=6e-4))
     critic: CriticConfig = CriticConfig(micro_batch_size=64, optim=OptimConfig(lr=1e-3))
     reference: TrainConfig = TrainConfig()
-    rollout: RolloutConfig = RolloutConfig(max_tokens=4)
+    rollout: RolloutConfig = RolloutConfig(
+        max_tokens=4, engine=EngineOptions(max_num_seqs=256, max_num_batched_tokens=4096)
+    )
     placement: PlacementConfig = PlacementConfig()
     sft: SFTConfig = SFTConfig()
     steps: int = Field(200, ge=0, description="RL steps")
@@ -120,6 +128,9 @@ class JobConfig(_Strict):
     resume_from: str | None = Field(None, description="checkpoint folder (a step_* folder) to resume from")
     output_dir: str = "outputs/run"
     seed: int = 0
+    profile_memory: bool = Field(
+        False, description="record each phase's peak device memory (memory/<phase>_peak_gib; GPU)"
+    )
     ray_address: str | None = Field(None, description="join this Ray cluster; None starts a local one")
     publish: WeightPublishConfig | None = Field(
         None, description="also publish each new policy version to a running `raylane serve` app"
@@ -137,6 +148,10 @@ class JobConfig(_Strict):
             if self.placement.mode == "colocated"
             else self.placement.rollout_ranks
         )
+        engine = self.rollout.engine
+        if self.placement.mode == "colocated" and "gpu_memory_utilization" not in engine.model_fields_set:
+            engine = engine.model_copy(update={"gpu_memory_utilization": COLOCATED_GPU_MEMORY_UTILIZATION})
+            self.rollout = self.rollout.model_copy(update={"engine": engine})
         if ranks % self.placement.rollout_tp:
             raise ValueError(
                 f"placement.rollout_tp ({self.placement.rollout_tp}) must divide the rollout ranks ({ranks})"

@@ -2,7 +2,7 @@
 
 from raylane.runner.async_engine import AsyncLLMEngine, EngineDeadError, EngineOverloadedError, RequestStream
 from raylane.runner.attention import AttentionBackend, get_attention_backend, register_attention_backend
-from raylane.runner.config import EngineConfig
+from raylane.runner.config import EngineConfig, EngineOptions
 from raylane.runner.engine import LLMEngine, UnknownRequestError
 from raylane.runner.llm import LLM
 from raylane.runner.outputs import CompletionOutput, EngineStats, RequestOutput
@@ -15,6 +15,7 @@ __all__ = [
     "CompletionOutput",
     "EngineConfig",
     "EngineDeadError",
+    "EngineOptions",
     "EngineOverloadedError",
     "EngineStats",
     "LLMEngine",

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from raylane.runner import EngineOptions
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -40,7 +42,14 @@ class TrainConfig(_Strict):
     """What every trained model (policy or critic) needs."""
 
     model: str = Field("", description="Hugging Face checkpoint folder to start from")
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="compute dtype ('auto': bf16 on CUDA, fp32 on CPU); parameters, gradients and "
+        "optimiser state stay fp32 (FSDP2 mixed precision)",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in backward: less memory, ~1/3 more compute"
+    )
     micro_batch_size: int = Field(32, ge=1, description="rows per forward/backward on one rank")
     mini_batch_size: int | None = Field(
         None, ge=1, description="rows per optimizer step (all ranks); None: one"
@@ -58,19 +67,17 @@ class CriticConfig(TrainConfig):
 
 
 class RolloutConfig(_Strict):
-    """Generation settings of the rollout role (the runner's engine knobs plus sampling)."""
+    """Generation settings of the rollout role: sampling, plus every knob of the runner's engine."""
 
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = -1
     max_tokens: int = Field(16, ge=1)
     n: int = Field(8, ge=1, description="samples per prompt")
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 4096
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    attention_backend: str = "torch"
+    engine: EngineOptions = Field(
+        default_factory=EngineOptions,
+        description="the engine's knobs (the role sets the device; 'auto' dtype is bf16 on CUDA)",
+    )
     free_cache_when_idle: bool = Field(
         True, description="release the KV cache while colocated trainers train"
     )

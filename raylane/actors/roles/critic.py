@@ -29,9 +29,13 @@ class Critic(CheckpointedTrainer):
         if not config.model:
             raise ValueError("the critic needs config.model: a checkpoint folder (usually the policy's)")
         self.config = config
-        dtype = resolve_train_dtype(config.dtype, self.device)
-        model = ValueModel.from_pretrained(config.model, dtype).to(self.device)
-        self.model = shard_model(model, self.mesh["dp"])
+        model = ValueModel.from_pretrained(config.model, torch.float32).to(self.device)
+        self.model = shard_model(
+            model,
+            self.mesh["dp"],
+            resolve_train_dtype(config.dtype, self.device),
+            config.activation_checkpointing,
+        )
         self.optimizer, self.scheduler = build_optimizer(self.model, config.optim)
         self.global_step = 0
 

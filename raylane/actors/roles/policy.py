@@ -38,8 +38,12 @@ class _PolicyModel(Worker):
         if not config.model:
             raise ValueError("the policy role needs config.model: a Hugging Face checkpoint folder")
         self.config = config
-        self.dtype = resolve_train_dtype(config.dtype, self.device)
-        self.model = shard_model(load_model(config.model, self.dtype, self.device), self.mesh["dp"])
+        self.model = shard_model(
+            load_model(config.model, torch.float32, self.device),
+            self.mesh["dp"],
+            resolve_train_dtype(config.dtype, self.device),
+            config.activation_checkpointing,
+        )
 
     def _log_probs(self, batch: Batch) -> torch.Tensor:
         temperature = batch.meta.get("temperature", 1.0) or 1.0

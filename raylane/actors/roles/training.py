@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from raylane.actors.dispatch import Dispatch, register
 from raylane.actors.roles.checkpoint import load_train_state, save_train_state
@@ -24,16 +24,30 @@ from raylane.rlhf.batch import Batch
 
 
 def resolve_train_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of a trained model: ``auto`` is bf16 on CUDA and fp32 on CPU."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """FSDP2: shard each decoder layer, then the rest, over the data-parallel mesh."""
+def shard_model(
+    model: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype, activation_checkpointing: bool = False
+) -> nn.Module:
+    """FSDP2: shard each decoder layer, then the rest, over the data-parallel mesh.
+
+    ``model`` holds fp32 parameters: they are the master weights the optimiser updates. With a lower
+    ``compute_dtype`` FSDP2 all-gathers them in that dtype for forward and backward and reduces the
+    gradients in fp32 (its ``MixedPrecisionPolicy``), so no second copy of the weights is kept by hand
+    and bf16 rounding never accumulates in the weights or the Adam moments.
+    """
+    if compute_dtype == torch.float32:
+        policy = MixedPrecisionPolicy()
+    else:
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    model.model.activation_checkpointing = activation_checkpointing
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
