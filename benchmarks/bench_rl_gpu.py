@@ -147,7 +147,7 @@ def main() -> None:
     step_s = _median(history, "timing/step_s")
     transitions = sum(seconds[p] or 0.0 for p in ("sleep", "wake_up", "sync_weights"))
     train_tokens = _median(history, "throughput/train_tokens")
-    epochs = job.actor.epochs
+    epochs = job.actor.ppo_epochs
     in_job = _median(history, "throughput/tokens_per_s")
     result = {
         "device": device,

@@ -11,6 +11,7 @@ Worker groups do the heavy work; this file only moves batches between them.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -96,7 +97,7 @@ def compute_batch_advantages(batch: Batch, config: JobConfig) -> dict[str, float
                 algo.kl_estimator,
             )
     advantages, returns = compute_advantages(
-        algo.estimator,
+        algo.name,
         token_rewards,
         mask,
         values=batch.tensors.get("values"),
@@ -204,7 +205,8 @@ class RLJob:
             self.weight_sync = WeightSync.disaggregated(self.actor, self.rollout)
         self.ref = trainers.ref if cfg.use_reference else None
         self.critic = trainers.critic if cfg.algorithm.uses_critic else None
-        self.rollout_dp = rollouts.layout("rollout").dp
+        # Held-out batches are padded to split evenly over the rollout and the reward ranks.
+        self.eval_divisor = math.lcm(rollouts.layout("rollout").dp, trainers.layout("reward").dp)
         # Colocated trainers share the rollout's device: free its cache while they work.
         self._sleeps = placement.mode == "colocated" and cfg.rollout.free_cache_when_idle
         self._memory_probes = [self.actor, self.rollout] if cfg.profile_memory else []
@@ -227,6 +229,8 @@ class RLJob:
             "prompt": [example.prompt or "" for example in examples],
             "messages": [example.messages for example in examples],
             "ground_truth": [example.ground_truth for example in examples],
+            "reward_fn": [example.reward_fn for example in examples],
+            "extra": [example.extra for example in examples],
         }
         return Batch.from_dict(rows, meta=meta)
 
@@ -315,7 +319,7 @@ class RLJob:
         examples = list(self.eval_data)[: self.config.eval_prompts]
         if not examples:
             return float("nan")
-        padded = examples + examples[: (-len(examples)) % self.rollout_dp]
+        padded = examples + examples[: (-len(examples)) % self.eval_divisor]
         batch = self.rollout.generate(self.prompt_batch(padded, n=1, temperature=0.0))
         scores = self.reward.compute_rewards(batch)["scores"][: len(examples)]
         return float(scores.mean())

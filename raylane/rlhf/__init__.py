@@ -10,6 +10,7 @@ from raylane.rlhf.advantages import (
     compute_gae,
     discounted_returns,
     grpo_advantages,
+    needs_critic,
     rloo_advantages,
 )
 from raylane.rlhf.batch import Batch
@@ -62,6 +63,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "needs_critic",
     "ppo_policy_loss",
     "register_reward",
     "register_toy_task",

@@ -68,4 +68,13 @@ class Critic(CheckpointedTrainer):
                 **{f"critic/{k}": float(v) for k, v in stats.items()},
             }
 
-        return rows_metrics(optimizer_steps(self, batch, loss_fn, "critic"))
+        return rows_metrics(
+            optimizer_steps(
+                self,
+                batch,
+                loss_fn,
+                "critic",
+                epochs=self.config.ppo_epochs,
+                mini_batch_size=self.config.mini_batch_size,
+            )
+        )

@@ -85,7 +85,10 @@ class PolicyTrainer(_PolicyModel, CheckpointedTrainer, WeightSyncSource):
 
     @register(Dispatch.DP_SHARD, pad=True)
     def update_actor(self, batch: Batch) -> Batch:
-        """One PPO/GRPO update from ``old_log_probs``, ``advantages`` (and ``ref_log_probs`` for a KL loss)."""
+        """A PPO/GRPO update from ``old_log_probs``, ``advantages`` (and ``ref_log_probs`` for a KL loss).
+
+        ``config.ppo_epochs`` passes over the batch, one optimizer step per ``config.mini_batch_size`` rows.
+        """
         loss_cfg = self.config.loss
         temperature = batch.meta.get("temperature", 1.0) or 1.0
 
@@ -122,7 +125,16 @@ class PolicyTrainer(_PolicyModel, CheckpointedTrainer, WeightSyncSource):
                 metrics["actor/kl_loss"] = float(kl)
             return loss, metrics
 
-        return rows_metrics(optimizer_steps(self, batch, loss_fn, "actor"))
+        return rows_metrics(
+            optimizer_steps(
+                self,
+                batch,
+                loss_fn,
+                "actor",
+                epochs=self.config.ppo_epochs,
+                mini_batch_size=self.config.mini_batch_size,
+            )
+        )
 
     @register(Dispatch.DP_SHARD, pad=True)
     def sft_step(self, batch: Batch) -> Batch:

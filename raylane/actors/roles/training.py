@@ -104,9 +104,22 @@ def rows_metrics(metrics: dict[str, float]) -> Batch:
 
 
 def optimizer_steps(
-    worker, batch: Batch, loss_fn, prefix: str, optimizer=None, scheduler=None
+    worker,
+    batch: Batch,
+    loss_fn,
+    prefix: str,
+    *,
+    epochs: int = 1,
+    mini_batch_size: int | None = None,
+    optimizer=None,
+    scheduler=None,
 ) -> dict[str, float]:
     """Epochs x mini-batches of gradient-accumulated micro-batches; returns the mean metrics.
+
+    ``batch`` is this rank's shard; ``mini_batch_size`` counts rows over all ranks (None: the
+    whole batch in one optimizer step), so each rank steps on ``mini_batch_size / dp_size`` of
+    its rows. From the second optimizer step on the policy differs from the one that sampled
+    the batch, which is what gives PPO's ratio and clipping something to act on.
 
     ``worker`` has ``model`` (FSDP2-sharded), ``optimizer``, ``scheduler``, ``config`` (a TrainConfig)
     and ``global_step``; ``optimizer``/``scheduler`` override the worker's (``scheduler=None`` with
@@ -116,9 +129,9 @@ def optimizer_steps(
         optimizer, scheduler = worker.optimizer, worker.scheduler
     worker.model.train()
     cfg = worker.config
-    mini = len(batch) if cfg.mini_batch_size is None else max(1, cfg.mini_batch_size // worker.dp_size)
+    mini = len(batch) if mini_batch_size is None else max(1, mini_batch_size // worker.dp_size)
     totals: dict[str, list[float]] = defaultdict(list)
-    for _ in range(cfg.epochs):
+    for _ in range(epochs):
         for mini_batch in batch.split(mini):
             optimizer.zero_grad(set_to_none=True)
             micros = mini_batch.split(cfg.micro_batch_size)
