@@ -1,4 +1,4 @@
-"""Single controllers on the driver: the RL dataflow, weight-sync planning, scaling and recovery."""
+"""Single controllers on the driver: the RL job's config and dataflow, its metrics, and weight-sync planning."""
 
 from raylane.controllers.config import (
     AlgorithmConfig,
