@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from raylane.config import StrictConfig
 
 
-class EngineOptions(BaseModel):
+class EngineOptions(StrictConfig):
     """Every knob of an :class:`~raylane.runner.LLMEngine` but the model: what a role that brings its
     own model (the RL rollout) exposes in its config."""
-
-    model_config = ConfigDict(extra="forbid")
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
