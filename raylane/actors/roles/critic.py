@@ -10,10 +10,9 @@ from raylane.actors.roles.training import (
     CheckpointedTrainer,
     build_optimizer,
     forward_micro_batches,
-    optimizer_steps,
+    ppo_update,
     resolve_train_dtype,
     response_slice,
-    rows_metrics,
     sequence_inputs,
     shard_model,
 )
@@ -68,13 +67,4 @@ class Critic(CheckpointedTrainer):
                 **{f"critic/{k}": float(v) for k, v in stats.items()},
             }
 
-        return rows_metrics(
-            optimizer_steps(
-                self,
-                batch,
-                loss_fn,
-                "critic",
-                epochs=self.config.ppo_epochs,
-                mini_batch_size=self.config.mini_batch_size,
-            )
-        )
+        return ppo_update(self, batch, loss_fn, "critic")

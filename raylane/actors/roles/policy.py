@@ -16,6 +16,7 @@ from raylane.actors.roles.training import (
     forward_micro_batches,
     optimizer_steps,
     policy_log_probs,
+    ppo_update,
     resolve_train_dtype,
     rows_metrics,
     shard_model,
@@ -125,16 +126,7 @@ class PolicyTrainer(_PolicyModel, CheckpointedTrainer, WeightSyncSource):
                 metrics["actor/kl_loss"] = float(kl)
             return loss, metrics
 
-        return rows_metrics(
-            optimizer_steps(
-                self,
-                batch,
-                loss_fn,
-                "actor",
-                epochs=self.config.ppo_epochs,
-                mini_batch_size=self.config.mini_batch_size,
-            )
-        )
+        return ppo_update(self, batch, loss_fn, "actor")
 
     @register(Dispatch.DP_SHARD, pad=True)
     def sft_step(self, batch: Batch) -> Batch:

@@ -155,6 +155,16 @@ def optimizer_steps(
     return {name: sum(values) / len(values) for name, values in totals.items()}
 
 
+def ppo_update(worker, batch: Batch, loss_fn, prefix: str) -> Batch:
+    """:func:`optimizer_steps` with the worker's ``ppo_epochs`` and ``mini_batch_size``, as one metrics row."""
+    cfg = worker.config
+    return rows_metrics(
+        optimizer_steps(
+            worker, batch, loss_fn, prefix, epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size
+        )
+    )
+
+
 class CheckpointedTrainer(Worker):
     """A trained role's checkpoint verbs; it holds ``model``, ``optimizer``, ``scheduler``, ``global_step``."""
 
