@@ -224,11 +224,13 @@ def test_job_names_are_checked_against_their_registries(monkeypatch):
         None,
         [
             "algorithm.kl_estimator=my_kl",
-            "task.reward_fn=tests.custom_reward:row_weight",
+            "task.reward_fn=tests.user_code:row_weight",
+            "task.name=tests.user_code:COUNT_UP",
             "algorithm.name=ppo",
         ],
     )
-    assert cfg.algorithm.kl_estimator == "my_kl" and cfg.task.reward_fn == "tests.custom_reward:row_weight"
+    assert cfg.algorithm.kl_estimator == "my_kl" and cfg.task.reward_fn == "tests.user_code:row_weight"
+    assert cfg.task.name == "tests.user_code:COUNT_UP"
     assert cfg.algorithm.uses_critic and not load_config(JobConfig).algorithm.uses_critic
 
 

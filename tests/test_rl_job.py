@@ -88,7 +88,7 @@ def test_disaggregated_ppo_with_reference_runs(ray_cluster, tmp_path):
 
 
 def _weighted_task(tmp_path, train_weights: list[float], eval_weights: list[float]) -> dict:
-    """A JSONL task whose rows carry a ``weight`` field, scored by tests.custom_reward:row_weight
+    """A JSONL task whose rows carry a ``weight`` field, scored by tests.user_code:row_weight
     inside the reward actors (which import it by path: nothing registered it there)."""
     for split, weights in (("train", train_weights), ("eval", eval_weights)):
         rows = [
@@ -99,7 +99,7 @@ def _weighted_task(tmp_path, train_weights: list[float], eval_weights: list[floa
         "name": None,
         "train_file": str(tmp_path / "train.jsonl"),
         "eval_file": str(tmp_path / "eval.jsonl"),
-        "reward_fn": "tests.custom_reward:row_weight",
+        "reward_fn": "tests.user_code:row_weight",
     }
 
 
@@ -205,7 +205,7 @@ def test_reward_rows_pick_their_function_and_pass_their_fields():
             "extra": [{"weight": 0.25}, {"weight": 0.75}, {}],
         }
     )
-    worker = RewardWorker(reward_fn="tests.custom_reward:row_weight")
+    worker = RewardWorker(reward_fn="tests.user_code:row_weight")
     assert worker.compute_rewards(batch)["scores"].tolist() == [0.25, 1.0, 0.0]
     with pytest.raises(ValueError, match="no 'nope'"):
-        RewardWorker(reward_fn="tests.custom_reward:nope")
+        RewardWorker(reward_fn="tests.user_code:nope")
