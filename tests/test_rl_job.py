@@ -104,10 +104,12 @@ def _weighted_task(tmp_path, train_weights: list[float], eval_weights: list[floa
 
 
 def test_reward_function_by_import_path_gets_the_row_fields(ray_cluster, tmp_path):
-    task = _weighted_task(tmp_path, [0.5] * 16, [0.0, 0.25, 0.5, 0.75])
-    history = RLJob(_config(tmp_path, "custom-reward", task=task, eval_prompts=4)).run()
+    task = _weighted_task(tmp_path, [0.5] * 16, [0.0, 0.25, 0.5])
+    # Two reward ranks, one rollout rank: the 3 held-out prompts are padded to split over both.
+    placement = {"mode": "disaggregated", "trainer_ranks": 2, "rollout_ranks": 1, "cpus_per_bundle": 0.5}
+    history = RLJob(_config(tmp_path, "custom-reward", task=task, eval_prompts=3, placement=placement)).run()
     assert [r["reward_mean"] for r in history[1:]] == [0.5, 0.5]
-    assert history[0]["eval_reward_mean"] == history[-1]["eval_reward_mean"] == 0.375
+    assert history[0]["eval_reward_mean"] == history[-1]["eval_reward_mean"] == 0.25
 
 
 def test_ppo_epochs_and_mini_batches_move_the_ratio_and_clip(ray_cluster, tmp_path):
