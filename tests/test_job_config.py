@@ -8,10 +8,10 @@ import sys
 import pytest
 from ray._private.utils import get_dashboard_dependency_error
 
-from raylane.actors.roles import RolloutConfig
 from raylane.config import ConfigError, load_config
 from raylane.controllers.config import COLOCATED_GPU_MEMORY_UTILIZATION, JobConfig
 from raylane.controllers.rl import _include_dashboard
+from raylane.roles import RolloutConfig
 from raylane.runner import EngineConfig, EngineOptions
 
 MAIN_JOB = "examples/grpo_reverse.yaml"

@@ -169,9 +169,9 @@ def test_job_publishes_each_policy_version_to_a_serving_app(ray_cluster, tmp_pat
 
 
 def test_reward_model_scores_the_last_response_token(tmp_path):
-    from raylane.actors.roles import RewardWorker
+    from raylane.batch import Batch
     from raylane.models import ValueModel, save_checkpoint, tiny_config
-    from raylane.rlhf import Batch
+    from raylane.roles import RewardWorker
 
     config = tiny_config()
     model = ValueModel(config)
@@ -196,8 +196,8 @@ def test_reward_model_scores_the_last_response_token(tmp_path):
 
 
 def test_reward_rows_pick_their_function_and_pass_their_fields():
-    from raylane.actors.roles import RewardWorker
-    from raylane.rlhf import Batch
+    from raylane.batch import Batch
+    from raylane.roles import RewardWorker
 
     batch = Batch.from_dict(
         {

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from raylane.actors.roles.training import shard_model
 from raylane.models import load_model
+from raylane.roles.training import shard_model
 from tests.conftest import free_port
 
 

@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from raylane.actors.roles import ActorConfig, CriticConfig, OptimConfig, RolloutConfig, TrainConfig
 from raylane.config import StrictConfig
 from raylane.rlhf import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, REWARD_FUNCTIONS, TOY_TASKS, needs_critic
+from raylane.roles import ActorConfig, CriticConfig, OptimConfig, RolloutConfig, TrainConfig
 from raylane.runner import EngineOptions
 from raylane.serving.weights import WeightPublishConfig
 

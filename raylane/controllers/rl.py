@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from raylane.actors import ResourcePool, Role, WorkerGroup
-from raylane.actors.roles import Critic, PolicyTrainer, Reference, RewardWorker, Rollout
+from raylane.batch import Batch
 from raylane.controllers.config import JobConfig
 from raylane.controllers.metrics import MetricsTracker, progress_line
 from raylane.controllers.weight_sync import WeightSync
@@ -37,7 +37,7 @@ from raylane.rlhf import (
     masked_mean,
     scores_to_token_rewards,
 )
-from raylane.rlhf.batch import Batch
+from raylane.roles import Critic, PolicyTrainer, Reference, RewardWorker, Rollout
 
 logger = logging.getLogger(__name__)
 

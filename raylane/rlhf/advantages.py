@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from raylane.registry import Registry
 from raylane.rlhf.masks import check_same_shape, masked_whiten
-from raylane.rlhf.registry import Registry
 
 GroupIndex = Sequence[Hashable] | torch.Tensor
 

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import torch
 
+from raylane.registry import Registry
 from raylane.rlhf.losses import aggregate_loss
 from raylane.rlhf.masks import check_same_shape, masked_mean
-from raylane.rlhf.registry import Registry
 
 KLEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -8,9 +8,15 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from raylane.actors.dispatch import Dispatch, register
-from raylane.actors.roles.checkpoint import save_hf_checkpoint
-from raylane.actors.roles.config import ActorConfig, TrainConfig
-from raylane.actors.roles.training import (
+from raylane.actors.worker import Worker
+from raylane.batch import Batch
+from raylane.fault_tolerance.checkpoint import save_hf_checkpoint
+from raylane.models import load_model
+from raylane.rlhf.kl import kl_loss
+from raylane.rlhf.logprobs import entropy_from_logits
+from raylane.rlhf.losses import aggregate_loss, ppo_policy_loss
+from raylane.roles.config import ActorConfig, TrainConfig
+from raylane.roles.training import (
     CheckpointedTrainer,
     build_optimizer,
     forward_micro_batches,
@@ -21,13 +27,7 @@ from raylane.actors.roles.training import (
     rows_metrics,
     shard_model,
 )
-from raylane.actors.weight_transfer import WeightSyncSource
-from raylane.actors.worker import Worker
-from raylane.models import load_model
-from raylane.rlhf.batch import Batch
-from raylane.rlhf.kl import kl_loss
-from raylane.rlhf.logprobs import entropy_from_logits
-from raylane.rlhf.losses import aggregate_loss, ppo_policy_loss
+from raylane.weight_transfer import WeightSyncSource
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ import logging
 import torch
 
 from raylane.actors.dispatch import Dispatch, register
-from raylane.actors.roles.config import RolloutConfig
-from raylane.actors.weight_transfer import WeightSyncTarget
+from raylane.batch import Batch
 from raylane.models import ModelConfig, TensorParallelGroup, load_model
-from raylane.rlhf.batch import Batch
+from raylane.roles.config import RolloutConfig
 from raylane.runner import EngineConfig, LLMEngine, SamplingParams
 from raylane.runner.engine import resolve_dtype
+from raylane.weight_transfer import WeightSyncTarget
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from raylane.actors.dispatch import Dispatch, register
-from raylane.actors.roles.checkpoint import load_train_state, save_train_state
-from raylane.actors.roles.config import OptimConfig
 from raylane.actors.worker import Worker
-from raylane.rlhf.batch import Batch
+from raylane.batch import Batch
+from raylane.fault_tolerance.checkpoint import load_train_state, save_train_state
+from raylane.roles.config import OptimConfig
 
 
 def resolve_train_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 
 from raylane.actors.dispatch import Dispatch, register
-from raylane.actors.roles.config import CriticConfig
-from raylane.actors.roles.training import (
+from raylane.batch import Batch
+from raylane.models import ValueModel
+from raylane.rlhf.losses import value_loss
+from raylane.roles.config import CriticConfig
+from raylane.roles.training import (
     CheckpointedTrainer,
     build_optimizer,
     forward_micro_batches,
@@ -16,9 +19,6 @@ from raylane.actors.roles.training import (
     sequence_inputs,
     shard_model,
 )
-from raylane.models import ValueModel
-from raylane.rlhf.batch import Batch
-from raylane.rlhf.losses import value_loss
 
 
 class Critic(CheckpointedTrainer):

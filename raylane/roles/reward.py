@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from raylane.actors.dispatch import Dispatch, register
-from raylane.actors.roles.training import forward_micro_batches, sequence_inputs
 from raylane.actors.worker import Worker
+from raylane.batch import Batch
 from raylane.models import ValueModel
-from raylane.rlhf.batch import Batch
 from raylane.rlhf.rewards import get_reward_fn
+from raylane.roles.training import forward_micro_batches, sequence_inputs
 
 
 class RewardWorker(Worker):
