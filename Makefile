@@ -26,6 +26,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check raylane tests examples benchmarks
 	$(VENV)/bin/ruff format --check raylane tests examples benchmarks
+	$(VENV)/bin/lint-imports
 
 test: $(STAMP) redis lint
 	$(VENV)/bin/python -m pytest -q tests

@@ -30,7 +30,7 @@ import ray
 import torch
 
 from raylane.actors import Dispatch, ResourcePool, Worker, WorkerGroup, register
-from raylane.rlhf.batch import Batch
+from raylane.batch import Batch
 
 RANKS = 8
 BATCH_BYTES = 64 * 1024 * 1024

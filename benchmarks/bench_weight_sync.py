@@ -30,10 +30,10 @@ import torch
 from torch.distributed.fsdp import fully_shard
 
 from raylane.actors import Dispatch, ResourcePool, Role, WorkerGroup, register, wait_all
-from raylane.actors.weight_transfer import WeightSyncSource, WeightSyncTarget
-from raylane.controllers.weight_sync import WeightSync, WeightSyncConfig
+from raylane.controllers.weight_sync import WeightSync
 from raylane.models import CausalLM, ModelConfig, TensorParallelGroup, make_tiny_tokenizer
 from raylane.runner import EngineConfig, LLMEngine
+from raylane.weight_transfer import WeightSyncConfig, WeightSyncSource, WeightSyncTarget
 
 SHAPES = {
     # GPT-2-small-sized Llama: 109.5 M parameters (tied embeddings), 438 MB in fp32.

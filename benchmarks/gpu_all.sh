@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement of raylane in one go, for a GPU machine that has PyTorch but not Ray:
-# the GPU tests, the runner benchmark (batch 1/16/64/256 + GRPO prefix caching, against HF), batch 1
-# again with async scheduling off, the same-GPU weight reshard and, with two GPUs, the
-# disaggregated NCCL weight-sync benchmark and the two-GPU colocated reshard.
+# the GPU tests, the RL job on the GPU phase by phase (bench_rl_gpu), the runner benchmark (batch
+# 1/16/64/256 + GRPO prefix caching, against HF), batch 1 again with async scheduling off, the
+# same-GPU weight reshard and, with two GPUs, the disaggregated NCCL weight-sync benchmark and the
+# two-GPU colocated reshard. Run in parts with ONLY=name1,name2 (a step's name, as printed).
 #
 #   ../shared/tools/gpu-wheels pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
 #   bash benchmarks/gpu_all.sh [RESULTS_DIR]      # default: $OUT if set, else benchmarks/results
@@ -23,13 +24,16 @@ echo "GPUs: $gpus"
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 seconds=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
   echo "== $name"
   timeout "$seconds" "$@" > "$results/$name.log" 2>&1
   echo "   exit $? (log: $results/$name.log)"
-  grep -E "passed|failed|tok/s|GB/s|x$|Error" "$results/$name.log" | grep -v -i warn | tail -12
+  grep -E "passed|failed|tok/s|GB/s|x$|Error|share|gap|reward" "$results/$name.log" | grep -v -i warn | tail -12
 }
 
-step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_runner_gpu.py tests/test_actors_gpu.py
+step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_runner_gpu.py tests/test_actors_gpu.py \
+  tests/test_runner_compile.py tests/test_training.py
+step bench_rl_gpu 560 python3 benchmarks/bench_rl_gpu.py --output "$results" --fp32-trainer
 step bench_runner 420 python3 benchmarks/bench_runner.py --preset llama-1b --device cuda \
   --batch-sizes 1 16 64 256 --output "$results/bench_runner_cuda_llama-1b.json"
 # The same batch-1 workload with async scheduling off: its effect, measured on this machine.

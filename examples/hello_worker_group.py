@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from raylane.actors import Dispatch, ResourcePool, Worker, WorkerGroup, register
-from raylane.rlhf.batch import Batch
+from raylane.batch import Batch
 
 
 class Squarer(Worker):

@@ -200,15 +200,27 @@ def _validation_message(err: pydantic.ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def load_config_data(
+    model_cls: type[BaseModel], path: str | None = None, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The merged data :func:`load_config` would validate, for callers that add to it first.
+
+    Reads ``path`` with the YAML 1.2 rules above and applies ``overrides``; every key is checked
+    against ``model_cls`` (:class:`ConfigError` for an unknown one), values are not validated yet.
+    """
+    data = _merge_section(model_cls, {}, _read_yaml(path) if path is not None else {}, "")
+    for override in overrides:
+        data = _merge_section(model_cls, data, _override_as_dict(override), "")
+    return data
+
+
 def load_config(model_cls: type[M], path: str | None = None, overrides: Sequence[str] = ()) -> M:
     """Build ``model_cls`` from the YAML file ``path`` (optional) and ``key=value`` overrides.
 
     Keys absent from both keep their defaults. Raises :class:`ConfigError` for an unknown key,
     a malformed override or a value of the wrong type.
     """
-    data = _merge_section(model_cls, {}, _read_yaml(path) if path is not None else {}, "")
-    for override in overrides:
-        data = _merge_section(model_cls, data, _override_as_dict(override), "")
+    data = load_config_data(model_cls, path, overrides)
     try:
         return model_cls.model_validate(data)
     except pydantic.ValidationError as err:

@@ -34,7 +34,7 @@ from raylane.actors import (
 )
 from raylane.actors.dispatch import DISPATCH_MODES, DispatchTarget
 from raylane.actors.mesh import MeshLayout
-from raylane.rlhf.batch import Batch
+from raylane.batch import Batch
 
 # Ray workers cannot import this test module: ship its Worker classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

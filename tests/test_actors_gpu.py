@@ -19,8 +19,9 @@ from raylane.actors import (
     WorkerGroupConfig,
     register,
 )
-from raylane.controllers import WeightSync, WeightSyncConfig
-from raylane.rlhf.batch import Batch
+from raylane.batch import Batch
+from raylane.controllers import WeightSync
+from raylane.weight_transfer import WeightSyncConfig
 from tests.test_weight_sync import CONFIG, SEED, FSDPTrainer, TPRollout
 
 pytestmark = [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from raylane.rlhf.batch import Batch
+from raylane.batch import Batch
 
 
 def make_batch(rows: int = 10) -> Batch:

@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raylane.actors.roles.checkpoint import CheckpointLoadError, load_train_state, save_train_state
+from raylane.fault_tolerance import CheckpointLoadError, load_train_state, save_train_state
 from raylane.models import ModelConfigError, WeightLoadError, check_checkpoint, load_model, make_tiny_model
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

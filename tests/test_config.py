@@ -196,3 +196,63 @@ def test_strict_config_validates_assignment():
     cfg = Job()
     with pytest.raises(ValueError, match="micro_batch_size"):
         cfg.trainer.micro_batch_size = "many"
+
+
+# ---- the RL job's config: registered names and batch splits are checked when it loads ----------
+
+
+def test_job_names_are_checked_against_their_registries(monkeypatch):
+    from raylane.controllers import JobConfig
+    from raylane.rlhf import KL_ESTIMATORS
+
+    with pytest.raises(
+        ConfigError, match=r"algorithm.name: .*unknown advantage estimator 'rlo'; valid names: .*rloo"
+    ):
+        load_config(JobConfig, None, ["algorithm.name=rlo"])
+    with pytest.raises(ConfigError, match=r"kl_loss_type: .*'k4'; valid names: abs, k1, k2, k3"):
+        load_config(JobConfig, None, ["actor.loss.kl_loss_type=k4"])
+    with pytest.raises(ConfigError, match="unknown loss aggregation mode 'mean'"):
+        load_config(JobConfig, None, ["actor.loss.loss_agg_mode=mean"])
+    with pytest.raises(ConfigError, match="unknown toy task 'revers'"):
+        load_config(JobConfig, None, ["task.name=revers"])
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_module'"):
+        load_config(JobConfig, None, ["task.reward_fn=no_such_module:score"])
+    # A user's own entries: registered by their code before the config loads, or named by import path.
+    monkeypatch.setitem(KL_ESTIMATORS._entries, "my_kl", lambda log_probs, ref: log_probs - ref)
+    cfg = load_config(
+        JobConfig,
+        None,
+        [
+            "algorithm.kl_estimator=my_kl",
+            "task.reward_fn=tests.user_code:row_weight",
+            "task.name=tests.user_code:COUNT_UP",
+            "algorithm.name=ppo",
+        ],
+    )
+    assert cfg.algorithm.kl_estimator == "my_kl" and cfg.task.reward_fn == "tests.user_code:row_weight"
+    assert cfg.task.name == "tests.user_code:COUNT_UP"
+    assert cfg.algorithm.uses_critic and not load_config(JobConfig).algorithm.uses_critic
+
+
+def test_job_batches_that_do_not_split_are_rejected_with_the_numbers():
+    from raylane.controllers import JobConfig
+
+    two_pools = ["placement.mode=disaggregated", "placement.trainer_ranks=3", "placement.rollout_ranks=2"]
+    with pytest.raises(
+        ConfigError,
+        match=r"64 x 8 = 512 rows do not split over placement.trainer_ranks=3.*prompts_per_step=66",
+    ):
+        load_config(JobConfig, None, two_pools)
+    assert load_config(JobConfig, None, [*two_pools, "prompts_per_step=66"]).prompts_per_step == 66
+    with pytest.raises(
+        ConfigError, match=r"prompts_per_step \(63\) must be a multiple of the 2 rollout replicas.*=64"
+    ):
+        load_config(JobConfig, None, ["placement.trainer_ranks=2", "prompts_per_step=63"])
+    with pytest.raises(
+        ConfigError, match=r"actor.mini_batch_size \(96\) must divide the 512 rows.*: 2, 4, 8, 16"
+    ):
+        load_config(JobConfig, None, ["placement.trainer_ranks=2", "actor.mini_batch_size=96"])
+    # The critic's mini-batches are checked only when there is a critic.
+    assert load_config(JobConfig, None, ["critic.mini_batch_size=96"]).critic.mini_batch_size == 96
+    with pytest.raises(ConfigError, match=r"critic.mini_batch_size \(96\)"):
+        load_config(JobConfig, None, ["critic.mini_batch_size=96", "algorithm.name=ppo"])

@@ -87,6 +87,52 @@ def test_disaggregated_ppo_with_reference_runs(ray_cluster, tmp_path):
     assert last["rollout/staleness"] == 0.0
 
 
+def _weighted_task(tmp_path, train_weights: list[float], eval_weights: list[float]) -> dict:
+    """A JSONL task whose rows carry a ``weight`` field, scored by tests.user_code:row_weight
+    inside the reward actors (which import it by path: nothing registered it there)."""
+    for split, weights in (("train", train_weights), ("eval", eval_weights)):
+        rows = [
+            {"prompt": f"{i}+{i}=", "ground_truth": str(2 * i), "weight": w} for i, w in enumerate(weights)
+        ]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {
+        "name": None,
+        "train_file": str(tmp_path / "train.jsonl"),
+        "eval_file": str(tmp_path / "eval.jsonl"),
+        "reward_fn": "tests.user_code:row_weight",
+    }
+
+
+def test_reward_function_by_import_path_gets_the_row_fields(ray_cluster, tmp_path):
+    task = _weighted_task(tmp_path, [0.5] * 16, [0.0, 0.25, 0.5])
+    # Two reward ranks, one rollout rank: the 3 held-out prompts are padded to split over both.
+    placement = {"mode": "disaggregated", "trainer_ranks": 2, "rollout_ranks": 1, "cpus_per_bundle": 0.5}
+    history = RLJob(_config(tmp_path, "custom-reward", task=task, eval_prompts=3, placement=placement)).run()
+    assert [r["reward_mean"] for r in history[1:]] == [0.5, 0.5]
+    assert history[0]["eval_reward_mean"] == history[-1]["eval_reward_mean"] == 0.25
+
+
+def test_ppo_epochs_and_mini_batches_move_the_ratio_and_clip(ray_cluster, tmp_path):
+    # Rewards that differ between prompts give REINFORCE++ non-zero advantages from the first step.
+    task = _weighted_task(tmp_path, [float(i % 2) for i in range(16)], [0.0, 1.0])
+    common = {"task": task, "eval_prompts": 2, "steps": 1, "algorithm.name": "reinforce_plus_plus"}
+    # One epoch, one mini-batch: the update's policy is the one that sampled, so the ratio is 1.
+    single = RLJob(_config(tmp_path, "single", **common)).run()[-1]
+    assert single["advantage_abs_mean"] > 0
+    assert single["actor/ppo_kl"] == 0.0 and single["actor/pg_clipfrac"] == 0.0
+    # 2 epochs x 2 mini-batches of 4 rows (2 per rank): optimizer steps 2-4 see a moved policy.
+    several = RLJob(
+        _config(
+            tmp_path,
+            "several",
+            **common,
+            **{"actor.ppo_epochs": 2, "actor.mini_batch_size": 4, "actor.optim": {"lr": 0.05}},
+        )
+    ).run()[-1]
+    assert several["actor/ppo_kl"] != 0.0
+    assert several["actor/pg_clipfrac"] > 0.0
+
+
 def test_resume_continues_the_same_run_at_any_dp_size(ray_cluster, tmp_path):
     full = _config(tmp_path, "full", steps=3, checkpoint_every=2)
     reference = RLJob(full).run()[-1]
@@ -123,9 +169,9 @@ def test_job_publishes_each_policy_version_to_a_serving_app(ray_cluster, tmp_pat
 
 
 def test_reward_model_scores_the_last_response_token(tmp_path):
-    from raylane.actors.roles import RewardWorker
+    from raylane.batch import Batch
     from raylane.models import ValueModel, save_checkpoint, tiny_config
-    from raylane.rlhf import Batch
+    from raylane.roles import RewardWorker
 
     config = tiny_config()
     model = ValueModel(config)
@@ -147,3 +193,21 @@ def test_reward_model_scores_the_last_response_token(tmp_path):
     assert torch.allclose(scores, torch.stack([values[0, 4], values[1, 5]]), atol=1e-6)
     with pytest.raises(ValueError, match="exactly one of"):
         RewardWorker(reward_fn="exact_match", reward_model=str(tmp_path / "rm"))
+
+
+def test_reward_rows_pick_their_function_and_pass_their_fields():
+    from raylane.batch import Batch
+    from raylane.roles import RewardWorker
+
+    batch = Batch.from_dict(
+        {
+            "response_text": ["12", "12", "13"],
+            "ground_truth": ["12", "12", "12"],
+            "reward_fn": [None, "exact_match", "exact_match"],
+            "extra": [{"weight": 0.25}, {"weight": 0.75}, {}],
+        }
+    )
+    worker = RewardWorker(reward_fn="tests.user_code:row_weight")
+    assert worker.compute_rewards(batch)["scores"].tolist() == [0.25, 1.0, 0.0]
+    with pytest.raises(ValueError, match="no 'nope'"):
+        RewardWorker(reward_fn="tests.user_code:nope")

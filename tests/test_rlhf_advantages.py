@@ -152,4 +152,4 @@ def test_estimator_errors_are_actionable():
         compute_advantages("rloo", rewards, mask, group_index=[0, 0, 1])
     with pytest.raises(ValueError, match=r"values \(2, 2\)"):
         compute_advantages("gae", rewards, mask, values=torch.zeros(2, 2))
-    assert ADVANTAGE_ESTIMATORS.names() == ["gae", "grpo", "reinforce_plus_plus", "rloo"]
+    assert ADVANTAGE_ESTIMATORS.names() == ["gae", "grpo", "ppo", "reinforce_plus_plus", "rloo"]

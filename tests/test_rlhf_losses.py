@@ -7,6 +7,7 @@ import torch
 
 from raylane.rlhf import (
     KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
     AdaptiveKLController,
     aggregate_loss,
     apply_kl_penalty,
@@ -154,6 +155,24 @@ def test_kl_loss_gradient_reaches_policy_only():
     # d/dlogp [exp(ref - logp) - (ref - logp) - 1] = 1 - q/p = 0.5
     assert_close(log_probs.grad, [[0.5, 0.0]])
     assert ref.grad is None
+
+
+@pytest.mark.parametrize("estimator", KL_ESTIMATORS.names())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kl_gradients_stay_finite_at_extreme_log_prob_gaps(estimator, dtype):
+    # Gaps of 100 and 1000 nats both ways (a token one policy all but rules out), on response
+    # positions and on masked ones (padding whose log-probs are garbage).
+    gaps = [100.0, -100.0, 1000.0, -1000.0, 0.5]
+    ref = torch.tensor([[-2.0] * len(gaps), [-2.0] * len(gaps)], dtype=dtype)
+    log_probs = (ref + torch.tensor(gaps, dtype=dtype)).detach().requires_grad_(True)
+    mask = torch.tensor([[1.0] * len(gaps), [0.0] * len(gaps)], dtype=dtype)
+    for agg in LOSS_AGGREGATIONS.names():
+        log_probs.grad = None
+        loss = kl_loss(log_probs, ref, mask, estimator=estimator, loss_agg_mode=agg)
+        loss.backward()
+        assert torch.isfinite(loss), (agg, loss)
+        assert torch.isfinite(log_probs.grad).all(), (agg, log_probs.grad)
+        assert torch.equal(log_probs.grad[1], torch.zeros_like(log_probs.grad[1])), "masked rows move"
 
 
 def test_adaptive_kl_controller_moves_towards_target():

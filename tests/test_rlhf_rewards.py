@@ -2,6 +2,7 @@
 
 import pytest
 
+from raylane.registry import Registry
 from raylane.rlhf import (
     REWARD_FUNCTIONS,
     compute_reward,
@@ -9,7 +10,6 @@ from raylane.rlhf import (
     get_reward_fn,
     register_reward,
 )
-from raylane.rlhf.registry import Registry
 
 
 @pytest.mark.parametrize(

@@ -243,6 +243,32 @@ def test_cuda_path_matches_cpu_reference_fp32(tiny_model_dir):
     _assert_same_generations(got, reference)
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_sleep_and_wake_keep_the_graphs_unless_memory_moved(tiny_model_dir):
+    prompts = _prompts(12)
+    engine = LLMEngine(
+        EngineConfig(model=tiny_model_dir, device="cuda", dtype="float32", max_num_seqs=16, num_kv_blocks=512)
+    )
+    graphs = engine.runner.graphs
+    before = _generate(engine, prompts)
+    assert graphs.num_captures == 1
+    # A colocated trainer uses the freed memory meanwhile, and gives its transient tensors back.
+    engine.sleep()
+    scratch = torch.empty(engine.runner.kv_caches[0].numel(), dtype=torch.float32, device="cuda")
+    del scratch
+    engine.wake_up()
+    assert graphs.num_captures == 1, "the cache came back where it was: the graphs stay valid"
+    _assert_same_generations(_generate(engine, prompts), before)
+    # Offloaded weights come back elsewhere: the graphs are captured again, and still right.
+    engine.sleep(offload_weights=True)
+    held = torch.empty(engine.runner.kv_caches[0].numel() * 2, dtype=torch.float32, device="cuda")
+    engine.wake_up()
+    del held
+    assert graphs.num_captures == 2
+    _assert_same_generations(_generate(engine, prompts), before)
+
+
 @needs_triton
 @pytest.mark.skipif(
     ON_CUDA, reason="on a GPU test_cuda_path_matches_cpu_reference_fp32 runs the whole CUDA path"

@@ -218,6 +218,19 @@ def test_every_public_name_resolves():
         assert getattr(raylane.serving, name) is not None
 
 
+def test_serve_config_file_goes_through_the_project_loader(tmp_path):
+    # YAML 1.2 as in job configs: "no" is a string (YAML 1.1 reads a boolean), and a typo names the key.
+    config_path = tmp_path / "serve.yaml"
+    config_path.write_text(
+        "app_name: no\nport: 8124\nmodels:\n  - {name: a, engine: {model: /m, max_num_seqs: 8}}\n"
+    )
+    config = config_from_args(_parse(["--config", str(config_path)]))
+    assert config.app_name == "no" and config.port == 8124 and config.models[0].engine.max_num_seqs == 8
+    config_path.write_text("prot: 8124\n")
+    with pytest.raises(ValueError, match="unknown key 'prot' \\(did you mean 'port'\\?\\)"):
+        config_from_args(_parse(["--config", str(config_path), "--model", str(tmp_path)]))
+
+
 def test_grpc_listens_everywhere_so_it_needs_an_api_key_or_an_explicit_opt_out(tmp_path, monkeypatch):
     from raylane.models import make_tiny_model
     from raylane.serving import deploy

@@ -167,3 +167,11 @@ def test_make_toy_task_is_reproducible_and_validates(tmp_path):
         make_toy_task("add2", str(tmp_path), n_train=9990, n_eval=11)
     with pytest.raises(ValueError, match="unknown toy task 'add3'; valid names: add2, reverse"):
         make_toy_task("add3", str(tmp_path))
+
+
+def test_toy_task_by_import_path(tmp_path):
+    files = make_toy_task("tests.user_code:COUNT_UP", str(tmp_path), n_train=8, n_eval=2)
+    rows = [json.loads(line) for line in read(files.train).splitlines()]
+    assert len(rows) == 8 and all(int(r["prompt"][:-1]) + 1 == int(r["ground_truth"]) for r in rows)
+    with pytest.raises(ValueError, match="has no 'COUNT_DOWN'"):
+        make_toy_task("tests.user_code:COUNT_DOWN", str(tmp_path))

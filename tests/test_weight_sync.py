@@ -24,21 +24,23 @@ from raylane.actors import (
     WorkerGroupConfig,
     register,
 )
-from raylane.actors.weight_transfer import (
+from raylane.controllers import WeightSync
+from raylane.models import CausalLM, TensorParallelGroup, init_weights, make_tiny_tokenizer, tiny_config
+from raylane.runner import EngineConfig, LLMEngine, SamplingParams
+from raylane.weight_transfer import (
     FSDPLayout,
     Message,
     ParamSpec,
     TPLayout,
+    WeightSyncConfig,
     WeightSyncError,
     WeightSyncSource,
     WeightSyncTarget,
     pack_message,
     param_specs,
+    plan_weight_transfer,
     unpack_message,
 )
-from raylane.controllers import WeightSync, WeightSyncConfig, plan_weight_transfer
-from raylane.models import CausalLM, TensorParallelGroup, init_weights, make_tiny_tokenizer, tiny_config
-from raylane.runner import EngineConfig, LLMEngine, SamplingParams
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -29,8 +29,8 @@ import torch
 
 from raylane.actors.errors import DispatchError
 from raylane.actors.mesh import MeshLayout
-from raylane.rlhf.batch import Batch
-from raylane.rlhf.registry import Registry
+from raylane.batch import Batch
+from raylane.registry import Registry
 
 __all__ = [
     "DISPATCH_MODES",

@@ -226,6 +226,13 @@ class Worker:
         return roles[role]
 
     @register(Dispatch.ONE_TO_ALL)
+    def reset_peak_memory(self) -> None:
+        """Start a new peak for :meth:`device_info` (a GPU's allocator; a process's resident peak
+        on the CPU cannot be reset and stays the peak since it started)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    @register(Dispatch.ONE_TO_ALL)
     def device_info(self) -> DeviceInfo:
         """This rank's device and memory use."""
         if self.device.type == "cuda":

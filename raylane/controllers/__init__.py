@@ -1,4 +1,4 @@
-"""Single controllers on the driver: the RL dataflow, weight-sync planning, scaling and recovery."""
+"""Single controllers on the driver: the RL job's config and dataflow, its metrics, and weight-sync planning."""
 
 from raylane.controllers.config import (
     AlgorithmConfig,
@@ -10,7 +10,7 @@ from raylane.controllers.config import (
 )
 from raylane.controllers.metrics import MetricsTracker
 from raylane.controllers.rl import RLJob, compute_batch_advantages, mean_rows, run_job
-from raylane.controllers.weight_sync import SyncReport, WeightSync, WeightSyncConfig, plan_weight_transfer
+from raylane.controllers.weight_sync import SyncReport, WeightSync
 
 __all__ = [
     "AlgorithmConfig",
@@ -23,9 +23,7 @@ __all__ = [
     "SyncReport",
     "TaskConfig",
     "WeightSync",
-    "WeightSyncConfig",
     "compute_batch_advantages",
     "mean_rows",
-    "plan_weight_transfer",
     "run_job",
 ]

@@ -6,19 +6,29 @@ Every default runs on a laptop CPU: a tiny model learning the ``reverse`` toy ta
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from raylane.actors.roles import ActorConfig, CriticConfig, OptimConfig, RolloutConfig, TrainConfig
+from raylane.config import StrictConfig
+from raylane.rlhf import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, REWARD_FUNCTIONS, TOY_TASKS, needs_critic
+from raylane.roles import ActorConfig, CriticConfig, OptimConfig, RolloutConfig, TrainConfig
+from raylane.runner import EngineOptions
 from raylane.serving.weights import WeightPublishConfig
 
+AlgorithmName = ADVANTAGE_ESTIMATORS.name_field()
+KLEstimatorName = KL_ESTIMATORS.name_field()
+RewardFunctionName = REWARD_FUNCTIONS.name_field()
+ToyTaskName = TOY_TASKS.name_field()
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# A colocated engine shares its GPU with trainers whose parameters, gradients and optimiser state stay
+# there while it generates (its KV cache is released only while they train): it takes less than the
+# engine's own default share unless the job sets rollout.engine.gpu_memory_utilization.
+COLOCATED_GPU_MEMORY_UTILIZATION = 0.4
 
 
-class ModelSpec(_Strict):
+class ModelSpec(StrictConfig):
     """The starting policy: a checkpoint folder, or a fresh tiny random model of the given shape."""
 
     path: str | None = Field(None, description="Hugging Face checkpoint folder; None builds a tiny model")
@@ -36,14 +46,19 @@ class ModelSpec(_Strict):
     tiny_seed: int = 0
 
 
-class TaskConfig(_Strict):
+class TaskConfig(StrictConfig):
     """A built-in toy task by name, or JSONL files (``prompt``/``messages``, ``ground_truth``)."""
 
-    name: str | None = Field("reverse", description="built-in toy task; None to use train_file/eval_file")
+    name: ToyTaskName | None = Field(
+        "reverse", description="toy task (registered name or 'pkg.module:TASK'); None to use train_file"
+    )
     train_file: str | None = None
     eval_file: str | None = None
     sft_file: str | None = None
-    reward_fn: str = "exact_match"
+    reward_fn: RewardFunctionName = Field(
+        "exact_match",
+        description="reward function (registered name or 'pkg.module:function'); a row's own reward_fn wins",
+    )
     reward_model: str | None = Field(
         None, description="score with this reward-model checkpoint instead of reward_fn"
     )
@@ -57,26 +72,26 @@ class TaskConfig(_Strict):
         return self
 
 
-class AlgorithmConfig(_Strict):
+class AlgorithmConfig(StrictConfig):
     """Which RL algorithm: the advantage estimator and where the KL to the reference goes."""
 
-    name: Literal["grpo", "ppo", "rloo", "reinforce_plus_plus"] = "grpo"
+    name: AlgorithmName = Field(
+        "grpo",
+        description="advantage estimator: grpo, rloo, reinforce_plus_plus, ppo (GAE with a critic), "
+        "or any registered one",
+    )
     gamma: float = 1.0
     lam: float = 1.0
     norm_by_std: bool = True
     kl_coef: float = Field(0.0, ge=0, description="KL penalty folded into the token rewards (PPO style)")
-    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
-
-    @property
-    def estimator(self) -> str:
-        return "gae" if self.name == "ppo" else self.name
+    kl_estimator: KLEstimatorName = "k1"
 
     @property
     def uses_critic(self) -> bool:
-        return self.name == "ppo"
+        return needs_critic(self.name)
 
 
-class PlacementConfig(_Strict):
+class PlacementConfig(StrictConfig):
     """Where the roles run: all on the same bundles, or trainers and rollout on disjoint pools."""
 
     mode: Literal["colocated", "disaggregated"] = "colocated"
@@ -89,7 +104,7 @@ class PlacementConfig(_Strict):
     gpus_per_bundle: float = Field(0.0, ge=0)
 
 
-class SFTConfig(_Strict):
+class SFTConfig(StrictConfig):
     """Supervised warm-start before RL (for toy tasks a tiny model cannot yet solve)."""
 
     steps: int = Field(25, ge=0)
@@ -97,7 +112,7 @@ class SFTConfig(_Strict):
     lr: float = Field(3e-3, gt=0)
 
 
-class JobConfig(_Strict):
+class JobConfig(StrictConfig):
     """An RL job: ``raylane train CONFIG.yaml key=value ...``."""
 
     model: ModelSpec = ModelSpec()
@@ -106,7 +121,9 @@ class JobConfig(_Strict):
     actor: ActorConfig = ActorConfig(micro_batch_size=64, optim=OptimConfig(lr=6e-4))
     critic: CriticConfig = CriticConfig(micro_batch_size=64, optim=OptimConfig(lr=1e-3))
     reference: TrainConfig = TrainConfig()
-    rollout: RolloutConfig = RolloutConfig(max_tokens=4)
+    rollout: RolloutConfig = RolloutConfig(
+        max_tokens=4, engine=EngineOptions(max_num_seqs=256, max_num_batched_tokens=4096)
+    )
     placement: PlacementConfig = PlacementConfig()
     sft: SFTConfig = SFTConfig()
     steps: int = Field(200, ge=0, description="RL steps")
@@ -120,6 +137,9 @@ class JobConfig(_Strict):
     resume_from: str | None = Field(None, description="checkpoint folder (a step_* folder) to resume from")
     output_dir: str = "outputs/run"
     seed: int = 0
+    profile_memory: bool = Field(
+        False, description="record each phase's peak device memory (memory/<phase>_peak_gib; GPU)"
+    )
     ray_address: str | None = Field(None, description="join this Ray cluster; None starts a local one")
     publish: WeightPublishConfig | None = Field(
         None, description="also publish each new policy version to a running `raylane serve` app"
@@ -137,8 +157,45 @@ class JobConfig(_Strict):
             if self.placement.mode == "colocated"
             else self.placement.rollout_ranks
         )
+        engine = self.rollout.engine
+        if self.placement.mode == "colocated" and "gpu_memory_utilization" not in engine.model_fields_set:
+            engine = engine.model_copy(update={"gpu_memory_utilization": COLOCATED_GPU_MEMORY_UTILIZATION})
+            self.rollout = self.rollout.model_copy(update={"engine": engine})
         if ranks % self.placement.rollout_tp:
             raise ValueError(
                 f"placement.rollout_tp ({self.placement.rollout_tp}) must divide the rollout ranks ({ranks})"
             )
+        self._check_batch_split(ranks // self.placement.rollout_tp)
         return self
+
+    def _check_batch_split(self, rollout_replicas: int) -> None:
+        """Every step's batch must split evenly over the ranks and into mini-batches: reject it here
+        rather than fail mid-run (padding rows would enter the loss as duplicated samples)."""
+        prompts, n, ranks = self.prompts_per_step, self.rollout.n, self.placement.trainer_ranks
+        if prompts % rollout_replicas:
+            raise ValueError(
+                f"prompts_per_step ({prompts}) must be a multiple of the {rollout_replicas} rollout "
+                f"replicas; e.g. prompts_per_step={_next_multiple(prompts, rollout_replicas)}"
+            )
+        rows = prompts * n
+        if rows % ranks:
+            step = ranks // math.gcd(n, ranks)
+            raise ValueError(
+                f"prompts_per_step x rollout.n = {prompts} x {n} = {rows} rows do not split over "
+                f"placement.trainer_ranks={ranks}; make the product a multiple of {ranks}, e.g. "
+                f"prompts_per_step={_next_multiple(prompts, math.lcm(step, rollout_replicas))}"
+            )
+        trained = {"actor": self.actor, **({"critic": self.critic} if self.algorithm.uses_critic else {})}
+        for role, config in trained.items():
+            mini = config.mini_batch_size
+            if mini is not None and (rows % mini or mini % ranks):
+                fits = [m for m in range(ranks, rows + 1, ranks) if rows % m == 0]
+                raise ValueError(
+                    f"{role}.mini_batch_size ({mini}) must divide the {rows} rows of a step "
+                    f"(prompts_per_step x rollout.n = {prompts} x {n}) and be a multiple of "
+                    f"placement.trainer_ranks={ranks}; valid sizes: {', '.join(map(str, fits))}"
+                )
+
+
+def _next_multiple(value: int, divisor: int) -> int:
+    return -(-value // divisor) * divisor

@@ -11,8 +11,10 @@ Worker groups do the heavy work; this file only moves batches between them.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import ray
@@ -20,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from raylane.actors import ResourcePool, Role, WorkerGroup
-from raylane.actors.roles import Critic, PolicyTrainer, Reference, RewardWorker, Rollout
+from raylane.batch import Batch
 from raylane.controllers.config import JobConfig
 from raylane.controllers.metrics import MetricsTracker, progress_line
 from raylane.controllers.weight_sync import WeightSync
@@ -35,22 +37,45 @@ from raylane.rlhf import (
     masked_mean,
     scores_to_token_rewards,
 )
-from raylane.rlhf.batch import Batch
+from raylane.roles import Critic, PolicyTrainer, Reference, RewardWorker, Rollout
 
 logger = logging.getLogger(__name__)
 
 
 class PhaseTimer:
-    """Wall time of each named phase of a step."""
+    """Wall time of each named phase of a step and, given worker handles to probe, the peak device
+    memory of any of their ranks during it (one reset and one read per handle and phase)."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory_probes: Sequence = ()) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_bytes: dict[str, int] = {}
+        self._probes = memory_probes
 
     @contextmanager
     def __call__(self, phase: str):
+        for probe in self._probes:
+            probe.reset_peak_memory()
         start = time.perf_counter()
         yield
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+        if self._probes:
+            peak = max(info.peak_bytes for probe in self._probes for info in probe.device_info())
+            self.peak_bytes[phase] = max(peak, self.peak_bytes.get(phase, 0))
+
+
+def log_prob_gap_metrics(
+    sampled: torch.Tensor, recomputed: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """How far the trainer's recomputed log-probs are from the ones the runner sampled with, over the
+    response tokens: mean absolute gap, and the share of tokens whose probability ratio
+    ``exp(recomputed - sampled)`` lies outside [0.9, 1.1] (the figure RL users report)."""
+    gap = recomputed - sampled
+    ratio = gap.exp()
+    outside = ((ratio < 0.9) | (ratio > 1.1)).float()
+    return {
+        "rollout/log_prob_gap": float(masked_mean(gap.abs(), mask)),
+        "rollout/ratio_outside_10pct": float(masked_mean(outside, mask)),
+    }
 
 
 def compute_batch_advantages(batch: Batch, config: JobConfig) -> dict[str, float]:
@@ -72,7 +97,7 @@ def compute_batch_advantages(batch: Batch, config: JobConfig) -> dict[str, float
                 algo.kl_estimator,
             )
     advantages, returns = compute_advantages(
-        algo.estimator,
+        algo.name,
         token_rewards,
         mask,
         values=batch.tensors.get("values"),
@@ -101,6 +126,7 @@ class RLJob:
         self._pools: list[ResourcePool] = []
         self._groups: list[WorkerGroup] = []
         self.weight_sync: WeightSync | None = None
+        self._memory_probes: list = []
 
     # ---- set-up -----------------------------------------------------------------------------------
 
@@ -179,9 +205,11 @@ class RLJob:
             self.weight_sync = WeightSync.disaggregated(self.actor, self.rollout)
         self.ref = trainers.ref if cfg.use_reference else None
         self.critic = trainers.critic if cfg.algorithm.uses_critic else None
-        self.rollout_dp = rollouts.layout("rollout").dp
+        # Held-out batches are padded to split evenly over the rollout and the reward ranks.
+        self.eval_divisor = math.lcm(rollouts.layout("rollout").dp, trainers.layout("reward").dp)
         # Colocated trainers share the rollout's device: free its cache while they work.
         self._sleeps = placement.mode == "colocated" and cfg.rollout.free_cache_when_idle
+        self._memory_probes = [self.actor, self.rollout] if cfg.profile_memory else []
 
     def shutdown(self) -> None:
         if self.weight_sync is not None:
@@ -201,6 +229,8 @@ class RLJob:
             "prompt": [example.prompt or "" for example in examples],
             "messages": [example.messages for example in examples],
             "ground_truth": [example.ground_truth for example in examples],
+            "reward_fn": [example.reward_fn for example in examples],
+            "extra": [example.extra for example in examples],
         }
         return Batch.from_dict(rows, meta=meta)
 
@@ -237,32 +267,35 @@ class RLJob:
             self.config.publish.publish(self.actor.full_weights()[0], self.version)
 
     def rl_step(self, step: int) -> dict[str, float]:
-        cfg, timer = self.config, PhaseTimer()
+        cfg = self.config
+        phase = PhaseTimer(self._memory_probes)
         start = time.perf_counter()
         prompts = self.prompt_batch(self.loader.next_batch(), seed=cfg.seed * 100_003 + step)
-        with timer("generate"):
+        with phase("generate"):
             batch = self.rollout.generate(prompts)
         if self._sleeps:
-            self.rollout.sleep()
-        with timer("reward"):
+            with phase("sleep"):
+                self.rollout.sleep()
+        with phase("reward"):
             batch = batch.union(self.reward.compute_rewards(batch))
-        with timer("log_probs"):
+        with phase("log_probs"):
             batch = batch.union(self.actor.compute_log_probs(batch))
             if self.ref is not None:
                 batch = batch.union(self.ref.compute_ref_log_probs(batch))
         if self.critic is not None:
-            with timer("values"):
+            with phase("values"):
                 batch = batch.union(self.critic.compute_values(batch))
-        with timer("advantages"):
+        with phase("advantages"):
             metrics = compute_batch_advantages(batch, cfg)
         if self.critic is not None:
-            with timer("update_critic"):
+            with phase("update_critic"):
                 metrics.update(mean_rows(self.critic.update_critic(batch)))
-        with timer("update_actor"):
+        with phase("update_actor"):
             metrics.update(mean_rows(self.actor.update_actor(batch)))
-        with timer("sync_weights"):
-            if self._sleeps:
+        if self._sleeps:
+            with phase("wake_up"):
                 self.rollout.wake_up()
+        with phase("sync_weights"):
             self.sync_weights()
         mask = batch["response_mask"]
         response_tokens = int(mask.sum())
@@ -271,13 +304,13 @@ class RLJob:
                 "reward_mean": float(batch["scores"].mean()),
                 "response_length": response_tokens / len(batch),
                 "rollout/staleness": float(self.version - 1 - int(batch["weight_version"].min())),
-                "rollout/log_prob_gap": float(
-                    masked_mean((batch["rollout_log_probs"] - batch["old_log_probs"]).abs(), mask)
-                ),
-                "throughput/tokens_per_s": response_tokens / max(timer.seconds["generate"], 1e-9),
+                **log_prob_gap_metrics(batch["rollout_log_probs"], batch["old_log_probs"], mask),
+                "throughput/tokens_per_s": response_tokens / max(phase.seconds["generate"], 1e-9),
+                "throughput/train_tokens": float(batch["attention_mask"].sum()),
             }
         )
-        metrics.update({f"timing/{phase}_s": seconds for phase, seconds in timer.seconds.items()})
+        metrics.update({f"timing/{name}_s": seconds for name, seconds in phase.seconds.items()})
+        metrics.update({f"memory/{name}_peak_gib": peak / 2**30 for name, peak in phase.peak_bytes.items()})
         metrics["timing/step_s"] = time.perf_counter() - start
         return metrics
 
@@ -286,7 +319,7 @@ class RLJob:
         examples = list(self.eval_data)[: self.config.eval_prompts]
         if not examples:
             return float("nan")
-        padded = examples + examples[: (-len(examples)) % self.rollout_dp]
+        padded = examples + examples[: (-len(examples)) % self.eval_divisor]
         batch = self.rollout.generate(self.prompt_batch(padded, n=1, temperature=0.0))
         scores = self.reward.compute_rewards(batch)["scores"][: len(examples)]
         return float(scores.mean())
@@ -370,8 +403,23 @@ def run_job(config: JobConfig) -> list[dict[str, float]]:
     """Connect to (or start) Ray and run the job described by ``config``."""
     if not ray.is_initialized():
         ray.init(
-            address=config.ray_address,
-            include_dashboard=config.ray_address is None or None,
-            log_to_driver=False,
+            address=config.ray_address, include_dashboard=_include_dashboard(config), log_to_driver=False
         )
     return RLJob(config).run()
+
+
+def _include_dashboard(config: JobConfig) -> bool | None:
+    """Start the dashboard with a local cluster when its packages are installed; go on without it if not."""
+    if config.ray_address is not None:
+        return None
+    from ray._private.utils import get_dashboard_dependency_error
+
+    missing = get_dashboard_dependency_error()
+    if missing:
+        logger.warning(
+            "starting Ray without its dashboard (%s): install ray[default] to watch the job and its "
+            "raylane_ metrics there",
+            missing,
+        )
+        return False
+    return True

@@ -1,9 +1,12 @@
-"""Fault tolerance: checkpoints now; telemetry probes, detector, isolation and recovery build on them.
-
-The checkpoint format belongs to the trained roles (:mod:`raylane.actors.roles.checkpoint`), which
-this layer builds on; it is re-exported here as the fault-tolerance API.
+"""Fault tolerance: distributed training checkpoints that a job resumes from at any DP size, and the
+Hugging Face export of a trained model. The trained roles call these verbs; nothing else lives here yet.
 """
 
-from raylane.actors.roles.checkpoint import load_train_state, save_hf_checkpoint, save_train_state
+from raylane.fault_tolerance.checkpoint import (
+    CheckpointLoadError,
+    load_train_state,
+    save_hf_checkpoint,
+    save_train_state,
+)
 
-__all__ = ["load_train_state", "save_hf_checkpoint", "save_train_state"]
+__all__ = ["CheckpointLoadError", "load_train_state", "save_hf_checkpoint", "save_train_state"]

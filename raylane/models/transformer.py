@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from raylane.models.attention import AttentionContext, DenseAttention, segment_ids_from_positions
 from raylane.models.config import ModelConfig
@@ -90,13 +91,19 @@ class DecoderModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
+        # Training only: recompute each layer's activations in backward instead of keeping them.
+        self.activation_checkpointing = False
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionContext
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, positions, self.rotary_emb, attention)
+            if recompute:
+                x = checkpoint(layer, x, positions, self.rotary_emb, attention, use_reentrant=False)
+            else:
+                x = layer(x, positions, self.rotary_emb, attention)
         return self.norm(x)
 
 

@@ -10,15 +10,14 @@ from raylane.rlhf.advantages import (
     compute_gae,
     discounted_returns,
     grpo_advantages,
+    needs_critic,
     rloo_advantages,
 )
-from raylane.rlhf.batch import Batch
 from raylane.rlhf.data import DatasetError, PromptDataset, PromptExample, PromptLoader
 from raylane.rlhf.kl import KL_ESTIMATORS, AdaptiveKLController, apply_kl_penalty, kl_loss, kl_penalty
 from raylane.rlhf.logprobs import entropy_from_logits, log_probs_from_logits
 from raylane.rlhf.losses import LOSS_AGGREGATIONS, aggregate_loss, ppo_policy_loss, value_loss
 from raylane.rlhf.masks import masked_mean, masked_sum, masked_var, masked_whiten, scores_to_token_rewards
-from raylane.rlhf.registry import Registry
 from raylane.rlhf.rewards import (
     REWARD_FUNCTIONS,
     compute_reward,
@@ -36,12 +35,10 @@ __all__ = [
     "TOY_TASKS",
     "AdaptiveKLController",
     "AdvantageConfig",
-    "Batch",
     "DatasetError",
     "PromptDataset",
     "PromptExample",
     "PromptLoader",
-    "Registry",
     "ToyTask",
     "ToyTaskFiles",
     "aggregate_loss",
@@ -62,6 +59,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "needs_critic",
     "ppo_policy_loss",
     "register_reward",
     "register_toy_task",

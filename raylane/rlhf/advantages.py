@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from raylane.registry import Registry
 from raylane.rlhf.masks import check_same_shape, masked_whiten
-from raylane.rlhf.registry import Registry
 
 GroupIndex = Sequence[Hashable] | torch.Tensor
 
@@ -169,6 +169,7 @@ def _require(value: object, what: str, estimator: str) -> None:
 
 
 @ADVANTAGE_ESTIMATORS.register("gae")
+@ADVANTAGE_ESTIMATORS.register("ppo")
 def _gae_estimator(
     rewards: torch.Tensor,
     response_mask: torch.Tensor,
@@ -227,6 +228,11 @@ def _reinforce_plus_plus_estimator(
     return masked_whiten(returns, response_mask), returns
 
 
+def needs_critic(estimator: str) -> bool:
+    """Whether the estimator registered under ``estimator`` needs a critic's ``values`` (GAE)."""
+    return ADVANTAGE_ESTIMATORS.get(estimator) is _gae_estimator
+
+
 def compute_advantages(
     estimator: str,
     token_level_rewards: torch.Tensor,
@@ -239,7 +245,7 @@ def compute_advantages(
     """Advantages and returns ``[B, T]`` with the estimator registered under ``estimator``.
 
     Estimators:
-        ``gae``: GAE with ``values`` ``[B, T]`` from a critic; advantages whitened over the batch.
+        ``gae`` (alias ``ppo``): GAE with ``values`` ``[B, T]`` from a critic; advantages whitened over the batch.
         ``grpo``: group-normalised outcome advantages; needs ``group_index`` ``[B]``.
         ``rloo``: leave-one-out outcome advantages; needs ``group_index`` ``[B]``.
         ``reinforce_plus_plus``: discounted token returns, whitened over the batch.

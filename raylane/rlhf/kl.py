@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import torch
 
+from raylane.registry import Registry
 from raylane.rlhf.losses import aggregate_loss
 from raylane.rlhf.masks import check_same_shape, masked_mean
-from raylane.rlhf.registry import Registry
 
 KLEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -23,6 +23,10 @@ KL_ESTIMATORS: Registry[KLEstimator] = Registry("KL estimator")
 # k3 grows like exp(ref - logp): one token the reference finds far likelier would dominate
 # the whole batch's penalty and gradient, so its value is capped.
 _K3_MAX = 10.0
+# Outside +-(cap + 1) k3 is above the cap whatever the sign, so clamping the log-ratio there
+# changes no value; it keeps exp() finite, so the zero gradient of a capped
+# or masked token never meets an infinite one in the backward pass (0 x inf = NaN).
+_K3_MAX_LOG_RATIO = _K3_MAX + 1.0
 
 
 @KL_ESTIMATORS.register("k1")
@@ -42,7 +46,7 @@ def _k2(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
 @KL_ESTIMATORS.register("low_var_kl")
 def _k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
     # q/p - 1 - log(q/p): unbiased, low variance, always >= 0.
-    log_ratio = ref_log_probs - log_probs
+    log_ratio = (ref_log_probs - log_probs).clamp(-_K3_MAX_LOG_RATIO, _K3_MAX_LOG_RATIO)
     return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(max=_K3_MAX)
 
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from raylane.registry import Registry
 from raylane.rlhf.masks import check_same_shape, masked_mean, masked_sum
-from raylane.rlhf.registry import Registry
 
 LossAggregation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Callable
 
-from raylane.rlhf.registry import Registry
+from raylane.registry import Registry
 
 RewardFn = Callable[..., float]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raylane.rlhf.registry import Registry
+from raylane.registry import Registry
 
 ProblemFn = Callable[[int], tuple[str, str]]
 

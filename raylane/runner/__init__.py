@@ -9,7 +9,7 @@ from raylane.runner.async_engine import (
     RequestTooLargeError,
 )
 from raylane.runner.attention import AttentionBackend, get_attention_backend, register_attention_backend
-from raylane.runner.config import EngineConfig
+from raylane.runner.config import EngineConfig, EngineOptions
 from raylane.runner.engine import LLMEngine, RequestsFailedError, UnknownRequestError
 from raylane.runner.llm import LLM
 from raylane.runner.outputs import CompletionOutput, EngineStats, RequestOutput
@@ -22,6 +22,7 @@ __all__ = [
     "CompletionOutput",
     "EngineConfig",
     "EngineDeadError",
+    "EngineOptions",
     "EngineOverloadedError",
     "EngineStats",
     "LLMEngine",

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from raylane.config import StrictConfig
+from raylane.runner.attention import ATTENTION_BACKENDS
 
 
-class EngineConfig(BaseModel):
-    """How to build an :class:`~raylane.runner.LLMEngine`."""
+class EngineOptions(StrictConfig):
+    """Every knob of an :class:`~raylane.runner.LLMEngine` but the model: what a role that brings its
+    own model (the RL rollout) exposes in its config."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(
-        description="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)"
-    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
     block_size: int = Field(16, ge=16, le=128, description="tokens per KV block")
@@ -43,8 +42,17 @@ class EngineConfig(BaseModel):
     )
     seed: int = Field(0, description="seeds requests that do not bring their own")
 
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        if name != "auto" and name not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {name!r}; registered: {sorted(ATTENTION_BACKENDS)} (or 'auto')"
+            )
+        return name
+
     @model_validator(mode="after")
-    def _check_budget(self) -> EngineConfig:
+    def _check_budget(self) -> EngineOptions:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
@@ -53,3 +61,11 @@ class EngineConfig(BaseModel):
         if self.block_size % 16 != 0:
             raise ValueError(f"block_size must be a multiple of 16, got {self.block_size}")
         return self
+
+
+class EngineConfig(EngineOptions):
+    """How to build an :class:`~raylane.runner.LLMEngine`."""
+
+    model: str = Field(
+        description="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)"
+    )

@@ -120,7 +120,9 @@ class CUDAGraphDecoder:
         # reference cycle would keep the KV cache alive after the engine is dropped.
         self._forward = torch.compile(decode_logits, fullgraph=True) if compile_model else decode_logits
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._captured_addresses: list[int] = []
         self.num_replays = 0
+        self.num_captures = 0
         self._pad(0, self.max_batch)
 
     def _step(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,6 +147,15 @@ class CUDAGraphDecoder:
         tokens, logprobs = fused_sample(logits, dev["temperatures"][:n], dev["seeds"][:n], dev["steps"][:n])
         return logits, tokens, logprobs
 
+    def _addresses(self) -> list[int]:
+        """Where the tensors each graph reads live: the KV cache and the model's weights and buffers."""
+        tensors = [*self.kv_caches, *self.model.parameters(), *self.model.buffers()]
+        return [tensor.data_ptr() for tensor in tensors]
+
+    def moved(self) -> bool:
+        """Whether the KV cache or the weights are no longer where the graphs recorded them."""
+        return self._addresses() != self._captured_addresses
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Warm up (compiling on the first call) and capture every bucket, largest first."""
@@ -163,6 +174,8 @@ class CUDAGraphDecoder:
                     outputs = self._step(n)
                 self._graphs[n] = (graph, *outputs)
         torch.cuda.synchronize()
+        self._captured_addresses = self._addresses()
+        self.num_captures += 1
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
     def _pad(self, start: int, stop: int) -> None:

@@ -371,8 +371,8 @@ class ModelRunner:
     def release_memory(self, offload_weights: bool) -> None:
         """Free the KV cache (and move the weights to host memory) while the engine is idle.
 
-        Storage is resized in place so every holder of the cache tensors sees the change; the
-        decode graphs recorded the old addresses and are captured again by :meth:`restore_memory`.
+        Storage is resized in place so every holder of the cache tensors sees the change. The freed
+        blocks go back to PyTorch's caching allocator, where trainers in this process can use them.
         """
         for cache in self.kv_caches:
             cache.untyped_storage().resize_(0)
@@ -385,7 +385,12 @@ class ModelRunner:
                 param.data = param.data.to("cpu", non_blocking=True)
 
     def restore_memory(self) -> None:
-        """Undo :meth:`release_memory`: reallocate the KV cache, bring the weights back, re-capture graphs."""
+        """Undo :meth:`release_memory`: reallocate the KV cache and bring the weights back.
+
+        The decode graphs recorded the addresses of the cache and weights. Reallocated at the same
+        size once the trainers have freed their transient memory, the cache usually lands where it
+        was; the graphs are captured again (about a second for every bucket) only where it did not.
+        """
         for cache in self.kv_caches:
             cache.untyped_storage().resize_(cache.numel() * cache.element_size())
             cache.zero_()
@@ -395,5 +400,5 @@ class ModelRunner:
             if self._fused:
                 self.model.fuse_projections()
             self._offloaded = False
-        if self.graphs is not None:
+        if self.graphs is not None and self.graphs.moved():
             self.graphs.capture()

@@ -86,14 +86,10 @@ def _model_args(spec: str, name: str | None) -> tuple[str | None, str]:
 
 def config_from_args(args: argparse.Namespace) -> ServingConfig:
     """The `ServingConfig` the command line describes (``--config`` file first, then flags)."""
-    import yaml
-
+    from raylane.config import load_config_data
     from raylane.serving.config import ModelDeploymentConfig, ServingConfig
 
-    base: dict[str, Any] = {}
-    if args.config:
-        with open(args.config) as f:
-            base = yaml.safe_load(f) or {}
+    base: dict[str, Any] = load_config_data(ServingConfig, args.config)
     if args.model:
         if args.name and len(args.model) > 1:
             raise ValueError("--name names a single model; with several, write --model NAME=DIR")

@@ -30,6 +30,18 @@ class PagedAttentionMetadata:
     query_start_loc: torch.Tensor | None = None
 
 
+def _write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    num_kv_heads, head_dim = k.shape[-2:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+# Traced as one opaque op that mutates the whole layer in place: written as an in-place copy into a
+# view of the cache, torch.compile's functionalisation materialises a copy of the whole layer (14 GiB
+# for a large cache) on every step. Eager steps call the function itself, skipping the op dispatch.
+write_kv = torch.library.custom_op("raylane::write_kv", mutates_args=("kv_cache",))(_write_kv)
+
+
 class AttentionBackend:
     """Writes the new K/V into the cache and attends over the cached keys of each sequence."""
 
@@ -52,9 +64,8 @@ class AttentionBackend:
         self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PagedAttentionMetadata
     ) -> None:
         """Store ``k``/``v`` ([T, Hkv, D]) at ``meta.slot_mapping`` of ``kv_cache`` ([2, N, bs, Hkv, D])."""
-        num_kv_heads, head_dim = k.shape[-2:]
-        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        write = write_kv if torch.compiler.is_compiling() else _write_kv
+        write(kv_cache, k, v, meta.slot_mapping)
 
     def attend(
         self, q: torch.Tensor, kv_cache: torch.Tensor, meta: PagedAttentionMetadata, scale: float

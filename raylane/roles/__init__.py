@@ -1,6 +1,6 @@
 """The worker roles of an RL job: policy trainer, reference, critic, rollout and reward."""
 
-from raylane.actors.roles.config import (
+from raylane.roles.config import (
     ActorConfig,
     CriticConfig,
     OptimConfig,
@@ -8,10 +8,10 @@ from raylane.actors.roles.config import (
     RolloutConfig,
     TrainConfig,
 )
-from raylane.actors.roles.critic import Critic
-from raylane.actors.roles.policy import PolicyTrainer, Reference
-from raylane.actors.roles.reward import RewardWorker
-from raylane.actors.roles.rollout import Rollout
+from raylane.roles.critic import Critic
+from raylane.roles.policy import PolicyTrainer, Reference
+from raylane.roles.reward import RewardWorker
+from raylane.roles.rollout import Rollout
 
 __all__ = [
     "ActorConfig",

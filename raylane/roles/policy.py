@@ -8,25 +8,26 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from raylane.actors.dispatch import Dispatch, register
-from raylane.actors.roles.checkpoint import save_hf_checkpoint
-from raylane.actors.roles.config import ActorConfig, TrainConfig
-from raylane.actors.roles.training import (
+from raylane.actors.worker import Worker
+from raylane.batch import Batch
+from raylane.fault_tolerance.checkpoint import save_hf_checkpoint
+from raylane.models import load_model
+from raylane.rlhf.kl import kl_loss
+from raylane.rlhf.logprobs import entropy_from_logits
+from raylane.rlhf.losses import aggregate_loss, ppo_policy_loss
+from raylane.roles.config import ActorConfig, TrainConfig
+from raylane.roles.training import (
     CheckpointedTrainer,
     build_optimizer,
     forward_micro_batches,
     optimizer_steps,
     policy_log_probs,
+    ppo_update,
     resolve_train_dtype,
     rows_metrics,
     shard_model,
 )
-from raylane.actors.weight_transfer import WeightSyncSource
-from raylane.actors.worker import Worker
-from raylane.models import load_model
-from raylane.rlhf.batch import Batch
-from raylane.rlhf.kl import kl_loss
-from raylane.rlhf.logprobs import entropy_from_logits
-from raylane.rlhf.losses import aggregate_loss, ppo_policy_loss
+from raylane.weight_transfer import WeightSyncSource
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,12 @@ class _PolicyModel(Worker):
         if not config.model:
             raise ValueError("the policy role needs config.model: a Hugging Face checkpoint folder")
         self.config = config
-        self.dtype = resolve_train_dtype(config.dtype, self.device)
-        self.model = shard_model(load_model(config.model, self.dtype, self.device), self.mesh["dp"])
+        self.model = shard_model(
+            load_model(config.model, torch.float32, self.device),
+            self.mesh["dp"],
+            resolve_train_dtype(config.dtype, self.device),
+            config.activation_checkpointing,
+        )
 
     def _log_probs(self, batch: Batch) -> torch.Tensor:
         temperature = batch.meta.get("temperature", 1.0) or 1.0
@@ -81,7 +86,10 @@ class PolicyTrainer(_PolicyModel, CheckpointedTrainer, WeightSyncSource):
 
     @register(Dispatch.DP_SHARD, pad=True)
     def update_actor(self, batch: Batch) -> Batch:
-        """One PPO/GRPO update from ``old_log_probs``, ``advantages`` (and ``ref_log_probs`` for a KL loss)."""
+        """A PPO/GRPO update from ``old_log_probs``, ``advantages`` (and ``ref_log_probs`` for a KL loss).
+
+        ``config.ppo_epochs`` passes over the batch, one optimizer step per ``config.mini_batch_size`` rows.
+        """
         loss_cfg = self.config.loss
         temperature = batch.meta.get("temperature", 1.0) or 1.0
 
@@ -118,7 +126,7 @@ class PolicyTrainer(_PolicyModel, CheckpointedTrainer, WeightSyncSource):
                 metrics["actor/kl_loss"] = float(kl)
             return loss, metrics
 
-        return rows_metrics(optimizer_steps(self, batch, loss_fn, "actor"))
+        return ppo_update(self, batch, loss_fn, "actor")
 
     @register(Dispatch.DP_SHARD, pad=True)
     def sft_step(self, batch: Batch) -> Batch:

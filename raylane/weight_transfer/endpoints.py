@@ -1,4 +1,4 @@
-"""The two worker roles of a weight sync: the trainer side (source) and the rollout side (target).
+"""The two endpoints of a weight sync, mixed into worker roles: the trainer side (source) and the rollout side (target).
 
 The runner's engine records the synced version once the last tensor landed.
 """
@@ -15,7 +15,8 @@ from torch import nn
 
 from raylane.actors.dispatch import Dispatch, register
 from raylane.actors.rendezvous import Rendezvous, RendezvousMaster
-from raylane.actors.weight_transfer.plan import (
+from raylane.actors.worker import Worker
+from raylane.weight_transfer.plan import (
     SourceInfo,
     TargetInfo,
     TPLayout,
@@ -25,8 +26,7 @@ from raylane.actors.weight_transfer.plan import (
     fsdp_local_shards,
     param_specs,
 )
-from raylane.actors.weight_transfer.transport import WeightSyncChannel, join_weight_sync_group, run_transfer
-from raylane.actors.worker import Worker
+from raylane.weight_transfer.transport import WeightSyncChannel, join_weight_sync_group, run_transfer
 
 if TYPE_CHECKING:
     from raylane.runner import LLMEngine

@@ -11,11 +11,12 @@ import logging
 import torch
 
 from raylane.actors.dispatch import Dispatch, register
-from raylane.actors.roles.config import RolloutConfig
-from raylane.actors.weight_transfer import WeightSyncTarget
-from raylane.models import TensorParallelGroup, load_model
-from raylane.rlhf.batch import Batch
+from raylane.batch import Batch
+from raylane.models import ModelConfig, TensorParallelGroup, load_model
+from raylane.roles.config import RolloutConfig
 from raylane.runner import EngineConfig, LLMEngine, SamplingParams
+from raylane.runner.engine import resolve_dtype
+from raylane.weight_transfer import WeightSyncTarget
 
 logger = logging.getLogger(__name__)
 
@@ -25,18 +26,12 @@ class Rollout(WeightSyncTarget):
 
     def __init__(self, model: str, config: RolloutConfig) -> None:
         self.config = config
-        dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        tp = TensorParallelGroup(self.tp_size, self.tp_rank, self.tp_group if self.tp_size > 1 else None)
         engine_config = EngineConfig(
-            model=model,
-            device=str(self.device),
-            block_size=config.block_size,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=config.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching,
-            attention_backend=config.attention_backend,
+            model=model, **{**config.engine.model_dump(), "device": str(self.device)}
         )
+        checkpoint_dtype = ModelConfig.from_pretrained(model).dtype
+        dtype = resolve_dtype(engine_config.dtype, checkpoint_dtype, self.device)
+        tp = TensorParallelGroup(self.tp_size, self.tp_rank, self.tp_group if self.tp_size > 1 else None)
         self.engine = LLMEngine(engine_config, model=load_model(model, dtype, self.device, tp))
         self.pad_token_id = self.engine.tokenizer.pad_token_id or 0
 
@@ -82,35 +77,33 @@ class Rollout(WeightSyncTarget):
         return self._to_batch(batch, prompt_ids, samples, n)
 
     def _to_batch(self, batch: Batch, prompt_ids: list[list[int]], samples: list, n: int) -> Batch:
-        num = len(samples)
         prompt_len = max(len(prompt_ids[row]) for row, _ in samples)
         response_len = max(1, max(len(c.token_ids) for _, c in samples))
-        prompts = torch.full((num, prompt_len), self.pad_token_id, dtype=torch.long)
-        responses = torch.full((num, response_len), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros(num, prompt_len + response_len, dtype=torch.long)
-        response_mask = torch.zeros(num, response_len)
-        log_probs = torch.zeros(num, response_len)
-        versions = torch.zeros(num, dtype=torch.long)
-        for i, (row, completion) in enumerate(samples):
+        pad = self.pad_token_id
+        # Rows are built as lists and turned into tensors once: a thousand small tensor writes per
+        # batch cost more than the engine's own work on short responses.
+        prompts, responses, attention, response_mask, log_probs = [], [], [], [], []
+        for row, completion in samples:
             ids, out = prompt_ids[row], completion.token_ids
-            prompts[i, prompt_len - len(ids) :] = torch.tensor(ids)
-            attention[i, prompt_len - len(ids) : prompt_len + len(out)] = 1
-            if out:
-                responses[i, : len(out)] = torch.tensor(out)
-                log_probs[i, : len(out)] = torch.tensor(completion.logprobs)
-            response_mask[i, : len(out)] = 1
-            versions[i] = min(completion.weight_versions, default=self.engine.weight_version)
+            left, right = prompt_len - len(ids), response_len - len(out)
+            prompts.append([pad] * left + ids)
+            responses.append(out + [pad] * right)
+            attention.append([0] * left + [1] * (len(ids) + len(out)) + [0] * right)
+            response_mask.append([1.0] * len(out) + [0.0] * right)
+            log_probs.append(list(completion.logprobs) + [0.0] * right)
         rows = [row for row, _ in samples]
         carried = {key: [column[row] for row in rows] for key, column in batch.non_tensors.items()}
         return Batch.from_dict(
             {
                 **carried,
-                "prompts": prompts,
-                "responses": responses,
-                "attention_mask": attention,
-                "response_mask": response_mask,
-                "rollout_log_probs": log_probs,
-                "weight_version": versions,
+                "prompts": torch.tensor(prompts, dtype=torch.long),
+                "responses": torch.tensor(responses, dtype=torch.long),
+                "attention_mask": torch.tensor(attention, dtype=torch.long),
+                "response_mask": torch.tensor(response_mask),
+                "rollout_log_probs": torch.tensor(log_probs),
+                "weight_version": torch.tensor(
+                    [min(c.weight_versions, default=self.engine.weight_version) for _, c in samples]
+                ),
                 "response_text": [c.text for _, c in samples],
                 "sample_index": [c.index for _, c in samples],
             },

@@ -14,26 +14,40 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from raylane.actors.dispatch import Dispatch, register
-from raylane.actors.roles.checkpoint import load_train_state, save_train_state
-from raylane.actors.roles.config import OptimConfig
 from raylane.actors.worker import Worker
-from raylane.rlhf.batch import Batch
+from raylane.batch import Batch
+from raylane.fault_tolerance.checkpoint import load_train_state, save_train_state
+from raylane.roles.config import OptimConfig
 
 
 def resolve_train_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of a trained model: ``auto`` is bf16 on CUDA and fp32 on CPU."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """FSDP2: shard each decoder layer, then the rest, over the data-parallel mesh."""
+def shard_model(
+    model: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype, activation_checkpointing: bool = False
+) -> nn.Module:
+    """FSDP2: shard each decoder layer, then the rest, over the data-parallel mesh.
+
+    ``model`` holds fp32 parameters: they are the master weights the optimiser updates. With a lower
+    ``compute_dtype`` FSDP2 all-gathers them in that dtype for forward and backward and reduces the
+    gradients in fp32 (its ``MixedPrecisionPolicy``), so no second copy of the weights is kept by hand
+    and bf16 rounding never accumulates in the weights or the Adam moments.
+    """
+    if compute_dtype == torch.float32:
+        policy = MixedPrecisionPolicy()
+    else:
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    model.model.activation_checkpointing = activation_checkpointing
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
@@ -90,9 +104,22 @@ def rows_metrics(metrics: dict[str, float]) -> Batch:
 
 
 def optimizer_steps(
-    worker, batch: Batch, loss_fn, prefix: str, optimizer=None, scheduler=None
+    worker,
+    batch: Batch,
+    loss_fn,
+    prefix: str,
+    *,
+    epochs: int = 1,
+    mini_batch_size: int | None = None,
+    optimizer=None,
+    scheduler=None,
 ) -> dict[str, float]:
     """Epochs x mini-batches of gradient-accumulated micro-batches; returns the mean metrics.
+
+    ``batch`` is this rank's shard; ``mini_batch_size`` counts rows over all ranks (None: the
+    whole batch in one optimizer step), so each rank steps on ``mini_batch_size / dp_size`` of
+    its rows. From the second optimizer step on the policy differs from the one that sampled
+    the batch, which is what gives PPO's ratio and clipping something to act on.
 
     ``worker`` has ``model`` (FSDP2-sharded), ``optimizer``, ``scheduler``, ``config`` (a TrainConfig)
     and ``global_step``; ``optimizer``/``scheduler`` override the worker's (``scheduler=None`` with
@@ -102,9 +129,9 @@ def optimizer_steps(
         optimizer, scheduler = worker.optimizer, worker.scheduler
     worker.model.train()
     cfg = worker.config
-    mini = len(batch) if cfg.mini_batch_size is None else max(1, cfg.mini_batch_size // worker.dp_size)
+    mini = len(batch) if mini_batch_size is None else max(1, mini_batch_size // worker.dp_size)
     totals: dict[str, list[float]] = defaultdict(list)
-    for _ in range(cfg.epochs):
+    for _ in range(epochs):
         for mini_batch in batch.split(mini):
             optimizer.zero_grad(set_to_none=True)
             micros = mini_batch.split(cfg.micro_batch_size)
@@ -126,6 +153,16 @@ def optimizer_steps(
                 worker.global_step += 1
     totals[f"{prefix}/lr"].append(optimizer.param_groups[0]["lr"])
     return {name: sum(values) / len(values) for name, values in totals.items()}
+
+
+def ppo_update(worker, batch: Batch, loss_fn, prefix: str) -> Batch:
+    """:func:`optimizer_steps` with the worker's ``ppo_epochs`` and ``mini_batch_size``, as one metrics row."""
+    cfg = worker.config
+    return rows_metrics(
+        optimizer_steps(
+            worker, batch, loss_fn, prefix, epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size
+        )
+    )
 
 
 class CheckpointedTrainer(Worker):

@@ -5,21 +5,20 @@ from __future__ import annotations
 import torch
 
 from raylane.actors.dispatch import Dispatch, register
-from raylane.actors.roles.config import CriticConfig
-from raylane.actors.roles.training import (
+from raylane.batch import Batch
+from raylane.models import ValueModel
+from raylane.rlhf.losses import value_loss
+from raylane.roles.config import CriticConfig
+from raylane.roles.training import (
     CheckpointedTrainer,
     build_optimizer,
     forward_micro_batches,
-    optimizer_steps,
+    ppo_update,
     resolve_train_dtype,
     response_slice,
-    rows_metrics,
     sequence_inputs,
     shard_model,
 )
-from raylane.models import ValueModel
-from raylane.rlhf.batch import Batch
-from raylane.rlhf.losses import value_loss
 
 
 class Critic(CheckpointedTrainer):
@@ -29,9 +28,13 @@ class Critic(CheckpointedTrainer):
         if not config.model:
             raise ValueError("the critic needs config.model: a checkpoint folder (usually the policy's)")
         self.config = config
-        dtype = resolve_train_dtype(config.dtype, self.device)
-        model = ValueModel.from_pretrained(config.model, dtype).to(self.device)
-        self.model = shard_model(model, self.mesh["dp"])
+        model = ValueModel.from_pretrained(config.model, torch.float32).to(self.device)
+        self.model = shard_model(
+            model,
+            self.mesh["dp"],
+            resolve_train_dtype(config.dtype, self.device),
+            config.activation_checkpointing,
+        )
         self.optimizer, self.scheduler = build_optimizer(self.model, config.optim)
         self.global_step = 0
 
@@ -64,4 +67,4 @@ class Critic(CheckpointedTrainer):
                 **{f"critic/{k}": float(v) for k, v in stats.items()},
             }
 
-        return rows_metrics(optimizer_steps(self, batch, loss_fn, "critic"))
+        return ppo_update(self, batch, loss_fn, "critic")

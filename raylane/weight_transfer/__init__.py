@@ -1,10 +1,12 @@
-"""Weight resharding, the worker side: plans (:mod:`.plan`), their execution over point-to-point
-sends and receives (:mod:`.transport`) and the trainer / rollout roles (:mod:`.roles`).
+"""Weight resharding from trainers' FSDP shards to engines' tensor-parallel shards: the plan
+(:mod:`.plan`), its execution over point-to-point sends and receives (:mod:`.transport`) and the
+endpoints a trainer role and a rollout role mix in (:mod:`.endpoints`).
 
 The driver side, which plans once and triggers each sync, is :mod:`raylane.controllers.weight_sync`.
 """
 
-from raylane.actors.weight_transfer.plan import (
+from raylane.weight_transfer.endpoints import WeightSyncSource, WeightSyncTarget
+from raylane.weight_transfer.plan import (
     Bucket,
     FSDPLayout,
     Message,
@@ -16,12 +18,14 @@ from raylane.actors.weight_transfer.plan import (
     TPLayout,
     TransferPlan,
     TransferStats,
+    WeightSyncConfig,
     WeightSyncError,
     fsdp_local_shards,
     param_specs,
+    plan_between,
+    plan_weight_transfer,
 )
-from raylane.actors.weight_transfer.roles import WeightSyncSource, WeightSyncTarget
-from raylane.actors.weight_transfer.transport import (
+from raylane.weight_transfer.transport import (
     WeightSyncChannel,
     join_weight_sync_group,
     pack_message,
@@ -42,6 +46,7 @@ __all__ = [
     "TransferPlan",
     "TransferStats",
     "WeightSyncChannel",
+    "WeightSyncConfig",
     "WeightSyncError",
     "WeightSyncSource",
     "WeightSyncTarget",
@@ -49,6 +54,8 @@ __all__ = [
     "join_weight_sync_group",
     "pack_message",
     "param_specs",
+    "plan_between",
+    "plan_weight_transfer",
     "run_transfer",
     "unpack_message",
 ]

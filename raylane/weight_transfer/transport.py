@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from raylane.actors.rendezvous import Rendezvous, RendezvousMaster
-from raylane.actors.weight_transfer.plan import (
+from raylane.weight_transfer.plan import (
     Message,
     SliceCopy,
     TransferPlan,

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from raylane.config import StrictConfig
+from raylane.rlhf.kl import KL_ESTIMATORS
+from raylane.rlhf.losses import LOSS_AGGREGATIONS
+from raylane.runner import EngineOptions
+
+KLEstimatorName = KL_ESTIMATORS.name_field()
+LossAggregationName = LOSS_AGGREGATIONS.name_field()
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class OptimConfig(_Strict):
+class OptimConfig(StrictConfig):
     """AdamW with linear warm-up, then constant or cosine decay to ``min_lr_ratio * lr``."""
 
     lr: float = Field(1e-5, gt=0)
@@ -24,28 +28,37 @@ class OptimConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; None disables clipping")
 
 
-class PolicyLossConfig(_Strict):
+class PolicyLossConfig(StrictConfig):
     """PPO-style policy loss (GRPO, RLOO and REINFORCE++ use it too, with their own advantages)."""
 
     clip_ratio_low: float = Field(0.2, ge=0)
     clip_ratio_high: float = Field(0.2, ge=0)
     clip_ratio_c: float | None = Field(None, gt=1, description="dual-clip bound; None disables")
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    loss_agg_mode: LossAggregationName = "token-mean"
     entropy_coef: float = Field(0.0, ge=0)
     kl_loss_coef: float = Field(0.0, ge=0, description="KL-to-reference term in the loss (GRPO style)")
-    kl_loss_type: Literal["k1", "k2", "k3", "abs"] = "k3"
+    kl_loss_type: KLEstimatorName = "k3"
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictConfig):
     """What every trained model (policy or critic) needs."""
 
     model: str = Field("", description="Hugging Face checkpoint folder to start from")
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="compute dtype ('auto': bf16 on CUDA, fp32 on CPU); parameters, gradients and "
+        "optimiser state stay fp32 (FSDP2 mixed precision)",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in backward: less memory, ~1/3 more compute"
+    )
     micro_batch_size: int = Field(32, ge=1, description="rows per forward/backward on one rank")
     mini_batch_size: int | None = Field(
-        None, ge=1, description="rows per optimizer step (all ranks); None: one"
+        None,
+        ge=1,
+        description="rows per optimizer step, over all ranks; None: the whole batch in one step",
     )
-    epochs: int = Field(1, ge=1, description="passes over each batch (PPO epochs)")
+    ppo_epochs: int = Field(1, ge=1, description="passes over each batch, one optimizer step per mini-batch")
     optim: OptimConfig = OptimConfig()
 
 
@@ -57,20 +70,18 @@ class CriticConfig(TrainConfig):
     value_clip: float | None = Field(0.5, gt=0, description="clip range of the value loss")
 
 
-class RolloutConfig(_Strict):
-    """Generation settings of the rollout role (the runner's engine knobs plus sampling)."""
+class RolloutConfig(StrictConfig):
+    """Generation settings of the rollout role: sampling, plus every knob of the runner's engine."""
 
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = -1
     max_tokens: int = Field(16, ge=1)
     n: int = Field(8, ge=1, description="samples per prompt")
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 4096
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    attention_backend: str = "torch"
+    engine: EngineOptions = Field(
+        default_factory=EngineOptions,
+        description="the engine's knobs (the role sets the device; 'auto' dtype is bf16 on CUDA)",
+    )
     free_cache_when_idle: bool = Field(
         True, description="release the KV cache while colocated trainers train"
     )
