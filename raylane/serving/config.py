@@ -10,15 +10,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from raylane.config import StrictConfig
 from raylane.runner.config import EngineConfig
 
 
-class AutoscalingSettings(BaseModel):
+class AutoscalingSettings(StrictConfig):
     """Ray Serve autoscaling of one model's replicas, on the number of ongoing requests per replica."""
-
-    model_config = ConfigDict(extra="forbid")
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
@@ -40,15 +39,13 @@ class AutoscalingSettings(BaseModel):
         return self.model_dump()
 
 
-class RequestLimits(BaseModel):
+class RequestLimits(StrictConfig):
     """What one request to a model may ask for; HTTP and gRPC requests are held to the same limits.
 
     Checked when the request is admitted, before its prompt is tokenized; a request over a limit
     gets a 400 (gRPC INVALID_ARGUMENT) naming the field. Integer fields must also fit the engine's
     int64 tensors (`raylane.runner.SamplingParams`), and prompts its context length.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     max_sequences: int = Field(
         128, ge=1, description="completions one request may ask for: n times its number of prompts"
@@ -61,10 +58,8 @@ class RequestLimits(BaseModel):
     )
 
 
-class ModelDeploymentConfig(BaseModel):
+class ModelDeploymentConfig(StrictConfig):
     """One served model: its name in API requests, its engine, and its replicas."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
         min_length=1, description="the `model` clients send; defaults to the checkpoint folder name"
@@ -111,7 +106,7 @@ class ModelDeploymentConfig(BaseModel):
         return options
 
 
-class ServingConfig(BaseModel):
+class ServingConfig(StrictConfig):
     """A serving application: its models, the Serve proxies' addresses and who may call.
 
     ``host``, ``port`` and ``grpc_port`` configure the cluster's Serve proxies, which are shared
@@ -119,8 +114,6 @@ class ServingConfig(BaseModel):
     always listens on every interface (``[::]``), whatever ``host`` says, so gRPC is off unless
     ``grpc_port`` is set, and then needs an API key unless ``grpc_without_api_key`` is set.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     app_name: str = Field("raylane", min_length=1)
     route_prefix: str = "/"

@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from raylane.config import StrictConfig
 from raylane.serving.config import deployment_name_for
 
 if TYPE_CHECKING:
@@ -149,14 +150,12 @@ def publish_weights(
         time.sleep(0.05)
 
 
-class WeightPublishConfig(BaseModel):
+class WeightPublishConfig(StrictConfig):
     """The config switch of an RL job that serves its policy: which served model gets each new version.
 
     Embed it as an optional field of a job config (None: do not publish) and call `publish` after
     each policy update.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     app_name: str = Field(min_length=1, description="the serving application (`raylane serve --app-name`)")
     model: str = Field(min_length=1, description="the served model name to update")
