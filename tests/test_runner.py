@@ -12,6 +12,7 @@ import torch
 
 from raylane.models import ModelConfigError, WeightLoadError, load_model, make_tiny_model
 from raylane.runner import LLM, EngineConfig, LLMEngine, RequestOutput, SamplingParams, UnknownRequestError
+from raylane.runner.engine import RequestsFailedError
 
 MAX_TOKENS = 24
 
@@ -403,3 +404,39 @@ def test_async_scheduling_labels_tokens_with_the_weights_that_computed_them(tiny
         torch.tensor(got.logprobs[:5]), torch.tensor(old.logprobs[:5]), atol=1e-6, rtol=0
     )
     assert abs(got.logprobs[5] - old.logprobs[5]) > 1e-3, "the sixth token should come from the new weights"
+
+
+def test_a_request_whose_bookkeeping_raises_fails_alone(tiny_model_dir):
+    # The stop-string check (detokenizing) of one request raises while its step completes: that
+    # request is aborted and reported, its neighbour and the engine carry on.
+    good = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = LLM(tiny_model_dir).generate(["hello"], good, use_tqdm=False)[0].outputs[0].token_ids
+    engine = LLMEngine(EngineConfig(model=tiny_model_dir, device="cpu", max_num_seqs=4))
+    engine.add_request("good", prompt="hello", sampling_params=good)
+    bad = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=["never seen"])
+    engine.add_request("bad", prompt="broken", sampling_params=bad)
+    detokenizer = engine._requests["bad"].detokenizers[0]
+    calls = []
+
+    def broken_update(token_ids):
+        calls.append(1)
+        if len(calls) == 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "planted")
+        return type(detokenizer).update(detokenizer, token_ids)
+
+    detokenizer.update = broken_update
+    finished, failures = {}, {}
+    while engine.has_unfinished_requests():
+        try:
+            outputs = engine.step()
+        except RequestsFailedError as exc:
+            outputs = exc.outputs
+            failures.update(exc.failures)
+        finished.update({out.request_id: out for out in outputs if out.finished})
+    assert set(failures) == {"bad"} and isinstance(failures["bad"], UnicodeDecodeError)
+    assert finished["good"].outputs[0].token_ids == expected
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.add_request("after", prompt="hello", sampling_params=good)
+    while engine.has_unfinished_requests():
+        done = [o for o in engine.step() if o.finished]
+    assert done[0].outputs[0].token_ids == expected

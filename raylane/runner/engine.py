@@ -307,17 +307,16 @@ class LLMEngine:
                 return self._step_each_request(plan, exc, return_unfinished)
         if self.async_scheduling:
             self._ahead = self._launch_ahead(launched)
-        outputs = self._complete(launched, return_unfinished)
+        outputs, failures = self._complete(launched, return_unfinished)
         self._discard_unwanted_ahead()  # e.g. every request stopped at EOS with the tokens just read
+        self._raise_failures(failures, outputs)
         return outputs
 
     def _step_each_request(
         self, plan: SchedulerOutput, error: Exception, return_unfinished: bool
     ) -> list[RequestOutput]:
         """Run a step that failed as a batch one request at a time, so a request that breaks the
-        step fails alone: it is aborted (its KV blocks freed) and `RequestsFailedError` reports it
-        together with the other requests' outputs.
-        """
+        step fails alone (see :meth:`_raise_failures`)."""
         logger.warning("an engine step failed (%r); running its requests one at a time", error)
         by_request: dict[str, list[ScheduledChunk]] = {}
         for chunk in plan.chunks:
@@ -328,15 +327,23 @@ class LLMEngine:
             try:
                 launched = self._launch(SchedulerOutput(chunks=chunks))
             except Exception as exc:
-                logger.exception("request %r failed in the engine; aborting it", request_id)
                 failures[request_id] = exc
                 continue
-            outputs.extend(self._complete(launched, return_unfinished))
-        for request_id in failures:
-            self.abort(request_id)
-        if failures:
-            raise RequestsFailedError(failures, outputs)
+            completed, failed = self._complete(launched, return_unfinished)
+            outputs.extend(completed)
+            failures.update(failed)
+        self._raise_failures(failures, outputs)
         return outputs
+
+    def _raise_failures(self, failures: dict[str, Exception], outputs: list[RequestOutput]) -> None:
+        """Abort each failed request (freeing its KV blocks) and raise `RequestsFailedError`, which
+        carries the other requests' outputs of the step; nothing when none failed."""
+        if not failures:
+            return
+        for request_id, error in failures.items():
+            logger.error("request %r failed in the engine (%r); aborting it", request_id, error)
+            self.abort(request_id)
+        raise RequestsFailedError(failures, outputs)
 
     def _launch(self, plan: SchedulerOutput, feed: PendingStep | None = None) -> _LaunchedStep:
         pending = self.runner.launch(plan, feed)
@@ -389,18 +396,27 @@ class LLMEngine:
             self._ahead.pending.result()
             self._ahead = None
 
-    def _complete(self, launched: _LaunchedStep, return_unfinished: bool) -> list[RequestOutput]:
+    def _complete(
+        self, launched: _LaunchedStep, return_unfinished: bool
+    ) -> tuple[list[RequestOutput], dict[str, Exception]]:
+        """Take a launched step's tokens into its sequences; returns the outputs and, by request id,
+        the requests whose bookkeeping raised (a stop check or detokenizing), which fail alone."""
         plan = launched.plan
         # Bookkeeping that does not need the sampled tokens overlaps with the device's work.
         self.scheduler.mark_computed(plan)
         result = launched.pending.result()
         touched: dict[str, _Request] = {}
+        failures: dict[str, Exception] = {}
         sampling = [chunk for chunk in plan.chunks if chunk.samples]
         for chunk, token, logprob in zip(sampling, result.sampled_token_ids, result.sampled_logprobs):
             seq = chunk.seq
-            if seq.is_finished:
+            if seq.is_finished or seq.request_id in failures:
                 continue  # a row launched ahead for a sequence that has stopped since
-            self._append_token(seq, token, logprob, launched.weight_version)
+            try:
+                self._append_token(seq, token, logprob, launched.weight_version)
+            except Exception as exc:
+                failures[seq.request_id] = exc
+                continue
             touched[seq.request_id] = self._requests[seq.request_id]
         for chunk in plan.chunks:
             logprobs = result.prompt_logprobs.get(chunk.seq.seq_id)
@@ -408,13 +424,19 @@ class LLMEngine:
                 seq = chunk.seq
                 seq.prompt_logprobs.extend(logprobs[: seq.num_prompt_tokens - 1 - len(seq.prompt_logprobs)])
         outputs = []
-        for request in touched.values():
+        for request_id, request in touched.items():
+            if request_id in failures:
+                continue
             finished = request.finished
             if finished or return_unfinished:
-                outputs.append(self._output(request))
+                try:
+                    outputs.append(self._output(request))
+                except Exception as exc:
+                    failures[request_id] = exc
+                    continue
             if finished:
-                del self._requests[request.request_id]
-        return outputs
+                del self._requests[request_id]
+        return outputs, failures
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, weight_version: int) -> None:
         seq.token_ids.append(token)
