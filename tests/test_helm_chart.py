@@ -340,6 +340,22 @@ def test_notes_say_how_to_reach_what_is_installed(case):
     assert ("/v1/models" in notes) == ("RayService" in kinds)
 
 
+def test_image_recipe_matches_the_chart():
+    """The Dockerfile installs the Ray the chart announces to KubeRay, and the extras it names exist."""
+    import tomllib
+
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    build_args = dict(re.findall(r"(?m)^ARG (\w+)=(\S+)$", dockerfile))
+    with helm.Chart.load(CHART) as chart:
+        metadata, values = chart.metadata, chart.values
+    assert build_args["RAY_VERSION"] == values["rayVersion"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert metadata["appVersion"] == project["version"]
+    assert values["image"]["tag"] == f"{project['version']}-{build_args['VARIANT']}"
+    (extras,) = re.findall(r'pip install "?\.\[([\w,]+)\]', dockerfile)
+    assert set(extras.split(",")) <= set(project["optional-dependencies"])
+
+
 # ---------------------------------------------------------------- bad values
 
 
