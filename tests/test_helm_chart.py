@@ -228,14 +228,18 @@ def test_the_job_trains_on_the_config_in_its_configmap(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["serving-only", "external-redis"])
-def test_serve_config_builds_raylanes_application(case):
-    """Serve's own schema accepts serveConfigV2, and its import path builds the app from its args."""
+def test_serve_config_builds_raylanes_application(case, monkeypatch):
+    """Serve's own schema accepts serveConfigV2, and its import path builds the app from its args
+    in the environment of the pods (their Secret-backed variables set to stand-in values)."""
     from ray._common.utils import import_attr
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
 
     from raylane.serving.builder import IMPORT_PATH
 
+    head = one(case, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    for var in head["containers"][0].get("env", []):
+        monkeypatch.setenv(var["name"], var.get("value", "from-a-secret"))
     config = ServeDeploySchema.model_validate(serve_config(case))
     (app,) = config.applications
     assert app.import_path == IMPORT_PATH
@@ -248,6 +252,18 @@ def _deployments(app: Any) -> list[Any]:
     from ray.serve._private.build_app import build_app
 
     return [d for d in build_app(app, name="raylane").deployments]
+
+
+def test_serving_app_requires_the_key_the_pods_get(monkeypatch):
+    """The app serveConfigV2 builds holds the digest of $RAYLANE_API_KEY, the variable the chart fills."""
+    auth = pytest.importorskip(
+        "raylane.serving.auth", reason="serving API keys arrive with the serving-hardening change (issue 13)"
+    )
+    from raylane.serving.builder import build_app_from_args
+
+    monkeypatch.setenv("RAYLANE_API_KEY", "key-from-the-secret")
+    app = build_app_from_args(serve_config("serving-only")["applications"][0]["args"])
+    assert auth.key_digest("key-from-the-secret") in app._bound_deployment.init_args
 
 
 def test_serving_limits_and_scaling_come_from_values():
