@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 import sys
 from pathlib import Path
@@ -45,13 +46,13 @@ CASES = {
     "serving-only": ["serving-only-values.yaml"],
     "external-redis": ["external-redis-values.yaml"],
 }
-BASE_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+BASE_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap"}
 REDIS_KINDS = {"Secret", "Service", "StatefulSet"}
 EXPECTED_KINDS = {
-    "default": BASE_KINDS | REDIS_KINDS | {"RayCluster", "RayJob", "ConfigMap"},
-    "gpu": BASE_KINDS | REDIS_KINDS | {"RayCluster", "RayJob", "ConfigMap"},
+    "default": BASE_KINDS | REDIS_KINDS | {"RayCluster", "RayJob"},
+    "gpu": BASE_KINDS | REDIS_KINDS | {"RayCluster", "RayJob"},
     "serving-only": BASE_KINDS | REDIS_KINDS | {"RayService"},
-    "external-redis": BASE_KINDS | {"RayJob", "ConfigMap", "RayService"},
+    "external-redis": BASE_KINDS | {"RayJob", "RayService"},
 }
 
 
@@ -92,8 +93,9 @@ def objects_of(case: str, kind: str) -> list[dict[str, Any]]:
     return [obj for obj in rendered(case)[0] if obj["kind"] == kind]
 
 
-def one(case: str, kind: str) -> dict[str, Any]:
-    (obj,) = objects_of(case, kind)
+def one(case: str, kind: str, suffix: str = "") -> dict[str, Any]:
+    """The one object of ``kind`` (whose name ends with ``suffix``) that ``case`` renders."""
+    (obj,) = [obj for obj in objects_of(case, kind) if obj["metadata"]["name"].endswith(suffix)]
     return obj
 
 
@@ -212,7 +214,7 @@ def test_the_job_trains_on_the_config_in_its_configmap(case, tmp_path):
 
     job = one(case, "RayJob")["spec"]
     assert job["entrypoint"] == "raylane train /config/job.yaml"
-    configmap = one(case, "ConfigMap")
+    configmap = one(case, "ConfigMap", "-job")
     head = (job["rayClusterSpec"] if "rayClusterSpec" in job else one(case, "RayCluster")["spec"])[
         "headGroupSpec"
     ]["template"]["spec"]
@@ -370,6 +372,21 @@ def test_image_recipe_matches_the_chart():
     assert values["image"]["tag"] == f"{project['version']}-{build_args['VARIANT']}"
     (extras,) = re.findall(r'pip install "?\.\[([\w,]+)\]', dockerfile)
     assert set(extras.split(",")) <= set(project["optional-dependencies"])
+
+
+def test_dashboard_panels_plot_metrics_raylane_registers():
+    """Every metric a panel queries is one raylane registers (Ray exports it as ray_<name>), and
+    every registered metric has a panel."""
+    from tests.test_metric_names import registered_metric_names
+
+    dashboard = json.loads(one("default", "ConfigMap", "-grafana-dashboard")["data"]["raylane.json"])
+    assert dashboard == json.loads((CHART / "dashboards" / "raylane.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    queried = {name for expr in exprs for name in re.findall(r"\bray_(raylane_\w+)", expr)}
+    assert all(re.search(r"\bray_raylane_\w+", expr) for expr in exprs), exprs
+    assert queried == set(registered_metric_names())
+    (job_variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "job"]
+    assert set(re.findall(r"\bray_(raylane_\w+)", job_variable["query"]["query"])) <= queried
 
 
 # ---------------------------------------------------------------- bad values
