@@ -203,6 +203,11 @@ def test_gpu_workers_request_gpus_on_the_selected_nodes():
     assert pod["nodeSelector"] == values["nodeSelector"]
     assert pod["tolerations"] == values["tolerations"]
     assert (gpu_group["replicas"], gpu_group["maxReplicas"]) == (2, 4)
+    assert gpu_group["rayStartParams"] == {"num-cpus": "16"}
+    (shared,) = [v for v in pod["volumes"] if v["name"] == "shared"]
+    assert (
+        shared["persistentVolumeClaim"]["claimName"] == case_values("gpu")["sharedStorage"]["existingClaim"]
+    )
     groups = [g["groupName"] for g in one("default", "RayCluster")["spec"]["workerGroupSpecs"]]
     assert groups == ["cpu"]
 
