@@ -296,14 +296,21 @@ def test_api_key_reaches_every_serving_pod_from_its_secret():
 def test_grpc_is_not_exposed_without_an_api_key():
     serving = case_values("serving-only")
     assert serve_config("serving-only")["grpc_options"]["port"] == 9000
-    ports = one("serving-only", "RayService")["spec"]["serveService"]["spec"]["ports"]
-    assert {p["name"]: p["port"] for p in ports} == {"serve": 8000, "grpc": 9000}
+    grpc_service = one("serving-only", "Service", "-grpc")["spec"]
+    assert [(p["port"], p["targetPort"]) for p in grpc_service["ports"]] == [(9000, 9000)]
+    selector = grpc_service["selector"]
+    assert selector.pop("ray.io/serve") == "true"  # the label KubeRay puts on pods with a healthy proxy
+    serving_pods = one("serving-only", "RayService")["spec"]["rayClusterConfig"]
+    for group in [serving_pods["headGroupSpec"], *serving_pods["workerGroupSpecs"]]:
+        assert selector.items() <= group["template"]["metadata"]["labels"].items()
 
     config = serve_config("external-redis")  # serving with the default values: no key, no gRPC
     assert "grpc_options" not in config
     assert config["applications"][0]["args"]["grpc_port"] is None
     spec = one("external-redis", "RayService")["spec"]
-    assert "serveService" not in spec
+    assert not [
+        svc for svc in objects_of("external-redis", "Service") if svc["metadata"]["name"].endswith("-grpc")
+    ]
     for pod in pod_specs(spec["rayClusterConfig"]):
         assert "grpc" not in {p["name"] for p in pod["containers"][0].get("ports", [])}
 
@@ -318,7 +325,7 @@ def test_grpc_is_not_exposed_without_an_api_key():
 
 def test_gcs_fault_tolerance_uses_the_charts_redis_and_its_secret():
     ft = one("serving-only", "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
-    service = one("serving-only", "Service")
+    service = one("serving-only", "Service", "-redis")
     assert ft["redisAddress"] == f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local:6379"
     redis = one("serving-only", "StatefulSet")
     container = redis["spec"]["template"]["spec"]["containers"][0]

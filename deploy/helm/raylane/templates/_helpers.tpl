@@ -119,7 +119,8 @@ volumes:
 
 {{/*
 A RayCluster spec: the head, the CPU and GPU worker groups.
-Arguments: root; jobConfig (mount the job's ConfigMap on the head); serving (Serve ports and the API key).
+Arguments: root; jobConfig (mount the job's ConfigMap on the head); serving (Serve ports and the API key);
+component (the pods' app.kubernetes.io/component label).
 */}}
 {{- define "raylane.clusterSpec" -}}
 {{- $root := .root -}}
@@ -146,19 +147,22 @@ headGroupSpec:
     metadata:
       labels:
         {{- include "raylane.labels" $root | nindent 8 }}
+        {{- with .component }}
+        app.kubernetes.io/component: {{ . }}
+        {{- end }}
     spec:
       {{- include "raylane.podSpec" (dict "root" $root "name" "ray-head" "group" $v.head "resources" $v.head.resources "ports" $ports "env" $env "jobConfig" .jobConfig) | nindent 6 }}
 {{- if or $v.cpuWorkers.enabled $v.gpuWorkers.enabled }}
 workerGroupSpecs:
 {{- if $v.cpuWorkers.enabled }}
   - groupName: cpu
-    {{- include "raylane.workerGroup" (dict "root" $root "group" $v.cpuWorkers "resources" $v.cpuWorkers.resources "env" $env) | nindent 4 }}
+    {{- include "raylane.workerGroup" (dict "root" $root "group" $v.cpuWorkers "resources" $v.cpuWorkers.resources "env" $env "component" .component) | nindent 4 }}
 {{- end }}
 {{- if $v.gpuWorkers.enabled }}
 {{- $gpus := dict "nvidia.com/gpu" (int $v.gpuWorkers.gpusPerPod) }}
 {{- $resources := dict "requests" (merge (dict) $gpus ($v.gpuWorkers.resources.requests | default dict)) "limits" (merge (dict) $gpus ($v.gpuWorkers.resources.limits | default dict)) }}
   - groupName: gpu
-    {{- include "raylane.workerGroup" (dict "root" $root "group" $v.gpuWorkers "resources" $resources "env" $env) | nindent 4 }}
+    {{- include "raylane.workerGroup" (dict "root" $root "group" $v.gpuWorkers "resources" $resources "env" $env "component" .component) | nindent 4 }}
 {{- end }}
 {{- end }}
 {{- end -}}
@@ -176,6 +180,9 @@ template:
   metadata:
     labels:
       {{- include "raylane.labels" .root | nindent 6 }}
+      {{- with .component }}
+      app.kubernetes.io/component: {{ . }}
+      {{- end }}
   spec:
     {{- include "raylane.podSpec" (dict "root" .root "name" "ray-worker" "group" .group "resources" .resources "env" .env) | nindent 4 }}
 {{- end -}}
