@@ -52,9 +52,6 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (not .Values.redis.enabled) .Values.redis.external.address (not .Values.redis.external.existingSecret) -}}
 {{- fail "redis.external.address is set: name the Secret holding its password in redis.external.existingSecret (key: redis.external.passwordKey)" -}}
 {{- end -}}
-{{- if and .Values.gpuWorkers.enabled (not .Values.gpuWorkers.gpusPerPod) -}}
-{{- fail "gpuWorkers.gpusPerPod must be at least 1" -}}
-{{- end -}}
 {{- end -}}
 
 {{/* One Ray container: image, env, shared storage (and the job config on the head). */}}
