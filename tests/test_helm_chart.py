@@ -263,14 +263,21 @@ def _deployments(app: Any) -> list[Any]:
 
 def test_serving_app_requires_the_key_the_pods_get(monkeypatch):
     """The app serveConfigV2 builds holds the digest of $RAYLANE_API_KEY, the variable the chart fills."""
-    auth = pytest.importorskip(
-        "raylane.serving.auth", reason="serving API keys arrive with the serving-hardening change (issue 13)"
-    )
+    from raylane.serving.auth import key_digest
     from raylane.serving.builder import build_app_from_args
 
     monkeypatch.setenv("RAYLANE_API_KEY", "key-from-the-secret")
     app = build_app_from_args(serve_config("serving-only")["applications"][0]["args"])
-    assert auth.key_digest("key-from-the-secret") in app._bound_deployment.init_args
+    assert key_digest("key-from-the-secret") in app._bound_deployment.init_args
+
+
+def test_serving_app_refuses_grpc_when_the_key_is_missing(monkeypatch):
+    """Should the Secret be empty in a pod, the app is not built with gRPC open to every interface."""
+    from raylane.serving.builder import build_app_from_args
+
+    monkeypatch.delenv("RAYLANE_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="gRPC would listen on every interface"):
+        build_app_from_args(serve_config("serving-only")["applications"][0]["args"])
 
 
 def test_serving_limits_and_scaling_come_from_values():
@@ -279,11 +286,23 @@ def test_serving_limits_and_scaling_come_from_values():
     assert model["engine"]["model"] == values["models"][0]["path"]
     assert model["autoscaling"] == values["autoscaling"]
     assert "num_replicas" not in model
+    assert model["limits"] == values["limits"]["request"]
+    assert serve_config("serving-only")["applications"][0]["args"]["max_request_bytes"] == 1048576
     assert (model["max_ongoing_requests"], model["max_queued_requests"], model["max_waiting_seqs"]) == (
         128,
         256,
         256,
     )
+
+
+def test_schema_knows_every_request_limit():
+    """The chart's per-request limits are exactly the fields of raylane's RequestLimits."""
+    from raylane.serving.config import RequestLimits
+
+    with helm.Chart.load(CHART) as chart:
+        schema = chart.schema
+    limits = schema["properties"]["rayService"]["properties"]["limits"]["properties"]["request"]
+    assert set(limits["properties"]) == set(RequestLimits.model_fields)
 
 
 def test_api_key_reaches_every_serving_pod_from_its_secret():

@@ -34,6 +34,11 @@ def test_every_engine_knob_is_settable_from_the_job():
     assert set(EngineOptions.model_fields) == set(EngineConfig.model_fields) - {"model"}
 
 
+def test_attention_backend_is_checked_against_its_registry():
+    with pytest.raises(ConfigError, match=r"unknown attention backend 'flash'; registered: \['torch'"):
+        load_config(JobConfig, MAIN_JOB, ["rollout.engine.attention_backend=flash"])
+
+
 def test_rollout_engine_defaults_are_the_engines_own():
     assert RolloutConfig().engine == EngineOptions()
 

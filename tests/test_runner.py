@@ -201,7 +201,7 @@ def test_bad_inputs_get_clear_errors_and_engine_survives(tiny_model_dir, tmp_pat
     engine = LLMEngine(EngineConfig(model=tiny_model_dir, max_model_len=64))
     with pytest.raises(ValueError, match="maximum context length is 64"):
         engine.add_request("long", prompt_token_ids=[1] * 64)
-    with pytest.raises(ValueError, match="exactly one of"):
+    with pytest.raises(ValueError, match=r"as text \(prompt\) or as token ids"):
         engine.add_request("none")
     with pytest.raises(ValueError, match=r"\[0, 259\)"):
         engine.add_request("oov", prompt_token_ids=[5, 100000])
@@ -215,6 +215,9 @@ def test_bad_inputs_get_clear_errors_and_engine_survives(tiny_model_dir, tmp_pat
         {"max_tokens": 0},
         {"n": 0},
         {"seed": -3},
+        {"seed": 2**63},  # the engine's int64 seeds and top-k would overflow inside a step
+        {"top_k": 2**63},
+        {"stop_token_ids": [2**63]},
         {"stop": [""]},
     ]:
         with pytest.raises(ValueError, match=next(iter(bad))):

@@ -1,7 +1,9 @@
 """End to end: `raylane serve` on the local Ray cluster, serving tiny models with the real runner.
 
-One application for the module, started by the CLI: model "tiny" (checks everything), and
-"tiny-busy", an engine that admits nothing (max_waiting_seqs=0), to see overload answered with 503.
+One application for the module, started by the CLI with an API key and gRPC on: model "tiny"
+(checks everything), and "tiny-busy", an engine that runs one sequence and queues one more
+(max_num_seqs=1, max_waiting_seqs=1), to see overload answered with 503. The fuzzing tests at
+the end throw Hypothesis-made requests at both protocols of the same application.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +22,8 @@ import grpc
 import openai
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from ray import serve
 
 from raylane.models import iter_checkpoint_tensors, make_tiny_model
@@ -39,6 +44,9 @@ MAX_MODEL_LEN = 8192
 # A request that takes the tiny model seconds to finish, so a cancel always lands before it ends.
 LONG_REQUEST_TOKENS = 8000
 KV_BLOCKS = 1024
+MAX_REQUEST_BYTES = 256 * 1024
+API_KEY = "test-key-of-the-serving-app"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @dataclass
@@ -47,6 +55,7 @@ class Served:
     model_a: str
     model_b: str
     offline: LLM
+    log_path: str
 
     @property
     def base_url(self) -> str:
@@ -57,7 +66,10 @@ class Served:
         return f"127.0.0.1:{self.config.grpc_port}"
 
     def openai(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0)
+        return openai.OpenAI(base_url=self.base_url, api_key=API_KEY, max_retries=0)
+
+    def grpc_client(self, api_key: str | None = API_KEY) -> LLMClient:
+        return LLMClient(self.grpc_target, application=APP, api_key=api_key)
 
     def expected(self, prompt: str | list[int], **sampling) -> list:
         """What `raylane generate` (the offline LLM) produces for the same prompt and sampling."""
@@ -67,11 +79,16 @@ class Served:
         handle = serve.get_deployment_handle(deployment_name_for("tiny"), APP)
         return handle.engine_stats.remote().result()
 
-    def post(self, path: str, body: bytes | dict) -> tuple[int, dict, dict]:
+    def post(self, path: str, body: bytes | dict, headers: dict | None = None) -> tuple[int, dict, dict]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         conn = http.client.HTTPConnection("127.0.0.1", self.config.port, timeout=60)
         try:
-            conn.request("POST", path, data, {"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                path,
+                data,
+                {"Content-Type": "application/json", **(AUTH if headers is None else headers)},
+            )
             response = conn.getresponse()
             return response.status, json.loads(response.read()), dict(response.getheaders())
         finally:
@@ -112,10 +129,16 @@ def served(ray_cluster, tmp_path_factory):
         app_name=APP,
         models=[
             {"name": "tiny", "engine": engine},
-            {"name": "tiny-busy", "engine": engine, "max_waiting_seqs": 0, "num_cpus": 0},
+            {
+                "name": "tiny-busy",
+                "engine": {**engine, "max_num_seqs": 1},
+                "max_waiting_seqs": 1,
+                "num_cpus": 0,
+            },
         ],
         port=free_port(),
         grpc_port=free_port(),
+        max_request_bytes=MAX_REQUEST_BYTES,
     )
     config_path = root / "serving.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
@@ -123,12 +146,19 @@ def served(ray_cluster, tmp_path_factory):
     address = ray_cluster.get_runtime_context().gcs_address
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [*SERVE_COMMAND, "--config", str(config_path), "--address", address], stdout=log, stderr=log
+            [*SERVE_COMMAND, "--config", str(config_path), "--address", address],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "RAYLANE_API_KEY": API_KEY},
         )
     try:
         _wait_until_serving(config.port, proc, log_path)
         yield Served(
-            config, model_a, model_b, LLM(model_a, max_model_len=MAX_MODEL_LEN, num_kv_blocks=KV_BLOCKS)
+            config,
+            model_a,
+            model_b,
+            LLM(model_a, max_model_len=MAX_MODEL_LEN, num_kv_blocks=KV_BLOCKS),
+            log_path,
         )
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, "`raylane serve` did not exit cleanly on Ctrl-C"
@@ -212,7 +242,7 @@ def test_openai_client_completes_chats_and_streams_like_offline_generation(serve
 def test_grpc_client_streams_tokens_and_health_answers(served):
     prompt = "stream me"
     (want,) = served.expected(prompt, max_tokens=10, **SAMPLING)
-    with LLMClient(served.grpc_target, application=APP) as client:
+    with served.grpc_client() as client:
         health = client.health()
         assert health.status == llm_pb2.HealthResponse.SERVING
         assert {m.name for m in health.models} == {"tiny", "tiny-busy"}
@@ -273,7 +303,7 @@ def test_32_concurrent_streaming_clients_get_their_own_outputs(served):
         return "".join([chunk.choices[0].text async for chunk in stream])
 
     async def main() -> list[str]:
-        async with openai.AsyncOpenAI(base_url=served.base_url, api_key="unused", max_retries=0) as client:
+        async with openai.AsyncOpenAI(base_url=served.base_url, api_key=API_KEY, max_retries=0) as client:
             return await asyncio.gather(*(one(client, p, sp) for p, sp in zip(prompts, params)))
 
     assert asyncio.run(main()) == expected
@@ -282,7 +312,10 @@ def test_32_concurrent_streaming_clients_get_their_own_outputs(served):
 def _open_stream(served: Served, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     conn = http.client.HTTPConnection("127.0.0.1", served.config.port, timeout=60)
     conn.request(
-        "POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"}
+        "POST",
+        "/v1/completions",
+        json.dumps({**body, "stream": True}),
+        {"Content-Type": "application/json", **AUTH},
     )
     response = conn.getresponse()
     assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
@@ -394,11 +427,24 @@ def test_client_errors_are_openai_shaped_and_the_server_keeps_serving(served):
         "/v1/completions", {"model": "tiny", "prompt": "y" * (MAX_MODEL_LEN + 10), "stream": True}
     )
     _assert_openai_error(status, body, 400)  # refused before the event stream starts
-    status, body, headers = served.post(
-        "/v1/completions", {"model": "tiny-busy", "prompt": "x", "max_tokens": 4}
-    )
+    # tiny-busy runs one sequence and queues one: with both taken, one more is overloaded (503)...
+    long = {"model": "tiny-busy", "prompt": "x", "max_tokens": LONG_REQUEST_TOKENS, "ignore_eos": True}
+    streams = [_open_stream(served, long)]
+    try:
+        _next_event(streams[0][1])  # running: it sampled a token
+        streams.append(_open_stream(served, long))
+        status, body, headers = served.post(
+            "/v1/completions", {"model": "tiny-busy", "prompt": "x", "max_tokens": 4}
+        )
+    finally:
+        for conn, _ in streams:
+            conn.close()
     _assert_openai_error(status, body, 503)
     assert body["error"]["code"] == "overloaded" and headers.get("retry-after") == "1"
+    # ... while a request with more sequences than it ever queues can never run: 400, saying why.
+    status, body, _ = served.post("/v1/completions", {"model": "tiny-busy", "prompt": "x", "n": 2})
+    _assert_openai_error(status, body, 400, "n")
+    assert "max_waiting_seqs" in body["error"]["message"]
 
     client = served.openai()
     with pytest.raises(openai.BadRequestError):
@@ -410,3 +456,260 @@ def test_client_errors_are_openai_shaped_and_the_server_keeps_serving(served):
         client.completions.create(model="tiny", prompt="still here", max_tokens=5, **SAMPLING).choices[0].text
         == want.text
     )
+
+
+def test_start_up_line_says_where_each_protocol_listens(served):
+    with open(served.log_path) as f:
+        log = f.read()
+    port, grpc_port = served.config.port, served.config.grpc_port
+    assert f"HTTP on http://127.0.0.1:{port}/v1 (API key required)" in log
+    # Ray Serve's gRPC proxy binds [::] whatever the host: the line must not claim 127.0.0.1.
+    assert f"gRPC on [::]:{grpc_port}, every interface" in log
+    assert f"127.0.0.1:{grpc_port}" not in log
+
+
+def test_api_key_guards_generation_on_both_protocols_but_not_health_or_models(served):
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        status, error, _ = served.post("/v1/completions", body, headers=headers)
+        _assert_openai_error(status, error, 401)
+        assert error["error"]["type"] == "authentication_error"
+    status, _, _ = served.post("/v1/chat/completions", {"model": "tiny", "messages": []}, headers={})
+    assert status == 401  # refused before the body is even validated
+    assert served.post("/v1/completions", body)[0] == 200
+    for path in ("/v1/models", "/health"):
+        conn = http.client.HTTPConnection("127.0.0.1", served.config.port, timeout=60)
+        conn.request("GET", path)
+        assert conn.getresponse().status == 200
+        conn.close()
+
+    for key in (None, "wrong"):
+        with served.grpc_client(api_key=key) as client:
+            with pytest.raises(grpc.RpcError) as info:
+                client.generate("x", model="tiny", max_tokens=2)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as info:
+                list(client.generate_stream("x", model="tiny", max_tokens=2))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert client.health().status == llm_pb2.HealthResponse.SERVING
+
+
+def test_hostile_requests_get_4xx_on_both_protocols_while_others_carry_on(served):
+    before = _wait_idle(served)
+    conn, stream = _open_stream(
+        served, {"model": "tiny", "prompt": "steady", "max_tokens": 300, "ignore_eos": True}
+    )
+    try:
+        _next_event(stream)
+        for overflow in ({"seed": 2**63}, {"top_k": 2**63}):
+            status, body, _ = served.post("/v1/completions", {"model": "tiny", "prompt": "hi", **overflow})
+            _assert_openai_error(status, body, 400, next(iter(overflow)))
+        status, body, _ = served.post("/v1/completions", {"model": "tiny", "prompt": "y" * (5 * 2**20)})
+        _assert_openai_error(status, body, 413)
+        status, body, _ = served.post("/v1/completions", {"model": "tiny", "prompt": "y" * 200_000})
+        _assert_openai_error(status, body, 400, "prompt")
+        assert "characters" in body["error"]["message"]  # refused on its length, not tokenized
+        with served.grpc_client() as client:
+            for sampling in ({"n": 20_000}, {"stop": ["s"] * 10_000}, {"top_k": 2**31 - 1, "n": 129}):
+                with pytest.raises(grpc.RpcError) as info:
+                    client.generate("hi", model="tiny", max_tokens=2, **sampling)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            with pytest.raises(grpc.RpcError) as info:
+                client.generate("y" * (5 * 2**20), model="tiny")
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "max_request_bytes" in info.value.details()
+        events = []
+        while (event := _next_event(stream)) != "[DONE]":
+            events.append(event)
+    finally:
+        conn.close()
+    assert events[-1]["choices"][0]["finish_reason"] == "length"  # the stream in flight ran to its end
+    after = _wait_idle(served)
+    assert after["num_free_blocks"] == after["num_total_blocks"]
+    assert after["num_generated_tokens"] - before["num_generated_tokens"] == 300  # nothing else ran
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+# Bounded so the suite keeps its time budget: a few dozen requests per protocol, none generating long.
+SERVE_FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+
+# Wrong for any field: other types, integer edges of the engine's int64 and beyond, floats that are not numbers.
+HOSTILE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.sampled_from([-1, 0, 2**31, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**30]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.integers(-5, 300), max_size=4),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+
+
+# Numbers at the edges of what the engine's types hold, tried often on every numeric field.
+EDGES = st.sampled_from([-1, 0, 2**31 - 1, 2**32, 2**63 - 1, 2**63, 2**64, float("nan"), float("inf"), 1e300])
+
+
+def _field(valid: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(valid, EDGES, HOSTILE)
+
+
+SAMPLING_FIELDS = {
+    "max_tokens": _field(st.integers(1, 8)),
+    "n": _field(st.integers(1, 3)),
+    "temperature": _field(st.floats(0, 2)),
+    "top_p": _field(st.floats(0.01, 1)),
+    "top_k": _field(st.integers(-1, 300)),
+    "seed": _field(st.integers(0, 2**63 - 1)),
+    "stop": _field(st.lists(st.text(min_size=1, max_size=4), max_size=6)),
+    "stop_token_ids": _field(st.lists(st.integers(0, 300), max_size=4)),
+    "stream": st.booleans(),
+    "ignore_eos": _field(st.booleans()),
+    "logit_bias": HOSTILE,
+    "stream_options": _field(st.fixed_dictionaries({"include_usage": st.booleans()})),
+}
+MODEL = st.one_of(st.just("tiny"), st.just("tiny"), st.just("tiny"), st.text(max_size=6))
+PROMPT = st.one_of(
+    st.text(max_size=40),
+    st.lists(st.integers(-3, 300), max_size=12),
+    st.lists(st.text(max_size=8), max_size=3),
+    st.lists(st.lists(st.integers(0, 258), max_size=4), max_size=3),
+)
+COMPLETION = st.fixed_dictionaries(
+    {"model": MODEL, "prompt": st.one_of(PROMPT, PROMPT, HOSTILE)},
+    optional={**SAMPLING_FIELDS, "logprobs": _field(st.just(0)), "echo": HOSTILE, "best_of": HOSTILE},
+)
+ROLE = st.sampled_from(["system", "user", "assistant"])
+CONTENT = st.text(max_size=30)
+MESSAGE = st.fixed_dictionaries(
+    {"role": st.one_of(ROLE, ROLE, ROLE, HOSTILE), "content": st.one_of(CONTENT, CONTENT, CONTENT, HOSTILE)}
+)
+CHAT = st.fixed_dictionaries(
+    {"model": MODEL, "messages": st.one_of(st.lists(MESSAGE, min_size=1, max_size=3), HOSTILE)},
+    optional={**SAMPLING_FIELDS, "max_completion_tokens": _field(st.integers(1, 8)), "logprobs": HOSTILE},
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+# A valid completion with one field swapped for an edge or a wrong type: such a request reaches the
+# engine unless admission catches it, where a fully random one is usually refused for another field.
+VALID_SAMPLING = {
+    "max_tokens": st.integers(1, 8),
+    "n": st.integers(1, 3),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(-1, 300),
+    "seed": st.integers(0, 2**63 - 1),
+    "stop": st.lists(st.text(min_size=1, max_size=4), max_size=4),
+    "stop_token_ids": st.lists(st.integers(0, 300), max_size=4),
+    "ignore_eos": st.booleans(),
+    "stream": st.booleans(),
+}
+ONE_BAD_FIELD = st.builds(
+    lambda base, name, value: {**base, name: value},
+    st.fixed_dictionaries(
+        {
+            "model": st.just("tiny"),
+            "prompt": st.one_of(st.text(max_size=40), st.lists(st.integers(0, 258), max_size=12)),
+        },
+        optional=VALID_SAMPLING,
+    ),
+    st.sampled_from(sorted(VALID_SAMPLING)),
+    st.one_of(EDGES, EDGES, HOSTILE),
+)
+HTTP_REQUESTS = st.one_of(
+    st.tuples(st.just("/v1/completions"), ONE_BAD_FIELD.map(lambda body: json.dumps(body).encode())),
+    st.tuples(st.just("/v1/completions"), ONE_BAD_FIELD.map(lambda body: json.dumps(body).encode())),
+    st.tuples(st.just("/v1/completions"), COMPLETION.map(lambda body: json.dumps(body).encode())),
+    st.tuples(st.just("/v1/chat/completions"), CHAT.map(lambda body: json.dumps(body).encode())),
+    st.tuples(
+        st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+        st.one_of(st.binary(max_size=64), JSON_VALUES.map(lambda value: json.dumps(value).encode())),
+    ),
+)
+
+CLIENT_ERRORS = {400, 404, 413}
+
+
+def _post_raw(served: Served, path: str, data: bytes) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", served.config.port, timeout=120)
+    try:
+        conn.request("POST", path, data, {"Content-Type": "application/json", **AUTH})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _assert_serves_normally_with_every_block_free(served: Served) -> None:
+    (want,) = served.expected("after the fuzzing", max_tokens=6, **SAMPLING)
+    got = served.openai().completions.create(
+        model="tiny", prompt="after the fuzzing", max_tokens=6, **SAMPLING
+    )
+    assert got.choices[0].text == want.text
+    with served.grpc_client() as client:
+        assert (
+            client.generate("after the fuzzing", model="tiny", max_tokens=6, **SAMPLING).completions[0].text
+            == want.text
+        )
+    stats = _wait_idle(served)
+    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_fuzzed_http_requests_get_a_2xx_or_a_clear_4xx(served):
+    @SERVE_FUZZ
+    @given(request=HTTP_REQUESTS)
+    def one(request: tuple[str, bytes]) -> None:
+        path, data = request
+        status, raw = _post_raw(served, path, data)
+        assert status == 200 or status in CLIENT_ERRORS, (status, raw[:300])
+        if status != 200:
+            _assert_openai_error(status, json.loads(raw), status)
+        elif raw.startswith(b"data: "):  # an event stream: every event is JSON, then [DONE]
+            events = [line.removeprefix(b"data: ") for line in raw.split(b"\n\n") if line]
+            assert events[-1] == b"[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+        else:
+            assert json.loads(raw)["choices"]
+
+    one()
+    _assert_serves_normally_with_every_block_free(served)
+
+
+GRPC_SAMPLING = st.fixed_dictionaries(
+    {},
+    optional={
+        "max_tokens": st.one_of(st.integers(0, 8), st.sampled_from([MAX_MODEL_LEN, 2**32 - 1])),
+        "temperature": st.floats(width=32),
+        "top_p": st.floats(width=32),
+        "top_k": st.integers(-(2**31), 2**31 - 1),
+        "seed": st.integers(-(2**63), 2**63 - 1),
+        "stop": st.lists(st.text(max_size=300), max_size=8),
+        "stop_token_ids": st.lists(st.integers(-(2**31), 2**31 - 1), max_size=70),
+        "n": st.one_of(st.integers(0, 3), st.sampled_from([129, 20_000, 2**32 - 1])),
+        "logprobs": st.booleans(),
+        "ignore_eos": st.booleans(),
+    },
+)
+GRPC_PROMPT = st.one_of(st.text(max_size=40), st.lists(st.integers(-(2**31), 2**31 - 1), max_size=12))
+GRPC_CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+
+
+def test_fuzzed_grpc_requests_get_ok_or_a_clear_client_error(served):
+    with served.grpc_client() as client:
+
+        @SERVE_FUZZ
+        @given(prompt=GRPC_PROMPT, model=MODEL, sampling=GRPC_SAMPLING, stream=st.booleans())
+        def one(prompt: str | list[int], model: str, sampling: dict, stream: bool) -> None:
+            try:
+                if stream:
+                    messages = list(client.generate_stream(prompt, model=model, **sampling))
+                    assert messages[-1].HasField("usage")
+                else:
+                    assert client.generate(prompt, model=model, **sampling).completions
+            except grpc.RpcError as exc:
+                assert exc.code() in GRPC_CLIENT_ERRORS and exc.details(), (exc.code(), exc.details())
+
+        one()
+    _assert_serves_normally_with_every_block_free(served)

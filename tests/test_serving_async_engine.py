@@ -8,7 +8,13 @@ import pytest
 
 from raylane.models import iter_checkpoint_tensors, make_tiny_model
 from raylane.runner import LLM, EngineConfig, SamplingParams
-from raylane.runner.async_engine import AsyncLLMEngine, EngineDeadError, EngineOverloadedError
+from raylane.runner.async_engine import (
+    AsyncLLMEngine,
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestFailedError,
+    RequestTooLargeError,
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +96,8 @@ def test_rejections_leave_the_engine_serving(model_dirs):
     async def main():
         engine = _engine(model_dirs[0], max_waiting_seqs=0)
         try:
-            with pytest.raises(EngineOverloadedError, match="max_waiting_seqs=0"):
-                await engine.add_request("busy", prompt="hi")
+            with pytest.raises(RequestTooLargeError, match="queues at most 0"):
+                await engine.add_request("never", prompt="hi")
             engine.max_waiting_seqs = None
             with pytest.raises(ValueError, match="maximum context length"):
                 await engine.add_request("long", prompt_token_ids=[1] * 300)
@@ -100,6 +106,58 @@ def test_rejections_leave_the_engine_serving(model_dirs):
             engine.shutdown()
 
     assert asyncio.run(main()).finished
+
+
+def test_the_waiting_cap_counts_sequences_not_requests(model_dirs):
+    async def main():
+        # One running sequence at a time, so the others wait in the queue the cap bounds.
+        engine = AsyncLLMEngine.from_config(
+            EngineConfig(model=model_dirs[0], max_model_len=256, max_num_seqs=1), max_waiting_seqs=2
+        )
+        long = SamplingParams(max_tokens=200, ignore_eos=True, seed=0)
+        try:
+            running = await engine.add_request("running", prompt="a long story", sampling_params=long)
+            waiting = await engine.add_request("waiting", prompt="waits", sampling_params=long)
+            with pytest.raises(EngineOverloadedError, match="adds 2"):
+                await engine.add_request("fan-out", prompt="x", sampling_params=SamplingParams(n=2))
+            with pytest.raises(RequestTooLargeError, match="asks for 3 sequences"):
+                await engine.add_request("never", prompt="x", sampling_params=SamplingParams(n=3))
+            queued = await engine.stats()
+            running.abort()
+            waiting.abort()
+            return queued, await _final(engine, "after", "hi", SamplingParams(max_tokens=2))
+        finally:
+            engine.shutdown()
+
+    queued, after = asyncio.run(main())
+    assert queued.num_running == 1 and queued.num_waiting == 1 and after.finished
+
+
+def test_a_request_that_breaks_a_step_fails_alone(model_dirs):
+    good = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.9, seed=3)
+    (expected,) = LLM(model_dirs[0], max_model_len=256).generate(["all fine"], good, use_tqdm=False)
+
+    async def main():
+        engine = _engine(model_dirs[0])
+        try:
+            bad = SamplingParams(max_tokens=24, ignore_eos=True, seed=4)
+            good_stream = await engine.add_request("good", prompt="all fine", sampling_params=good)
+            bad_stream = await engine.add_request("bad", prompt="broken", sampling_params=bad)
+            # As a value that slipped past admission would: the engine's int64 tensors cannot hold it.
+            bad.top_k = 2**64
+            with pytest.raises(RequestFailedError, match="could not compute"):
+                async for _ in bad_stream:
+                    pass
+            outputs = [output async for output in good_stream]
+            after = await _final(engine, "after", "still serving", SamplingParams(max_tokens=3))
+            return outputs[-1], after, await engine.stats(), engine.is_running
+        finally:
+            engine.shutdown()
+
+    final, after, stats, running = asyncio.run(main())
+    assert final.outputs[0].token_ids == expected.outputs[0].token_ids  # untouched by its neighbour
+    assert after.finished and running
+    assert stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks
 
 
 def test_weight_update_between_steps_keeps_the_stream(model_dirs):

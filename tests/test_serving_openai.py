@@ -10,6 +10,8 @@ import pytest
 from raylane.models import make_tiny_model
 from raylane.runner import LLM, EngineConfig, SamplingParams
 from raylane.runner.async_engine import AsyncLLMEngine
+from raylane.serving.admission import Admission
+from raylane.serving.config import RequestLimits
 from raylane.serving.errors import BadRequestError
 from raylane.serving.openai_api import SSE_DONE, OpenAIServing
 from raylane.serving.protocol import ChatCompletionRequest, CompletionRequest
@@ -30,7 +32,7 @@ def _events(lines: list[str]) -> list[dict]:
 async def _serve(model_dir: str, calls):
     engine = AsyncLLMEngine.from_config(EngineConfig(model=model_dir, max_model_len=128))
     try:
-        return await calls(OpenAIServing(engine, "m"))
+        return await calls(OpenAIServing(engine, "m", Admission(RequestLimits(), engine)))
     finally:
         engine.shutdown()
 

@@ -43,12 +43,12 @@ def test_completion_request_defaults_and_prompt_forms():
     ("body", "param"),
     [
         ({"model": "m", "prompt": "x", "max_tokens": -1}, "max_tokens"),
-        ({"model": "m", "prompt": "x", "temperature": 3}, "temperature"),
+        ({"model": "m", "prompt": "x", "temperature": -1}, "temperature"),
         ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
         ({"model": "m", "prompt": "x", "n": 0}, "n"),
         ({"model": "m", "prompt": "x", "top_k": 0}, "top_k"),
         ({"model": "m", "prompt": "x", "logprobs": 3}, "logprobs"),
-        ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "m", "prompt": "x", "stop": ["a", ""]}, "stop"),
         ({"model": "m", "prompt": []}, "prompt"),
         ({"prompt": "x"}, "model"),
         ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, None),
@@ -229,3 +229,25 @@ def test_serve_config_file_goes_through_the_project_loader(tmp_path):
     config_path.write_text("prot: 8124\n")
     with pytest.raises(ValueError, match="unknown key 'prot' \\(did you mean 'port'\\?\\)"):
         config_from_args(_parse(["--config", str(config_path), "--model", str(tmp_path)]))
+
+
+def test_grpc_listens_everywhere_so_it_needs_an_api_key_or_an_explicit_opt_out(tmp_path, monkeypatch):
+    from raylane.models import make_tiny_model
+    from raylane.serving import deploy
+    from raylane.serving.auth import read_api_key
+
+    model = make_tiny_model(str(tmp_path / "m"))
+    monkeypatch.delenv("RAYLANE_API_KEY", raising=False)
+    config = ServingConfig(models=[ModelDeploymentConfig.from_path(model)], grpc_port=9000)
+    with pytest.raises(ValueError, match=r"every interface \(\[::\]:9000.*grpc_without_api_key"):
+        deploy(config)  # refused before Serve (or Ray) is touched
+    assert ServingConfig(models=config.models).grpc_port is None  # gRPC is off unless asked for
+
+    key_file = tmp_path / "key"
+    key_file.write_text("from-a-file\n")
+    monkeypatch.setenv("RAYLANE_API_KEY", "from-the-env")
+    assert read_api_key(config) == "from-the-env"
+    assert read_api_key(config.model_copy(update={"api_key_file": str(key_file)})) == "from-a-file"
+    key_file.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        read_api_key(config.model_copy(update={"api_key_file": str(key_file)}))

@@ -12,11 +12,14 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,6 +31,8 @@ from raylane.models import ModelConfig, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _DCP_DIR = "dcp"
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -35,6 +40,46 @@ _TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+
+
+class CheckpointLoadError(RuntimeError):
+    """A training checkpoint is missing files or holds truncated or corrupt ones; the message names them."""
+
+
+def _damaged(path: str, problem: str) -> CheckpointLoadError:
+    return CheckpointLoadError(
+        f"cannot resume from {path!r}: {problem}. The checkpoint is incomplete or corrupt (an interrupted "
+        "save or copy?): resume from an earlier step_* folder, or start over without resume"
+    )
+
+
+def _check_dcp_files(path: str, dcp_dir: str) -> None:
+    """Every shard file the DCP metadata references is there and long enough (cheap, before loading)."""
+    try:
+        metadata = FileSystemReader(dcp_dir).read_metadata()
+    except FileNotFoundError:
+        raise _damaged(path, f"{os.path.join(dcp_dir, '.metadata')} is missing") from None
+    except Exception as exc:
+        raise _damaged(path, f"{os.path.join(dcp_dir, '.metadata')} is unreadable ({exc!r})") from exc
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(dcp_dir, name)
+        if not os.path.isfile(file):
+            raise _damaged(path, f"the shard {file} is missing")
+        if os.path.getsize(file) < size:
+            raise _damaged(
+                path, f"the shard {file} is truncated: {os.path.getsize(file)} bytes of at least {size}"
+            )
+
+
+def _restore(path: str, file: str, apply: Callable[[dict], T]) -> T:
+    """``apply`` to what ``file`` (saved with torch.save) holds; any failure names the file."""
+    try:
+        return apply(torch.load(file, weights_only=False))
+    except Exception as exc:
+        raise _damaged(path, f"{file} is unreadable or does not hold what raylane saved ({exc!r})") from exc
 
 
 def _rng_state() -> dict:
@@ -83,17 +128,26 @@ def load_train_state(
         raise FileNotFoundError(
             f"{path!r} is not a raylane checkpoint (no train_state.pt); pick a step_* folder"
         )
+
+    def restore_schedule(meta: dict) -> tuple[int, dict]:
+        scheduler.load_state_dict(meta["scheduler"])
+        return meta["step"], meta["extra"]
+
+    step, extra = _restore(path, meta_path, restore_schedule)
+    dcp_dir = os.path.join(path, _DCP_DIR)
+    _check_dcp_files(path, dcp_dir)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=os.path.join(path, _DCP_DIR))
+    try:
+        dcp.load(state, checkpoint_id=dcp_dir)
+    except (Exception, CheckpointException) as exc:  # DCP's error derives from BaseException
+        raise _damaged(path, f"the shards in {dcp_dir} cannot be read ({exc!r})") from exc
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    meta = torch.load(meta_path, weights_only=False)
-    scheduler.load_state_dict(meta["scheduler"])
     rng_path = os.path.join(path, f"rng_rank{rank}.pt")
     if not os.path.isfile(rng_path):
         # Resuming on more ranks than were saved: new ranks continue from rank 0's stream.
         rng_path = os.path.join(path, "rng_rank0.pt")
-    _set_rng_state(torch.load(rng_path, weights_only=False)["rng"])
-    return meta["step"], meta["extra"]
+    _restore(path, rng_path, lambda saved: _set_rng_state(saved["rng"]))
+    return step, extra
 
 
 def save_hf_checkpoint(path: str, model: nn.Module, source_dir: str, rank: int) -> None:

@@ -1,7 +1,13 @@
 """The transformer shared by the trainer and the runner, and Hugging Face checkpoint/tokenizer I/O."""
 
 from raylane.models.attention import AttentionContext, DenseAttention, expand_kv_heads
-from raylane.models.checkpoint import iter_checkpoint_tensors, load_model, save_checkpoint, save_model
+from raylane.models.checkpoint import (
+    check_checkpoint,
+    iter_checkpoint_tensors,
+    load_model,
+    save_checkpoint,
+    save_model,
+)
 from raylane.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelConfigError
 from raylane.models.layers import TensorParallelGroup, use_matvec_kernel
 from raylane.models.tiny import init_weights, make_tiny_model, tiny_config
@@ -21,6 +27,7 @@ __all__ = [
     "TokenizerError",
     "ValueModel",
     "WeightLoadError",
+    "check_checkpoint",
     "dense_inputs",
     "expand_kv_heads",
     "init_weights",

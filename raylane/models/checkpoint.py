@@ -23,11 +23,18 @@ INDEX_FILE = "model.safetensors.index.json"
 
 def checkpoint_files(model_dir: str) -> list[str]:
     """The safetensors files of a checkpoint folder, single-file or sharded with an index."""
+    if not os.path.isdir(model_dir):
+        raise WeightLoadError(f"the checkpoint folder {model_dir!r} does not exist: check the path")
     index_path = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            with open(index_path) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise WeightLoadError(
+                f"{index_path} is not a valid safetensors index (a JSON object with a 'weight_map' of "
+                f"tensor name -> shard file): {exc!r}; re-download or re-export the checkpoint"
+            ) from None
         missing = [name for name in files if not os.path.isfile(os.path.join(model_dir, name))]
         if missing:
             raise WeightLoadError(
@@ -47,11 +54,42 @@ def checkpoint_files(model_dir: str) -> list[str]:
 
 
 def iter_checkpoint_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` for every tensor of the checkpoint, one file open at a time."""
+    """Yield ``(name, tensor)`` for every tensor of the checkpoint, one file open at a time.
+
+    A file that cannot be read (truncated, corrupt, not safetensors) raises `WeightLoadError` naming it.
+    """
     for path in checkpoint_files(model_dir):
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with _open_safetensors(path) as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, f.get_tensor(name)
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as exc:
+                    raise _unreadable(path, exc) from exc
+                yield name, tensor
+
+
+def check_checkpoint(model_dir: str) -> None:
+    """Fail fast, naming the file, unless ``config.json`` parses and every safetensors file's header
+    is intact and covers the file (which catches truncation); reads no tensor data."""
+    ModelConfig.from_pretrained(model_dir)
+    for path in checkpoint_files(model_dir):
+        with _open_safetensors(path):
+            pass
+
+
+def _open_safetensors(path: str):
+    # safetensors raises its own error types (and OSError): any of them means the file is bad.
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: str, exc: Exception) -> WeightLoadError:
+    return WeightLoadError(
+        f"cannot read {path} ({os.path.getsize(path)} bytes): {exc}. The file is truncated or corrupt "
+        "(an interrupted download or save?): re-download or re-export the checkpoint"
+    )
 
 
 def load_model(

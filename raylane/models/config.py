@@ -159,9 +159,17 @@ class ModelConfig:
         with open(path) as f:
             try:
                 raw = json.load(f)
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise ModelConfigError(f"{path} is not valid JSON: {err}") from err
-        return cls.from_dict(raw)
+        try:
+            return cls.from_dict(raw)
+        except ModelConfigError as err:
+            raise ModelConfigError(f"{path}: {err}") from err
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ModelConfigError(
+                f"{path} does not describe a supported model ({err!r}): it must be a Hugging Face "
+                "config.json object; re-download or re-export the checkpoint"
+            ) from err
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config in Hugging Face's config.json form."""

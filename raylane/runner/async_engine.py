@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, TypeVar
 
 from raylane.runner.config import EngineConfig
-from raylane.runner.engine import LLMEngine, UnknownRequestError
+from raylane.runner.engine import LLMEngine, RequestsFailedError, UnknownRequestError
 from raylane.runner.outputs import EngineStats, RequestOutput
 from raylane.runner.sampling_params import SamplingParams
 
@@ -35,6 +35,14 @@ T = TypeVar("T")
 
 class EngineOverloadedError(RuntimeError):
     """Too many requests are waiting for the engine; the caller should retry later (HTTP 503/429)."""
+
+
+class RequestTooLargeError(ValueError):
+    """The request asks for more sequences than the engine will ever queue at once; it can never run."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine could not compute this request; it was aborted and every other request carried on."""
 
 
 class EngineDeadError(RuntimeError):
@@ -85,9 +93,14 @@ class RequestStream:
 class AsyncLLMEngine:
     """Drive an `LLMEngine` from asyncio: continuous batching across concurrent `generate` calls.
 
-    ``max_waiting_seqs`` bounds the engine's waiting queue: a request arriving while that many
-    sequences (a request sampling n completions has n) wait to be scheduled raises
-    `EngineOverloadedError` instead of queueing behind them (None: unbounded).
+    ``max_waiting_seqs`` bounds the engine's waiting queue in sequences (a request sampling n
+    completions has n): a request that would take the queue past it raises `EngineOverloadedError`
+    instead of queueing, and one with more than ``max_waiting_seqs`` sequences, which could never be
+    queued, raises `RequestTooLargeError` (None: unbounded).
+
+    A request that breaks an engine step fails alone with `RequestFailedError` (see
+    `RequestsFailedError`); the loop and the other requests carry on. Prompt text is tokenized on a
+    worker thread, never on the engine's thread or the caller's event loop.
     """
 
     def __init__(self, engine: LLMEngine, max_waiting_seqs: int | None = None) -> None:
@@ -149,12 +162,25 @@ class AsyncLLMEngine:
                 command()
                 command = self._get_nowait()
             if self.engine.has_unfinished_requests():
-                for output in self.engine.step():
+                try:
+                    outputs = self.engine.step()
+                except RequestsFailedError as exc:
+                    outputs = exc.outputs
+                    self._fail_requests(exc.failures)
+                for output in outputs:
                     stream = self._streams.get(output.request_id)
                     if stream is not None:
                         if output.finished:
                             self._streams.pop(output.request_id, None)
                         stream._deliver(output)
+
+    def _fail_requests(self, failures: dict[str, Exception]) -> None:
+        for request_id, cause in failures.items():
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                error = RequestFailedError(f"the engine could not compute this request: {cause!r}")
+                error.__cause__ = cause
+                stream._deliver(error)
 
     def _get_nowait(self) -> Callable[[], None] | None:
         try:
@@ -211,21 +237,32 @@ class AsyncLLMEngine:
     ) -> RequestStream:
         """Admit a request and return its output stream.
 
-        Raises the engine's `ValueError` for invalid parameters or a prompt that is too long, and
-        `EngineOverloadedError` when ``max_waiting_seqs`` sequences are already waiting. The
-        caller must iterate the stream to its end or call `RequestStream.abort`.
+        Raises the engine's `ValueError` for invalid parameters or a prompt that is too long,
+        `RequestTooLargeError` for more sequences than ``max_waiting_seqs``, and
+        `EngineOverloadedError` when its sequences would take the waiting queue past
+        ``max_waiting_seqs``. The caller must iterate the stream to its end or call `RequestStream.abort`.
         """
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight; request ids must be unique")
+        num_seqs = (sampling_params or SamplingParams()).n
+        if self.max_waiting_seqs is not None and num_seqs > self.max_waiting_seqs:
+            raise RequestTooLargeError(
+                f"the request asks for {num_seqs} sequences but this engine queues at most "
+                f"{self.max_waiting_seqs} (max_waiting_seqs): lower n"
+            )
+        if prompt is not None and prompt_token_ids is None and self.tokenizer is not None:
+            prompt_token_ids = await asyncio.get_running_loop().run_in_executor(
+                None, self.tokenizer.encode, prompt
+            )
         stream = RequestStream(request_id, self)
 
         def admit() -> None:
             if self.max_waiting_seqs is not None:
                 waiting = self.engine.stats.num_waiting
-                if waiting >= self.max_waiting_seqs:
+                if waiting + num_seqs > self.max_waiting_seqs:
                     raise EngineOverloadedError(
-                        f"{waiting} sequences are already waiting for the engine "
-                        f"(max_waiting_seqs={self.max_waiting_seqs}); retry later"
+                        f"{waiting} sequences are already waiting for the engine and this request adds "
+                        f"{num_seqs} (max_waiting_seqs={self.max_waiting_seqs}); retry later"
                     )
             self.engine.add_request(
                 request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, sampling_params=sampling_params

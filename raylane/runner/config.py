@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raylane.config import StrictConfig
+from raylane.runner.attention import ATTENTION_BACKENDS
 
 
 class EngineOptions(StrictConfig):
@@ -40,6 +41,15 @@ class EngineOptions(StrictConfig):
         "host is the device and nothing overlaps)",
     )
     seed: int = Field(0, description="seeds requests that do not bring their own")
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        if name != "auto" and name not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {name!r}; registered: {sorted(ATTENTION_BACKENDS)} (or 'auto')"
+            )
+        return name
 
     @model_validator(mode="after")
     def _check_budget(self) -> EngineOptions:

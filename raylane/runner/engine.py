@@ -32,6 +32,19 @@ logger = logging.getLogger(__name__)
 _SEED_MODULUS = 2**62
 
 
+class RequestsFailedError(RuntimeError):
+    """A step could not compute some requests: those were aborted, every other request progressed.
+
+    ``failures`` maps each failed request id to what it raised; ``outputs`` are the step's outputs of
+    the requests that progressed, as `LLMEngine.step` would have returned them.
+    """
+
+    def __init__(self, failures: dict[str, Exception], outputs: list[RequestOutput]) -> None:
+        super().__init__("; ".join(f"request {rid!r} failed: {exc!r}" for rid, exc in failures.items()))
+        self.failures = failures
+        self.outputs = outputs
+
+
 class UnknownRequestError(KeyError):
     """The request id names no running or waiting request."""
 
@@ -201,7 +214,11 @@ class LLMEngine:
         prompt_token_ids: list[int] | None = None,
         sampling_params: SamplingParams | None = None,
     ) -> None:
-        """Queue a request. Raises ``ValueError`` with an actionable message for bad input."""
+        """Queue a request. Raises ``ValueError`` with an actionable message for bad input.
+
+        Give the prompt as text or as token ids; given both, ``prompt_token_ids`` is taken as the
+        tokenization of ``prompt`` (computed by the caller, e.g. off the engine's thread).
+        """
         self._check_awake()
         params = sampling_params or SamplingParams()
         params.validate()
@@ -225,9 +242,9 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def _prompt_tokens(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
-        if (prompt is None) == (prompt_token_ids is None):
-            raise ValueError("pass exactly one of prompt (text) or prompt_token_ids")
-        if prompt is not None:
+        if prompt is None and prompt_token_ids is None:
+            raise ValueError("pass the prompt as text (prompt) or as token ids (prompt_token_ids)")
+        if prompt_token_ids is None:
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer (no tokenizer.json): pass prompt_token_ids")
             token_ids = self.tokenizer.encode(prompt)
@@ -284,11 +301,41 @@ class LLMEngine:
                 if self.scheduler.waiting and not self.scheduler.running:
                     raise RuntimeError("no waiting request fits the KV cache; raise num_kv_blocks")
                 return []
-            launched = self._launch(plan)
+            try:
+                launched = self._launch(plan)
+            except Exception as exc:
+                return self._step_each_request(plan, exc, return_unfinished)
         if self.async_scheduling:
             self._ahead = self._launch_ahead(launched)
         outputs = self._complete(launched, return_unfinished)
         self._discard_unwanted_ahead()  # e.g. every request stopped at EOS with the tokens just read
+        return outputs
+
+    def _step_each_request(
+        self, plan: SchedulerOutput, error: Exception, return_unfinished: bool
+    ) -> list[RequestOutput]:
+        """Run a step that failed as a batch one request at a time, so a request that breaks the
+        step fails alone: it is aborted (its KV blocks freed) and `RequestsFailedError` reports it
+        together with the other requests' outputs.
+        """
+        logger.warning("an engine step failed (%r); running its requests one at a time", error)
+        by_request: dict[str, list[ScheduledChunk]] = {}
+        for chunk in plan.chunks:
+            by_request.setdefault(chunk.seq.request_id, []).append(chunk)
+        outputs: list[RequestOutput] = []
+        failures: dict[str, Exception] = {}
+        for request_id, chunks in by_request.items():
+            try:
+                launched = self._launch(SchedulerOutput(chunks=chunks))
+            except Exception as exc:
+                logger.exception("request %r failed in the engine; aborting it", request_id)
+                failures[request_id] = exc
+                continue
+            outputs.extend(self._complete(launched, return_unfinished))
+        for request_id in failures:
+            self.abort(request_id)
+        if failures:
+            raise RequestsFailedError(failures, outputs)
         return outputs
 
     def _launch(self, plan: SchedulerOutput, feed: PendingStep | None = None) -> _LaunchedStep:
@@ -324,7 +371,12 @@ class LLMEngine:
         if not all(self.block_manager.allocate(chunk.seq, len(chunk.seq) + 1) for chunk in chunks):
             return None
         plan = SchedulerOutput(chunks=[ScheduledChunk(chunk.seq, len(chunk.seq), 1) for chunk in chunks])
-        return self._launch(plan, feed=launched.pending)
+        try:
+            return self._launch(plan, feed=launched.pending)
+        except Exception as exc:
+            # The next step schedules these sequences again and isolates whichever breaks it.
+            logger.warning("could not launch a step ahead (%r); the next step runs it normally", exc)
+            return None
 
     def _discard_unwanted_ahead(self) -> None:
         """Drop the step launched ahead once every sequence it computes has ended (stop, abort)."""

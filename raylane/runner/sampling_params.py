@@ -6,6 +6,16 @@ from dataclasses import dataclass, field
 
 # Below this temperature sampling is greedy (argmax).
 GREEDY_TEMPERATURE = 1e-5
+# The engine carries seeds and top-k (and counts tokens) in int64 tensors: larger values overflow.
+MAX_INT = 2**63 - 1
+
+
+class SamplingParamError(ValueError):
+    """A sampling parameter is invalid; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -43,19 +53,35 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field and its valid range."""
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if not _int_in(self.n, 1):
+            raise SamplingParamError("n", f"n must be an integer in [1, {MAX_INT}], got {self.n!r}")
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+            raise SamplingParamError(
+                "temperature", f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}"
+            )
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or (self.top_k == 0 or self.top_k < -1):
-            raise ValueError(f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+            raise SamplingParamError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _int_in(self.top_k, -1) or self.top_k == 0:
+            raise SamplingParamError(
+                "top_k", f"top_k must be -1 (off) or an integer in [1, {MAX_INT}], got {self.top_k!r}"
+            )
+        if not _int_in(self.max_tokens, 1):
+            raise SamplingParamError(
+                "max_tokens", f"max_tokens must be an integer in [1, {MAX_INT}], got {self.max_tokens!r}"
+            )
+        if self.seed is not None and not _int_in(self.seed, 0):
+            raise SamplingParamError(
+                "seed", f"seed must be None or an integer in [0, {MAX_INT}], got {self.seed!r}"
+            )
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+            raise SamplingParamError("stop", f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not all(_int_in(t, 0) for t in self.stop_token_ids):
+            raise SamplingParamError(
+                "stop_token_ids",
+                f"stop_token_ids must be integers in [0, {MAX_INT}], got {self.stop_token_ids[:8]!r}",
+            )
+
+
+def _int_in(value: object, low: int) -> bool:
+    """Whether ``value`` is an int (not a bool) in ``[low, MAX_INT]``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_INT

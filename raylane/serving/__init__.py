@@ -4,12 +4,12 @@ An application is an `OpenAIIngress` (HTTP `/v1/completions`, `/v1/chat/completi
 `/v1/models`; gRPC `raylane.serving.v1.LLMService`) routing by model name to one `LLMServer`
 deployment per model, each replica holding an `AsyncLLMEngine`::
 
-    raylane serve --model outputs/tiny-model --port 8000 --grpc-port 9000 --min-replicas 1 --max-replicas 4
+    RAYLANE_API_KEY=secret raylane serve --model outputs/tiny-model --port 8000 --grpc-port 9000 --max-replicas 4
 
     config = ServingConfig(models=[ModelDeploymentConfig.from_path("outputs/tiny-model", name="policy")])
     deploy(config)                                        # on the connected Ray cluster
-    openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").completions.create(model="policy", prompt="Hi")
-    LLMClient("127.0.0.1:9000", application="raylane").generate_stream("Hi", model="policy", max_tokens=8)
+    openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret").completions.create(model="policy", prompt="Hi")
+    LLMClient("127.0.0.1:9000", application="raylane", api_key="secret").generate_stream("Hi", model="policy")
     publish_weights("raylane", "policy", trainer_state_dict.items(), version=step)  # every replica, in place
 
 Exports resolve on first use: Serve's gRPC proxy and the ingress replica import submodules of
@@ -32,8 +32,11 @@ _EXPORTS = {
     "ModelNotFoundError": "raylane.serving.errors",
     "OpenAIIngress": "raylane.serving.ingress",
     "OverloadedError": "raylane.serving.errors",
+    "PayloadTooLargeError": "raylane.serving.errors",
+    "RequestLimits": "raylane.serving.config",
     "ServingConfig": "raylane.serving.config",
     "ServingError": "raylane.serving.errors",
+    "UnauthorizedError": "raylane.serving.errors",
     "WeightPublishConfig": "raylane.serving.weights",
     "WeightStore": "raylane.serving.weights",
     "build_app": "raylane.serving.app",
@@ -55,8 +58,11 @@ __all__ = [
     "ModelNotFoundError",
     "OpenAIIngress",
     "OverloadedError",
+    "PayloadTooLargeError",
+    "RequestLimits",
     "ServingConfig",
     "ServingError",
+    "UnauthorizedError",
     "WeightPublishConfig",
     "WeightStore",
     "build_app",

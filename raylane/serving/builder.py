@@ -12,12 +12,21 @@ from typing import Any
 
 from ray import serve
 
-from raylane.serving.app import build_app
+from raylane.serving.app import build_app, check_grpc_exposure
+from raylane.serving.auth import read_api_key
 from raylane.serving.config import ServingConfig
 
 IMPORT_PATH = "raylane.serving.builder:build_app_from_args"
 
 
 def build_app_from_args(args: dict[str, Any]) -> serve.Application:
-    """Serve application builder: ``args`` are the fields of a `ServingConfig`."""
-    return build_app(ServingConfig.model_validate(args))
+    """Serve application builder: ``args`` are the fields of a `ServingConfig`.
+
+    The API key is read where Serve builds the application (from ``api_key_file`` or the
+    ``api_key_env`` variable, as `raylane serve` reads it), and gRPC without one is refused unless
+    ``grpc_without_api_key`` is set.
+    """
+    config = ServingConfig.model_validate(args)
+    api_key = read_api_key(config)
+    check_grpc_exposure(config, api_key)
+    return build_app(config, api_key)

@@ -39,7 +39,22 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--route-prefix", help="HTTP path prefix of the application (default /)")
     parser.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 to listen on every interface)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    parser.add_argument("--grpc-port", type=int, help="gRPC port (default 9000; -1 disables gRPC)")
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        help="serve gRPC on this port (default off; -1 disables). It listens on every interface, "
+        "so it needs an API key unless --grpc-without-api-key",
+    )
+    parser.add_argument(
+        "--grpc-without-api-key",
+        action="store_true",
+        default=None,
+        help="allow gRPC with no API key (trusted networks only)",
+    )
+    parser.add_argument(
+        "--api-key-env", help="environment variable holding the API key (default RAYLANE_API_KEY)"
+    )
+    parser.add_argument("--api-key-file", help="file holding the API key (wins over --api-key-env)")
     parser.add_argument("--address", help="Ray cluster to join (default: start a local one)")
     scaling = parser.add_argument_group("scaling (per model)")
     scaling.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
@@ -84,7 +99,15 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
             base["models"].append(ModelDeploymentConfig.from_path(path, name=model_name).model_dump())
     if not base.get("models"):
         raise ValueError("nothing to serve: pass --model DIR (or a --config listing models)")
-    for field in ("app_name", "route_prefix", "host", "port"):
+    for field in (
+        "app_name",
+        "route_prefix",
+        "host",
+        "port",
+        "grpc_without_api_key",
+        "api_key_env",
+        "api_key_file",
+    ):
         if getattr(args, field) is not None:
             base[field] = getattr(args, field)
     if args.grpc_port is not None:
@@ -126,15 +149,13 @@ def run_serve(args: argparse.Namespace) -> int:
     """Handler of ``raylane serve``: deploy, report the addresses, block until Ctrl-C, then clean up."""
     import ray
 
-    from raylane.serving.app import deploy, undeploy
+    from raylane.serving.app import deploy, undeploy, where
 
     config = config_from_args(args)
     ray.init(address=args.address, ignore_reinit_error=True)
     deploy(config)
-    base = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
     names = ", ".join(m.name for m in config.models)
-    grpc = f", gRPC on {config.host}:{config.grpc_port}" if config.grpc_port is not None else ""
-    print(f"raylane serve: {names} at {base}/v1{grpc} (Ctrl-C to stop)", file=sys.stderr)
+    print(f"raylane serve: {names}. {where(config)} (Ctrl-C to stop)", file=sys.stderr)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -14,16 +14,24 @@ class LLMClient:
     """Call `Generate`, `GenerateStream` and `Health` on a serving application's gRPC address.
 
     ``application`` is the Serve application name; Ray Serve's gRPC proxy needs it when the
-    cluster runs more than one application. Sampling keywords are `SamplingOptions` fields
+    cluster runs more than one application. ``api_key`` is sent as ``authorization: Bearer KEY``
+    metadata, for servers started with an API key. Sampling keywords are `SamplingOptions` fields
     (``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``n``, ``logprobs``...).
     """
 
     def __init__(
-        self, target: str = "127.0.0.1:9000", application: str | None = None, timeout_s: float = 120.0
+        self,
+        target: str = "127.0.0.1:9000",
+        application: str | None = None,
+        timeout_s: float = 120.0,
+        api_key: str | None = None,
     ) -> None:
         self._channel = grpc.insecure_channel(target)
         self._stub = llm_pb2_grpc.LLMServiceStub(self._channel)
-        self._metadata = (("application", application),) if application else ()
+        metadata = [("application", application)] if application else []
+        if api_key is not None:
+            metadata.append(("authorization", f"Bearer {api_key}"))
+        self._metadata = tuple(metadata)
         self.timeout_s = timeout_s
 
     @staticmethod

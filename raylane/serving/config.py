@@ -40,6 +40,27 @@ class AutoscalingSettings(BaseModel):
         return self.model_dump()
 
 
+class RequestLimits(BaseModel):
+    """What one request to a model may ask for; HTTP and gRPC requests are held to the same limits.
+
+    Checked when the request is admitted, before its prompt is tokenized; a request over a limit
+    gets a 400 (gRPC INVALID_ARGUMENT) naming the field. Integer fields must also fit the engine's
+    int64 tensors (`raylane.runner.SamplingParams`), and prompts its context length.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_sequences: int = Field(
+        128, ge=1, description="completions one request may ask for: n times its number of prompts"
+    )
+    max_stop_sequences: int = Field(4, ge=0, description="stop strings per request (OpenAI allows 4)")
+    max_stop_chars: int = Field(256, ge=1, description="characters of one stop string")
+    max_stop_token_ids: int = Field(64, ge=0, description="stop token ids per request")
+    max_tokens: int | None = Field(
+        None, ge=1, description="largest max_tokens accepted; default: the context length minus one"
+    )
+
+
 class ModelDeploymentConfig(BaseModel):
     """One served model: its name in API requests, its engine, and its replicas."""
 
@@ -60,6 +81,7 @@ class ModelDeploymentConfig(BaseModel):
     max_waiting_seqs: int | None = Field(
         512, ge=0, description="sequences the engine queues before answering 503 (None: unbounded)"
     )
+    limits: RequestLimits = Field(default_factory=RequestLimits)
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica")
 
@@ -90,10 +112,12 @@ class ModelDeploymentConfig(BaseModel):
 
 
 class ServingConfig(BaseModel):
-    """A serving application: its models and the Serve proxies' addresses.
+    """A serving application: its models, the Serve proxies' addresses and who may call.
 
     ``host``, ``port`` and ``grpc_port`` configure the cluster's Serve proxies, which are shared
-    by every application and fixed when Serve first starts on the cluster.
+    by every application and fixed when Serve first starts on the cluster. Ray Serve's gRPC proxy
+    always listens on every interface (``[::]``), whatever ``host`` says, so gRPC is off unless
+    ``grpc_port`` is set, and then needs an API key unless ``grpc_without_api_key`` is set.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -101,9 +125,22 @@ class ServingConfig(BaseModel):
     app_name: str = Field("raylane", min_length=1)
     route_prefix: str = "/"
     models: list[ModelDeploymentConfig] = Field(min_length=1)
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="HTTP host; 0.0.0.0 listens on every interface")
     port: int = Field(8000, ge=0, le=65535)
-    grpc_port: int | None = Field(9000, ge=0, le=65535, description="None: no gRPC proxy")
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535, description="gRPC port, listening on every interface; None: no gRPC"
+    )
+    grpc_without_api_key: bool = Field(
+        False,
+        description="allow gRPC without an API key (it listens on every interface: trusted networks only)",
+    )
+    api_key_env: str | None = Field(
+        "RAYLANE_API_KEY", description="environment variable holding the API key; unset or empty: no key"
+    )
+    api_key_file: str | None = Field(None, description="file holding the API key (wins over api_key_env)")
+    max_request_bytes: int = Field(
+        2 * 2**20, ge=1, description="largest HTTP body or gRPC message accepted; beyond: 413"
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> ServingConfig:

@@ -18,6 +18,7 @@ from ray import serve
 
 from raylane.runner.async_engine import AsyncLLMEngine
 from raylane.runner.engine import LLMEngine
+from raylane.serving.admission import Admission
 from raylane.serving.errors import ServingError
 from raylane.serving.grpc_service import GrpcServing
 from raylane.serving.openai_api import OpenAIServing
@@ -83,8 +84,9 @@ class LLMServer:
             engine.update_weights(tensors, version)
             await self._weights.report(version)
         self.engine = AsyncLLMEngine(engine, max_waiting_seqs=config.max_waiting_seqs)
-        self.openai = OpenAIServing(self.engine, config.name)
-        self.grpc = GrpcServing(self.engine, config.name)
+        admission = Admission(config.limits, self.engine)
+        self.openai = OpenAIServing(self.engine, config.name, admission)
+        self.grpc = GrpcServing(self.engine, config.name, admission)
         self._follower = asyncio.create_task(
             self._weights.follow(lambda: self.engine.weight_version, self.update_weights)
         )

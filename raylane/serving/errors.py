@@ -8,7 +8,9 @@ import grpc
 
 _GRPC_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
@@ -23,12 +25,15 @@ class ServingError(Exception):
 
     status_code = 500
     error_type = "server_error"
+    # What ``param`` and ``code`` are when the raiser leaves them out.
+    default_param: str | None = None
+    default_code: str | None = None
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.param = param
-        self.code = code
+        self.param = param if param is not None else self.default_param
+        self.code = code if code is not None else self.default_code
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.message, self.param, self.code))
@@ -56,16 +61,29 @@ class BadRequestError(ServingError):
     error_type = "invalid_request_error"
 
 
+class PayloadTooLargeError(ServingError):
+    """The request body (HTTP) or message (gRPC) is over ``max_request_bytes`` (HTTP 413)."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class UnauthorizedError(ServingError):
+    """The API key is missing or wrong (HTTP 401, gRPC UNAUTHENTICATED)."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
 class ModelNotFoundError(ServingError):
     """The request names a model this application does not serve (HTTP 404)."""
 
     status_code = 404
     error_type = "invalid_request_error"
-
-    def __init__(
-        self, message: str, param: str | None = "model", code: str | None = "model_not_found"
-    ) -> None:
-        super().__init__(message, param, code)
+    default_param = "model"
+    default_code = "model_not_found"
 
 
 class OverloadedError(ServingError):
@@ -73,6 +91,4 @@ class OverloadedError(ServingError):
 
     status_code = 503
     error_type = "server_error"
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = "overloaded") -> None:
-        super().__init__(message, param, code)
+    default_code = "overloaded"

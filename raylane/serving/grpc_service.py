@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from raylane.runner.sampling_params import SamplingParams
+from raylane.serving.admission import Admission
 from raylane.serving.errors import BadRequestError, ServingError
 from raylane.serving.proto import llm_pb2
 from raylane.serving.streaming import Delta, DeltaTracker, admit, collect, merge
@@ -23,24 +23,21 @@ if TYPE_CHECKING:
 GRPC_SERVICER_FUNCTION = "raylane.serving.proto.llm_pb2_grpc.add_LLMServiceServicer_to_server"
 
 
-def sampling_params_from_proto(options: llm_pb2.SamplingOptions) -> SamplingParams:
-    """Engine sampling parameters from a request's `SamplingOptions`; unset fields take defaults."""
+def sampling_fields(options: llm_pb2.SamplingOptions) -> dict[str, Any]:
+    """`SamplingParams` keyword arguments of a request's `SamplingOptions`; unset fields take defaults."""
     fields = {
         name: getattr(options, name)
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed")
         if options.HasField(name)
     }
-    try:
-        return SamplingParams(
-            n=options.n or 1,
-            stop=list(options.stop),
-            stop_token_ids=list(options.stop_token_ids),
-            logprobs=options.logprobs,
-            ignore_eos=options.ignore_eos,
-            **fields,
-        )
-    except ValueError as exc:
-        raise BadRequestError(str(exc), param="sampling") from None
+    return {
+        "n": options.n or 1,
+        "stop": list(options.stop),
+        "stop_token_ids": list(options.stop_token_ids),
+        "logprobs": options.logprobs,
+        "ignore_eos": options.ignore_eos,
+        **fields,
+    }
 
 
 def _prompt(request: llm_pb2.GenerateRequest) -> str | list[int]:
@@ -71,14 +68,17 @@ def _completion(delta: Delta, fallback_version: int) -> llm_pb2.Completion:
 class GrpcServing:
     """Serve `LLMService` requests for one model with one engine."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, admission: Admission) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.admission = admission
 
     async def _admit(self, request: llm_pb2.GenerateRequest) -> tuple[str, list[str], list[RequestStream]]:
-        params = sampling_params_from_proto(request.sampling)
+        params = self.admission.sampling_params(**sampling_fields(request.sampling))
+        prompt = _prompt(request)
+        self.admission.check_prompt(prompt)
         request_id = f"grpc-{uuid.uuid4().hex}"
-        streams = await admit(self.engine, [_prompt(request)], params, request_id)
+        streams = await admit(self.engine, [prompt], params, request_id)
         return request_id, params.stop, streams
 
     async def generate(self, request: llm_pb2.GenerateRequest) -> llm_pb2.GenerateResponse:

@@ -4,6 +4,10 @@ It parses and validates requests, answers errors in OpenAI's shape, and routes e
 by its ``model`` to that model's `LLMServer` deployment through a Serve handle, so one address
 serves several models and each model scales on its own. Client disconnects cancel the handle
 call, which Serve propagates to the replica, where it aborts the engine request.
+
+Before anything is parsed, a request must bring the API key (when one is set) and stay under
+``max_request_bytes``; health and model listing stay open. Every error, expected or not, is
+answered in OpenAI's JSON shape (HTTP) or as a gRPC status, never as a plain-text page.
 """
 
 import json
@@ -18,7 +22,14 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from raylane.serving.errors import BadRequestError, ModelNotFoundError, OverloadedError, ServingError
+from raylane.serving.auth import ApiKeyCheck
+from raylane.serving.errors import (
+    BadRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
+    ServingError,
+)
 from raylane.serving.proto import llm_pb2
 from raylane.serving.protocol import ChatCompletionRequest, CompletionRequest, ModelList, parse_request
 
@@ -31,6 +42,13 @@ api = FastAPI(title="raylane", description="OpenAI-compatible API of a raylane s
 async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
     headers = {"Retry-After": "1"} if isinstance(exc, OverloadedError) else None
     return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    logger.error("request failed unexpectedly: %r", exc)
+    error = ServingError(f"the server failed to answer this request: {type(exc).__name__}: {exc}")
+    return JSONResponse(error.to_dict(), status_code=error.status_code)
 
 
 def client_error(exc: BaseException) -> ServingError | None:
@@ -46,8 +64,19 @@ def client_error(exc: BaseException) -> ServingError | None:
     return None
 
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
+async def _json_body(request: Request, max_bytes: int) -> Any:
+    """The decoded JSON body, read no further than ``max_bytes``."""
+    too_large = PayloadTooLargeError(
+        f"the request body is over {max_bytes} bytes (max_request_bytes): shorten the prompt or split the request"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > max_bytes:
+            raise too_large
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -68,8 +97,30 @@ async def _events(stream: DeploymentResponseGenerator) -> AsyncIterator[str]:
 class OpenAIIngress:
     """Routes requests to the `LLMServer` deployment of the model they name."""
 
-    def __init__(self, models: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        models: dict[str, DeploymentHandle],
+        api_key_digest: str | None,
+        max_request_bytes: int,
+    ) -> None:
         self.models = models
+        self.api_key = ApiKeyCheck(api_key_digest)
+        self.max_request_bytes = max_request_bytes
+
+    async def _http_request(self, http_request: Request, model: type[Any]) -> Any:
+        """The authorized, size-checked and validated request of a generation route."""
+        self.api_key.check(http_request.headers.get("authorization"))
+        return parse_request(model, await _json_body(http_request, self.max_request_bytes))
+
+    def _check_grpc(self, request: llm_pb2.GenerateRequest, grpc_context: Any) -> str:
+        """Authorize and size-check a gRPC generation request; returns the model it names."""
+        self.api_key.check_metadata(grpc_context.invocation_metadata())
+        if request.ByteSize() > self.max_request_bytes:
+            raise PayloadTooLargeError(
+                f"the request message is over {self.max_request_bytes} bytes (max_request_bytes): "
+                "shorten the prompt"
+            )
+        return self._grpc_model(request)
 
     def _handle(self, model: str) -> DeploymentHandle:
         handle = self.models.get(model)
@@ -117,7 +168,7 @@ class OpenAIIngress:
 
     @api.post("/v1/completions")
     async def completions(self, http_request: Request) -> Response:
-        request = parse_request(CompletionRequest, await _json_body(http_request))
+        request = await self._http_request(http_request, CompletionRequest)
         if request.stream:
             stream = await self._stream(request.model, "stream_completion", request)
             return StreamingResponse(_events(stream), media_type="text/event-stream")
@@ -126,7 +177,7 @@ class OpenAIIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, http_request: Request) -> Response:
-        request = parse_request(ChatCompletionRequest, await _json_body(http_request))
+        request = await self._http_request(http_request, ChatCompletionRequest)
         if request.stream:
             stream = await self._stream(request.model, "stream_chat_completion", request)
             return StreamingResponse(_events(stream), media_type="text/event-stream")
@@ -148,7 +199,7 @@ class OpenAIIngress:
 
     async def Generate(self, request: llm_pb2.GenerateRequest, grpc_context: Any) -> llm_pb2.GenerateResponse:
         try:
-            return await self._call(self._grpc_model(request), "generate", request)
+            return await self._call(self._check_grpc(request, grpc_context), "generate", request)
         except ServingError as exc:
             grpc_context.set_code(exc.grpc_code)
             grpc_context.set_details(exc.message)
@@ -158,7 +209,7 @@ class OpenAIIngress:
         self, request: llm_pb2.GenerateRequest, grpc_context: Any
     ) -> AsyncIterator[llm_pb2.GenerateStreamResponse]:
         try:
-            stream = await self._stream(self._grpc_model(request), "generate_stream", request)
+            stream = await self._stream(self._check_grpc(request, grpc_context), "generate_stream", request)
         except ServingError as exc:
             grpc_context.set_code(exc.grpc_code)
             grpc_context.set_details(exc.message)

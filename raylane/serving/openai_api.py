@@ -7,6 +7,7 @@ HTTP or Ray Serve, so it runs the same inside a replica, a test or a benchmark.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from raylane.runner.sampling_params import SamplingParams
+from raylane.serving.admission import Admission
 from raylane.serving.errors import BadRequestError, ServingError
 from raylane.serving.protocol import (
     AssistantMessage,
@@ -35,7 +36,7 @@ from raylane.serving.protocol import (
 from raylane.serving.streaming import DeltaTracker, admit, collect, merge
 
 if TYPE_CHECKING:
-    from raylane.runner import RequestOutput
+    from raylane.runner import RequestOutput, SamplingParams
     from raylane.runner.async_engine import AsyncLLMEngine, RequestStream
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -60,37 +61,44 @@ def _engine_failure(exc: Exception) -> ServingError:
 class OpenAIServing:
     """Serve OpenAI completion and chat requests for one model with one engine."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, admission: Admission) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.admission = admission
 
     # ------------------------------------------------------------------ shared
 
     def _sampling_params(
-        self, request: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: bool
+        self,
+        request: CompletionRequest | ChatCompletionRequest,
+        max_tokens: int,
+        logprobs: bool,
+        num_prompts: int = 1,
     ) -> SamplingParams:
-        try:
-            return SamplingParams(
-                n=request.n,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                top_k=request.top_k,
-                seed=request.seed,
-                max_tokens=max_tokens,
-                stop=request.stop or [],
-                stop_token_ids=request.stop_token_ids or [],
-                ignore_eos=request.ignore_eos,
-                logprobs=logprobs,
-            )
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from None
+        return self.admission.sampling_params(
+            num_prompts,
+            n=request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            max_tokens=max_tokens,
+            stop=request.stop or [],
+            stop_token_ids=request.stop_token_ids or [],
+            ignore_eos=request.ignore_eos,
+            logprobs=logprobs,
+        )
 
-    def _chat_prompt(self, request: ChatCompletionRequest) -> tuple[list[int], int]:
+    async def _chat_prompt(self, request: ChatCompletionRequest) -> tuple[list[int], int]:
         """Token ids of the chat-templated prompt and the max_tokens to use."""
+        messages = request.chat_messages()
+        self.admission.check_prompt("".join(m["content"] for m in messages), param="messages")
+        # Templating and tokenizing take time in proportion to the text: off the event loop.
+        return await asyncio.to_thread(self._tokenize_chat, messages, request.requested_max_tokens)
+
+    def _tokenize_chat(self, messages: list[dict[str, str]], max_tokens: int | None) -> tuple[list[int], int]:
         try:
-            text = self.engine.tokenizer.apply_chat_template(
-                request.chat_messages(), add_generation_prompt=True
-            )
+            text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as exc:
             raise BadRequestError(str(exc), param="messages") from None
         # The template already writes any BOS token; adding special tokens again would double it.
@@ -103,8 +111,7 @@ class OpenAIServing:
                 param="messages",
                 code="context_length_exceeded",
             )
-        max_tokens = request.requested_max_tokens
-        return token_ids, room if max_tokens is None else max_tokens
+        return token_ids, min(room, self.admission.max_tokens) if max_tokens is None else max_tokens
 
     def _version(self, version: int | None) -> int:
         # A completion that has no token yet carries no version: report the engine's.
@@ -140,9 +147,14 @@ class OpenAIServing:
     # ------------------------------------------------------------------ completions
 
     async def _admit_completion(self, request: CompletionRequest) -> tuple[str, list[RequestStream]]:
-        params = self._sampling_params(request, request.max_tokens, logprobs=request.logprobs is not None)
+        prompts = request.prompts()
+        params = self._sampling_params(
+            request, request.max_tokens, logprobs=request.logprobs is not None, num_prompts=len(prompts)
+        )
+        for prompt in prompts:
+            self.admission.check_prompt(prompt)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        return request_id, await admit(self.engine, request.prompts(), params, request_id)
+        return request_id, await admit(self.engine, prompts, params, request_id)
 
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse:
         """A complete (non-streaming) completion response."""
@@ -221,7 +233,10 @@ class OpenAIServing:
     # ------------------------------------------------------------------ chat
 
     async def _admit_chat(self, request: ChatCompletionRequest) -> tuple[str, RequestStream]:
-        token_ids, max_tokens = self._chat_prompt(request)
+        if request.requested_max_tokens is not None:
+            # Checked before the prompt is tokenized; the default fills what the prompt leaves.
+            self._sampling_params(request, request.requested_max_tokens, logprobs=request.logprobs)
+        token_ids, max_tokens = await self._chat_prompt(request)
         params = self._sampling_params(request, max_tokens, logprobs=request.logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         (stream,) = await admit(self.engine, [token_ids], params, request_id)

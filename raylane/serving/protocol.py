@@ -1,8 +1,10 @@
 """Request and response schemas of the OpenAI-compatible HTTP API (the subset raylane serves).
 
-Requests validate their ranges here so bad parameters fail with a 400 naming the field before
-anything reaches the engine. OpenAI parameters raylane cannot honour are accepted only at
-their neutral value, and rejected otherwise, rather than silently ignored.
+Requests validate their shape here so bad parameters fail with a 400 naming the field before
+anything reaches the engine; the limits shared with gRPC (n, stop lists, max_tokens, prompt
+size) are checked next, in the model's replica (`raylane.serving.admission`). OpenAI parameters
+raylane cannot honour are accepted only at their neutral value, and rejected otherwise, rather
+than silently ignored.
 """
 
 from __future__ import annotations
@@ -13,10 +15,6 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raylane.serving.errors import BadRequestError
-
-# OpenAI allows up to 4 stop sequences; more would also slow the per-token stop check.
-MAX_STOP_SEQUENCES = 4
-MAX_N = 128
 
 
 class StreamOptions(BaseModel):
@@ -31,10 +29,10 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="raylane extension: -1 disables top-k")
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -57,8 +55,6 @@ class _SamplingRequest(BaseModel):
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
