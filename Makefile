@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MAIN_JOB := examples/grpo_reverse.yaml
 
-.PHONY: setup run test lint redis clean
+.PHONY: setup run test lint redis clean helm-golden
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,3 +33,7 @@ test: $(STAMP) redis lint
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+
+# Rewrite the golden render of the Helm chart's defaults (tests/data/helm/default.yaml); review its diff.
+helm-golden: $(STAMP)
+	$(PY) tests/test_helm_chart.py
