@@ -26,6 +26,7 @@ from raylane.rlhf.rewards import (
     register_reward,
 )
 from raylane.rlhf.tasks import TOY_TASKS, ToyTask, ToyTaskFiles, make_toy_task, register_toy_task
+from raylane.rlhf.trajectory import Trajectory, TrajectoryGroup
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -41,6 +42,8 @@ __all__ = [
     "PromptLoader",
     "ToyTask",
     "ToyTaskFiles",
+    "Trajectory",
+    "TrajectoryGroup",
     "aggregate_loss",
     "apply_kl_penalty",
     "compute_advantages",
