@@ -85,9 +85,9 @@ class RolloutStream(ABC):
             raw = self._read_own_pending(self._pending_cursor, max_groups)
             self._pending_cursor = raw[-1][0] if raw else None
         if len(raw) < max_groups:
-            seen = set(self._held) | {entry_id for entry_id, _ in raw}
-            claimed = self._claim_idle(self.claim_idle_s, max_groups - len(raw))
-            raw += [entry for entry in claimed if entry[0] not in seen]
+            # Entries this handle holds were just renewed and those read back were just delivered,
+            # so none of them is idle: only other consumers' abandoned entries come back here.
+            raw += self._claim_idle(self.claim_idle_s, max_groups - len(raw))
         if len(raw) < max_groups:
             raw += self._read_new(max_groups - len(raw), 0.0 if raw else block_s)
         return self._hold_untrained(raw)
