@@ -25,6 +25,7 @@ from raylane.rlhf.rewards import (
     get_reward_fn,
     register_reward,
 )
+from raylane.rlhf.staleness import StalenessBound
 from raylane.rlhf.tasks import TOY_TASKS, ToyTask, ToyTaskFiles, make_toy_task, register_toy_task
 from raylane.rlhf.trajectory import Trajectory, TrajectoryGroup
 
@@ -40,6 +41,7 @@ __all__ = [
     "PromptDataset",
     "PromptExample",
     "PromptLoader",
+    "StalenessBound",
     "ToyTask",
     "ToyTaskFiles",
     "Trajectory",
