@@ -90,6 +90,17 @@ def test_put_get_commit_round_trip(open_stream):
     assert trainer.depth() == 0 and trainer.held == []
 
 
+def test_a_handle_sent_to_a_ray_task_puts_into_the_same_stream(open_stream, ray_cluster):
+    producer, trainer = open_stream("producer"), open_stream("trainer-0")
+    groups = [make_group(0), make_group(1)]
+    # A lambda travels by value: this test module cannot be imported in a Ray worker.
+    put_all = ray.remote(lambda stream, groups: [stream.put(group) for group in groups])
+    ids = ray.get(put_all.remote(producer, groups))
+    assert [(e.entry_id, e.group) for e in trainer.get(max_groups=10)] == list(zip(ids, groups))
+    # A copy elsewhere is a new handle: committing what this one holds is not its business.
+    assert ray.get(ray.remote(lambda stream: stream.held).remote(trainer)) == []
+
+
 def test_get_waits_for_a_put(open_stream):
     trainer = open_stream("trainer-0")
     start = time.monotonic()

@@ -7,6 +7,7 @@ behaves the same on both; what it cannot do is outlive the driver that owns the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Sequence
 
@@ -91,6 +92,15 @@ class InMemoryRolloutStream(RolloutStream):
         super().__init__(consumer, claim_idle_s)
         self.stream_key = stream_key
         self.actor = _StreamActor.options(name=f"raylane-stream:{stream_key}", get_if_exists=True).remote()
+
+    def __reduce__(self):
+        # Sent to another process, a handle finds the same actor by name and holds nothing.
+        return (
+            functools.partial(
+                InMemoryRolloutStream, stream_key=self.stream_key, claim_idle_s=self.claim_idle_s
+            ),
+            (self.consumer,),
+        )
 
     def depth(self) -> int:
         return ray.get(self.actor.depth.remote())

@@ -10,6 +10,7 @@ most a second of writes; ``always`` none).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -56,6 +57,18 @@ class RedisRolloutStream(RolloutStream):
         except redis.ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
+
+    def __reduce__(self):
+        # Sent to another process (a rollout worker that puts), a handle reconnects and holds nothing.
+        return (
+            functools.partial(
+                RedisRolloutStream,
+                stream_key=self.stream_key,
+                consumer_group=self.consumer_group,
+                claim_idle_s=self.claim_idle_s,
+            ),
+            (self.url, self.consumer),
+        )
 
     def depth(self) -> int:
         return int(self._redis.xlen(self.stream_key))
