@@ -4,6 +4,7 @@ server killed and restarted with its append-only file."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import Counter
@@ -12,7 +13,7 @@ import pytest
 import ray
 
 from raylane.rlhf import Trajectory, TrajectoryGroup
-from raylane.streaming import RedisRolloutStream, RolloutStream, StreamConfig, open_rollout_stream
+from raylane.streaming import Receipt, RedisRolloutStream, RolloutStream, StreamConfig, open_rollout_stream
 
 CLAIM_IDLE_S = 0.5
 
@@ -151,15 +152,16 @@ def test_a_group_put_twice_is_trained_once(open_stream):
 
 
 class ToyTrainer:
-    """Trains by counting uids into its model state; a checkpoint saves that state with the receipts
-    of the steps it covers, as the async controller will."""
+    """Trains by counting uids into its model state; a checkpoint (JSON text) saves that state with
+    the receipts of the steps it covers, as the async controller will."""
 
-    def __init__(self, stream: RolloutStream, checkpoint: dict | None) -> None:
+    def __init__(self, stream: RolloutStream, checkpoint: str | None) -> None:
         self.stream = stream
-        self.model = Counter(checkpoint["model"]) if checkpoint else Counter()
-        self.uncommitted = []
+        self.model, self.uncommitted = Counter(), []
         if checkpoint:
-            stream.commit(checkpoint["receipts"])
+            saved = json.loads(checkpoint)
+            self.model.update(saved["model"])
+            stream.commit(Receipt.from_dict(raw) for raw in saved["receipts"])
 
     def step(self, groups_per_step: int) -> bool:
         entries = self.stream.get(max_groups=groups_per_step)
@@ -167,8 +169,8 @@ class ToyTrainer:
         self.uncommitted += [e.receipt for e in entries]
         return bool(entries)
 
-    def checkpoint(self) -> dict:
-        return {"model": dict(self.model), "receipts": list(self.uncommitted)}
+    def checkpoint(self) -> str:
+        return json.dumps({"model": self.model, "receipts": [r.to_dict() for r in self.uncommitted]})
 
     def commit(self) -> None:
         self.stream.commit(self.uncommitted)
