@@ -216,3 +216,11 @@ def test_a_redis_server_killed_and_restarted_loses_nothing_committed_or_held(dur
     trainer.commit(e.receipt for e in held[2:])
     assert restarted.depth() == 2
     assert restarted._trained(uids_of(held)) == [True] * 8
+
+
+def test_an_unreachable_redis_or_a_bad_config_says_what_to_change():
+    url = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    with pytest.raises(ConnectionError, match=r"cannot reach Redis at redis_url=.*start redis-server there"):
+        open_rollout_stream(StreamConfig(redis_url=url), "trainer-0")
+    with pytest.raises(ValueError, match="claim_idle_s"):
+        StreamConfig(claim_idle_s=0)
