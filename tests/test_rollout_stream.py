@@ -15,7 +15,8 @@ import ray
 from raylane.rlhf import Trajectory, TrajectoryGroup
 from raylane.streaming import Receipt, RedisRolloutStream, RolloutStream, StreamConfig, open_rollout_stream
 
-CLAIM_IDLE_S = 0.5
+# Long enough that a loaded 2-core machine does not make a live consumer's entries look idle.
+CLAIM_IDLE_S = 1.0
 
 
 def make_group(index: int, n: int = 2) -> TrajectoryGroup:
@@ -115,7 +116,7 @@ def test_uncommitted_entries_go_to_another_consumer_after_the_idle_timeout(open_
         producer.put(make_group(i))
     taken = dead.get(max_groups=2)
     assert uids_of(live.get(max_groups=10)) == group_uids([make_group(2)])
-    time.sleep(CLAIM_IDLE_S * 1.5)
+    time.sleep(CLAIM_IDLE_S * 1.2)
     assert uids_of(live.get(max_groups=10)) == uids_of(taken)
 
 
@@ -138,6 +139,20 @@ def test_a_live_consumer_keeps_its_entries(open_stream):
     time.sleep(CLAIM_IDLE_S * 0.6)
     assert other.get(max_groups=1) == []
     assert slow.held == [held[0].receipt]
+
+
+def test_a_consumer_that_was_too_slow_does_not_take_its_entries_back(open_stream, caplog):
+    producer, slow, other = open_stream("producer"), open_stream("trainer-0"), open_stream("trainer-1")
+    producer.put(make_group(0))
+    taken = slow.get(max_groups=1)
+    time.sleep(CLAIM_IDLE_S * 1.2)
+    assert uids_of(other.get(max_groups=1)) == uids_of(taken)
+    with caplog.at_level("WARNING", logger="raylane.streaming.base"):
+        assert slow.get(max_groups=1) == []
+    assert slow.held == [] and other.held == [taken[0].receipt]
+    assert "raise claim_idle_s" in caplog.text
+    time.sleep(CLAIM_IDLE_S * 0.6)
+    assert other.get(max_groups=1) == [] and other.held == [taken[0].receipt]
 
 
 def test_a_group_put_twice_is_trained_once(open_stream):

@@ -79,15 +79,29 @@ class RolloutStream(ABC):
         if max_groups < 1:
             raise ValueError(f"max_groups must be >= 1, got {max_groups}")
         # A live consumer keeps its entries from looking abandoned however long its steps take.
-        self._renew(list(self._held))
+        kept = set(self._renew(list(self._held)))
+        lost = [entry_id for entry_id in self._held if entry_id not in kept]
+        if lost:
+            logger.warning(
+                "rollout stream: %s went %.0f s (claim_idle_s) without calling get, and another consumer "
+                "took %d of its entries; they may be trained twice: raise claim_idle_s",
+                self.consumer,
+                self.claim_idle_s,
+                len(lost),
+            )
+            for entry_id in lost:
+                del self._held[entry_id]
         raw: list[RawEntry] = []
         if self._pending_cursor is not None:
             raw = self._read_own_pending(self._pending_cursor, max_groups)
             self._pending_cursor = raw[-1][0] if raw else None
         if len(raw) < max_groups:
-            # Entries this handle holds were just renewed and those read back were just delivered,
-            # so none of them is idle: only other consumers' abandoned entries come back here.
-            raw += self._claim_idle(self.claim_idle_s, max_groups - len(raw))
+            # Entries just renewed or read back are idle again only after a stall longer than
+            # claim_idle_s; they are still this handle's then, not new work to take (or to
+            # acknowledge as duplicates).
+            seen = set(self._held) | {entry_id for entry_id, _ in raw}
+            claimed = self._claim_idle(self.claim_idle_s, max_groups - len(raw))
+            raw += [entry for entry in claimed if entry[0] not in seen]
         if len(raw) < max_groups:
             raw += self._read_new(max_groups - len(raw), 0.0 if raw else block_s)
         return self._hold_untrained(raw)
@@ -146,8 +160,8 @@ class RolloutStream(ABC):
         """Entries never delivered to any consumer, now held by this one."""
 
     @abstractmethod
-    def _renew(self, entry_ids: Sequence[str]) -> None:
-        """Reset the idle time of entries this consumer holds."""
+    def _renew(self, entry_ids: Sequence[str]) -> list[str]:
+        """Reset the idle time of those entries this consumer still holds; returns their ids."""
 
     @abstractmethod
     def _ack(self, entry_ids: Sequence[str], trained_uids: Sequence[str]) -> None:

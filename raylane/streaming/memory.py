@@ -65,8 +65,9 @@ class _StreamState:
         ids = sorted(i for i, (_, since) in self._held.items() if since <= cutoff)
         return self._deliver(consumer, ids[:count])
 
-    async def renew(self, consumer: str, entry_ids: list[str]) -> None:
-        self._deliver(consumer, [int(i) for i in entry_ids if int(i) in self._held])
+    async def renew(self, consumer: str, entry_ids: list[str]) -> list[str]:
+        owned = [int(i) for i in entry_ids if self._held.get(int(i), ("",))[0] == consumer]
+        return [entry_id for entry_id, _ in self._deliver(consumer, owned)]
 
     async def ack(self, entry_ids: list[str], trained_uids: list[str]) -> None:
         for entry_id in entry_ids:
@@ -117,9 +118,8 @@ class InMemoryRolloutStream(RolloutStream):
     def _read_new(self, count: int, block_s: float) -> list[RawEntry]:
         return ray.get(self.actor.read_new.remote(self.consumer, count, block_s))
 
-    def _renew(self, entry_ids: Sequence[str]) -> None:
-        if entry_ids:
-            ray.get(self.actor.renew.remote(self.consumer, list(entry_ids)))
+    def _renew(self, entry_ids: Sequence[str]) -> list[str]:
+        return ray.get(self.actor.renew.remote(self.consumer, list(entry_ids))) if entry_ids else []
 
     def _ack(self, entry_ids: Sequence[str], trained_uids: Sequence[str]) -> None:
         ray.get(self.actor.ack.remote(list(entry_ids), list(trained_uids)))

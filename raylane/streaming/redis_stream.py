@@ -22,6 +22,20 @@ logger = logging.getLogger(__name__)
 
 _FIELD = b"group"
 
+# XCLAIM alone would take an entry back from a consumer that claimed it in the meantime; the
+# script renews only the entries still pending for this consumer, in one atomic step.
+_RENEW_OWNED = """
+local kept = {}
+for i = 3, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #pending == 1 and pending[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    table.insert(kept, ARGV[i])
+  end
+end
+return kept
+"""
+
 
 def _decode_entries(entries: list) -> list[RawEntry]:
     # An id whose message is gone has no fields; commits delete and acknowledge together, so
@@ -47,6 +61,7 @@ class RedisRolloutStream(RolloutStream):
         self.consumer_group = consumer_group
         self._trained_key = f"{stream_key}:trained"
         self._redis = redis.Redis.from_url(url)
+        self._renew_owned = self._redis.register_script(_RENEW_OWNED)
         try:
             self._redis.xgroup_create(stream_key, consumer_group, id="0", mkstream=True)
         except redis.ConnectionError as err:
@@ -100,16 +115,13 @@ class RedisRolloutStream(RolloutStream):
         )
         return _decode_entries(reply[1])
 
-    def _renew(self, entry_ids: Sequence[str]) -> None:
-        if entry_ids:
-            self._redis.xclaim(
-                self.stream_key,
-                self.consumer_group,
-                self.consumer,
-                min_idle_time=0,
-                message_ids=list(entry_ids),
-                justid=True,
-            )
+    def _renew(self, entry_ids: Sequence[str]) -> list[str]:
+        if not entry_ids:
+            return []
+        kept = self._renew_owned(
+            keys=[self.stream_key], args=[self.consumer_group, self.consumer, *entry_ids]
+        )
+        return [entry_id.decode() for entry_id in kept]
 
     def _ack(self, entry_ids: Sequence[str], trained_uids: Sequence[str]) -> None:
         with self._redis.pipeline(transaction=True) as tx:
