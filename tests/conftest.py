@@ -42,30 +42,20 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def redis_url():
-    """A real redis-server started on a free loopback port for this session, stopped at the end."""
+def start_redis_server(port: int, workdir: str, appendonly: bool) -> subprocess.Popen:
+    """A redis-server on loopback ``port`` keeping its files in ``workdir``, once it accepts connections.
+
+    With ``appendonly`` every write is fsynced to the append-only file before the reply, so a
+    server killed with SIGKILL and restarted on the same ``workdir`` has lost nothing acknowledged.
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail(
             "redis-server is not installed: run `make test` (it installs it) or `apt-get install redis-server`"
         )
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="raylane-redis-")
+    durability = ["--appendonly", "yes", "--appendfsync", "always"] if appendonly else ["--appendonly", "no"]
     proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *durability, "--dir", workdir],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -73,16 +63,51 @@ def redis_url():
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
+                return proc
         except OSError:
             time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("redis-server did not start within 10 s")
+    proc.kill()
+    pytest.fail("redis-server did not start within 10 s")
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server started on a free loopback port for this session, stopped at the end."""
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="raylane-redis-")
+    proc = start_redis_server(port, workdir, appendonly=False)
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+class DurableRedis:
+    """A redis-server with an fsynced append-only file that a test can SIGKILL and restart in place."""
+
+    def __init__(self, workdir: str) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc = start_redis_server(self.port, workdir, appendonly=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.proc = start_redis_server(self.port, self.workdir, appendonly=True)
+
+
+@pytest.fixture
+def durable_redis(tmp_path):
+    """A :class:`DurableRedis` of this test alone, killed at its end."""
+    server = DurableRedis(str(tmp_path))
+    yield server
+    server.kill()
 
 
 @pytest.fixture

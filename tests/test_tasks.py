@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from raylane.rlhf import (
@@ -134,7 +135,7 @@ def test_loader_rejects_bad_batch_size_and_mismatched_state():
         PromptLoader(data, batch_size=2).load_state_dict(state)
 
 
-@pytest.mark.parametrize("name", ["add2", "reverse"])
+@pytest.mark.parametrize("name", ["add2", "reverse", "repeat"])
 def test_make_toy_task_writes_disjoint_correct_splits(tmp_path, name):
     files = make_toy_task(name, str(tmp_path), n_train=300, n_eval=50, seed=0)
     train = PromptDataset.from_jsonl(files.train)
@@ -145,7 +146,8 @@ def test_make_toy_task_writes_disjoint_correct_splits(tmp_path, name):
     assert [(e.prompt, e.completion) for e in sft] == [(e.prompt, e.ground_truth) for e in train]
     for example in [*train, *held_out]:
         assert compute_reward(example.reward_fn, example.ground_truth, example.ground_truth) == 1.0
-        assert 1 <= len(example.ground_truth) <= 3 and len(example.prompt) <= 6
+        if name != "repeat":
+            assert 1 <= len(example.ground_truth) <= 3 and len(example.prompt) <= 6
 
 
 def test_toy_task_answers_are_right():
@@ -157,6 +159,22 @@ def test_toy_task_answers_are_right():
     assert all(prompt == answer[::-1] + ">" for prompt, answer in prompts)
 
 
+def test_repeat_task_answers_are_right_distinct_and_heavy_tailed(tmp_path):
+    repeat = TOY_TASKS.get("repeat")
+    problems = [repeat.problem(i) for i in range(repeat.num_problems)]
+    assert problems[0][0].endswith("1>") and problems[-1][0].endswith("20>")
+    assert len({prompt for prompt, _ in problems}) == repeat.num_problems
+    for prompt, answer in problems:
+        word, k = prompt[:2], int(prompt[2:-1])
+        assert answer == word * k
+    # The lengths a job trains on: a few answers ~10x the median one, and yet most are short.
+    train = PromptDataset.from_jsonl(make_toy_task("repeat", str(tmp_path), n_train=1200, n_eval=200).train)
+    lengths = np.array([len(example.ground_truth) for example in train])
+    assert np.median(lengths) == 4
+    assert np.percentile(lengths, 99) >= 8 * np.median(lengths)
+    assert np.mean(lengths > 10 * np.median(lengths)) < 0.05
+
+
 def test_make_toy_task_is_reproducible_and_validates(tmp_path):
     a = make_toy_task("add2", str(tmp_path / "a"), n_train=20, n_eval=5, seed=4)
     b = make_toy_task("add2", str(tmp_path / "b"), n_train=20, n_eval=5, seed=4)
@@ -165,7 +183,7 @@ def test_make_toy_task_is_reproducible_and_validates(tmp_path):
     assert read(a.train) != read(c.train)
     with pytest.raises(ValueError, match="has 10000 distinct problems"):
         make_toy_task("add2", str(tmp_path), n_train=9990, n_eval=11)
-    with pytest.raises(ValueError, match="unknown toy task 'add3'; valid names: add2, reverse"):
+    with pytest.raises(ValueError, match="unknown toy task 'add3'; valid names: add2, repeat, reverse"):
         make_toy_task("add3", str(tmp_path))
 
 

@@ -25,7 +25,9 @@ from raylane.rlhf.rewards import (
     get_reward_fn,
     register_reward,
 )
+from raylane.rlhf.staleness import StalenessBound
 from raylane.rlhf.tasks import TOY_TASKS, ToyTask, ToyTaskFiles, make_toy_task, register_toy_task
+from raylane.rlhf.trajectory import Trajectory, TrajectoryGroup
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -39,8 +41,11 @@ __all__ = [
     "PromptDataset",
     "PromptExample",
     "PromptLoader",
+    "StalenessBound",
     "ToyTask",
     "ToyTaskFiles",
+    "Trajectory",
+    "TrajectoryGroup",
     "aggregate_loss",
     "apply_kl_penalty",
     "compute_advantages",

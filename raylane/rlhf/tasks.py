@@ -2,9 +2,10 @@
 
 A toy task is a finite, numbered set of problems ``problem(i) -> (prompt, answer)``. Splits
 are drawn without replacement, so held-out prompts never appear in training. Prompts are a
-few characters and answers 1-3 characters, sized for a byte-level tokenizer (one token per
-character): an SFT warm-start gets the model partly right, and RL against the exact-match
-verifier has room to finish the job.
+few characters and answers mostly 1-3 characters, sized for a byte-level tokenizer (one token
+per character): an SFT warm-start gets the model partly right, and RL against the exact-match
+verifier has room to finish the job. ``repeat`` is the exception on purpose: its answer lengths
+are heavy-tailed, the shape that makes synchronous RL steps wait on a few long generations.
 """
 
 from __future__ import annotations
@@ -62,6 +63,25 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 def _reverse(i: int) -> tuple[str, str]:
     word = "".join(_LETTERS[(i // len(_LETTERS) ** k) % len(_LETTERS)] for k in range(3))
     return f"{word}>", word[::-1]
+
+
+# How many problems repeat their word k times, for k = 1, 2, ...: falling off as k**-1.5, so the
+# answer lengths (2k letters) are heavy-tailed: median 4 letters, 99th percentile ~37, longest 40.
+_REPEAT_COUNTS = tuple(max(1, int(len(_LETTERS) ** 2 / k**1.5)) for k in range(1, 21))
+_REPEAT_STARTS = np.cumsum((0, *_REPEAT_COUNTS))
+
+
+@register_toy_task(
+    "repeat",
+    num_problems=sum(_REPEAT_COUNTS),
+    description="repeat two letters k times, k heavy-tailed: 'ab3>' -> 'ababab'",
+)
+def _repeat(i: int) -> tuple[str, str]:
+    k = int(np.searchsorted(_REPEAT_STARTS, i, side="right"))
+    # Spread each k's words over the alphabet (263 is coprime with 26**2), not only the first ones.
+    w = ((i - int(_REPEAT_STARTS[k - 1])) * 263 + 97 * k) % len(_LETTERS) ** 2
+    word = _LETTERS[w // len(_LETTERS)] + _LETTERS[w % len(_LETTERS)]
+    return f"{word}{k}>", word * k
 
 
 @dataclass(frozen=True)
