@@ -112,6 +112,18 @@ def test_prefix_cache_computes_shared_prompt_once(tiny_model_dir):
     assert uncached.stats.num_prompt_tokens_computed == 8 * 200
     assert [c.token_ids for c in reference.outputs] == [c.token_ids for c in final.outputs]
 
+    # New weights (here: the same, announced as a new version) make every cached block stale.
+    manager = engine.block_manager
+    assert any(block.block_hash is not None for block in manager.blocks)
+    engine.set_weight_version(1)
+    assert not manager.hash_to_block
+    assert all(block.block_hash is None and block.token_ids == () for block in manager.blocks)
+    computed = engine.stats.num_prompt_tokens_computed
+    engine.add_request("again", prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=1))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.stats.num_prompt_tokens_computed - computed == 200, "nothing may come from the old cache"
+
 
 def test_seeded_sampling_reproducible_across_runs_and_batches(tiny_model_dir):
     params = SamplingParams(temperature=1.0, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)

@@ -160,7 +160,9 @@ class BlockManager:
         for seq in live:
             seq.cache_blocks = False
             self.seq_hashes.pop(seq.seq_id, None)
-        for block in self.blocks:
-            block.block_hash, block.token_ids = None, ()
+        # A block holds a hash exactly while hash_to_block maps that hash to it, so this touches the
+        # cached blocks only, not the whole pool (hundreds of thousands of blocks on a large GPU).
+        for block_id in self.hash_to_block.values():
+            self.blocks[block_id].block_hash, self.blocks[block_id].token_ids = None, ()
         self.hash_to_block.clear()
         self.pending.clear()
