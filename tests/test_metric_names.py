@@ -22,6 +22,9 @@ def registered_metric_names() -> list[str]:
 def test_every_metric_name_is_registered_once():
     names = registered_metric_names()
     assert "raylane_weight_sync_seconds" in names and "raylane_reward_mean" in names
+    assert {"raylane_engine_generated_tokens", "raylane_step_phase_seconds", "raylane_actor_loss"} <= set(
+        names
+    )
     assert all(name.startswith("raylane_") for name in names), names
     twice = [name for name, count in collections.Counter(names).items() if count > 1]
     assert not twice, f"metrics registered more than once (with different tags each time): {twice}"

@@ -11,15 +11,20 @@ from ray.util import metrics as ray_metrics
 
 logger = logging.getLogger(__name__)
 
-# Metrics exported to the Ray dashboard (Prometheus names cannot hold '/'). Weight-sync time is
-# not among them: WeightSync exports every sync as raylane_weight_sync_seconds itself.
+# Metrics exported to the Ray dashboard (Prometheus names cannot hold '/'). Weight-sync time and
+# bytes are not among them: WeightSync exports every sync itself.
 _DASHBOARD = {
     "reward_mean": "raylane_reward_mean",
     "eval_reward_mean": "raylane_eval_reward_mean",
     "timing/step_s": "raylane_step_seconds",
     "throughput/tokens_per_s": "raylane_rollout_tokens_per_second",
+    "throughput/train_tokens_per_s": "raylane_trainer_tokens_per_second",
     "rollout/staleness": "raylane_rollout_staleness",
+    "actor/pg_loss": "raylane_actor_loss",
+    "actor/grad_norm": "raylane_actor_grad_norm",
 }
+# Each step phase's seconds ("timing/<phase>_s") go to one gauge tagged with the phase.
+_PHASE_PREFIX, _PHASE_SUFFIX = "timing/", "_s"
 
 
 class MetricsTracker:
@@ -33,6 +38,11 @@ class MetricsTracker:
             key: ray_metrics.Gauge(name, description=f"raylane {key}", tag_keys=("job",))
             for key, name in _DASHBOARD.items()
         }
+        self._phase_seconds = ray_metrics.Gauge(
+            "raylane_step_phase_seconds",
+            description="Seconds of one phase of the last step",
+            tag_keys=("job", "phase"),
+        )
         self._tags = {"job": job_name}
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
@@ -43,6 +53,10 @@ class MetricsTracker:
         for key, gauge in self._gauges.items():
             if key in record:
                 gauge.set(record[key], tags=self._tags)
+        for key, seconds in record.items():
+            if key.startswith(_PHASE_PREFIX) and key.endswith(_PHASE_SUFFIX) and key not in _DASHBOARD:
+                phase = key[len(_PHASE_PREFIX) : -len(_PHASE_SUFFIX)]
+                self._phase_seconds.set(seconds, tags={**self._tags, "phase": phase})
 
     def restore(self, history: list[dict[str, float]]) -> None:
         """Continue a resumed run: rewrite metrics.jsonl with the history saved in the checkpoint."""

@@ -309,6 +309,9 @@ class RLJob:
                 "throughput/train_tokens": float(batch["attention_mask"].sum()),
             }
         )
+        metrics["throughput/train_tokens_per_s"] = metrics["throughput/train_tokens"] / max(
+            phase.seconds["update_actor"], 1e-9
+        )
         metrics.update({f"timing/{name}_s": seconds for name, seconds in phase.seconds.items()})
         metrics.update({f"memory/{name}_peak_gib": peak / 2**30 for name, peak in phase.peak_bytes.items()})
         metrics["timing/step_s"] = time.perf_counter() - start

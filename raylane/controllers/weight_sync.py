@@ -43,9 +43,16 @@ class SyncReport:
 
 
 @functools.cache
-def _sync_seconds_gauge() -> metrics.Gauge:
-    # Created on first use: Ray metrics need a connected Ray runtime.
-    return metrics.Gauge("raylane_weight_sync_seconds", "Seconds of the last weight sync", tag_keys=("mode",))
+def _sync_gauges() -> tuple[metrics.Gauge, metrics.Gauge]:
+    """The seconds and bytes of the last sync. Created on first use: Ray metrics need a connected Ray runtime."""
+    return (
+        metrics.Gauge("raylane_weight_sync_seconds", "Seconds of the last weight sync", tag_keys=("mode",)),
+        metrics.Gauge(
+            "raylane_weight_sync_bytes",
+            "Bytes the last weight sync moved, over the network and local copies together",
+            tag_keys=("mode",),
+        ),
+    )
 
 
 class WeightSync:
@@ -150,7 +157,9 @@ class WeightSync:
             futures += [target.receive_weights.remote(version) for target in self.targets]
             stats = [s for group_stats in wait_all(futures, self.config.timeout_s) for s in group_stats]
         seconds = time.perf_counter() - started
-        _sync_seconds_gauge().set(seconds, tags={"mode": self.mode})
+        seconds_gauge, bytes_gauge = _sync_gauges()
+        seconds_gauge.set(seconds, tags={"mode": self.mode})
+        bytes_gauge.set(self.summary.total_bytes, tags={"mode": self.mode})
         report = SyncReport(version, seconds, self.summary, tuple(stats))
         logger.info(
             "weight version %d synced (%s) in %.3f s, %.2f GB/s", version, self.mode, seconds, report.gbps

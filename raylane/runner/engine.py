@@ -21,6 +21,7 @@ from raylane.models import CausalLM, Tokenizer, load_model
 from raylane.runner.block_manager import BlockManager
 from raylane.runner.config import EngineConfig
 from raylane.runner.detokenizer import IncrementalDetokenizer
+from raylane.runner.metrics import EngineMetrics
 from raylane.runner.model_runner import ModelRunner, PendingStep, kv_cache_block_bytes
 from raylane.runner.outputs import CompletionOutput, EngineStats, RequestOutput
 from raylane.runner.sampling_params import SamplingParams
@@ -159,6 +160,7 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
         self._counters = {"prompt_computed": 0, "prompt_cached": 0, "generated": 0, "steps": 0, "ahead": 0}
+        self._metrics = EngineMetrics()
         if self.device.type == "cuda":
             self._warm_up()
 
@@ -309,6 +311,7 @@ class LLMEngine:
             self._ahead = self._launch_ahead(launched)
         outputs, failures = self._complete(launched, return_unfinished)
         self._discard_unwanted_ahead()  # e.g. every request stopped at EOS with the tokens just read
+        self._metrics.maybe_record(lambda: self.stats, idle=not self._requests)
         self._raise_failures(failures, outputs)
         return outputs
 
