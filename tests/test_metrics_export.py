@@ -49,7 +49,9 @@ def _scrape_until_all_exported(url: str, names: tuple[str, ...], timeout_s: floa
         found = _samples(urllib.request.urlopen(url, timeout=5).read().decode())
         missing = [name for name in names if name not in found]
         if not missing or time.monotonic() > deadline:
-            assert not missing, f"not exported by {url} within {timeout_s} s: {missing}"
+            assert not missing, (
+                f"not exported by {url} within {timeout_s} s: {missing}; found {sorted(found)}"
+            )
             return found
         time.sleep(1)
 
