@@ -43,16 +43,18 @@ def _samples(text: str) -> dict[str, list[tuple[str, float]]]:
 
 
 def _scrape_until_all_exported(url: str, names: tuple[str, ...], timeout_s: float) -> dict:
-    # The node's agent publishes what the workers pushed every few seconds.
+    """Every ``raylane_`` series seen by any scrape until ``names`` have all been seen (the latest
+    samples of each name). The node's agent publishes what the processes pushed every few seconds,
+    and Ray 2.60 showed a gauge set once for a limited time only (about 20 s in one run here), so
+    gauges set at different moments of a job need not all be on one page."""
     deadline = time.monotonic() + timeout_s
+    seen: dict[str, list[tuple[str, float]]] = {}
     while True:
-        found = _samples(urllib.request.urlopen(url, timeout=5).read().decode())
-        missing = [name for name in names if name not in found]
+        seen.update(_samples(urllib.request.urlopen(url, timeout=5).read().decode()))
+        missing = [name for name in names if name not in seen]
         if not missing or time.monotonic() > deadline:
-            assert not missing, (
-                f"not exported by {url} within {timeout_s} s: {missing}; found {sorted(found)}"
-            )
-            return found
+            assert not missing, f"not exported by {url} within {timeout_s} s: {missing}; seen {sorted(seen)}"
+            return seen
         time.sleep(1)
 
 
