@@ -147,7 +147,7 @@ def main() -> None:
     step_s = _median(history, "timing/step_s")
     transitions = sum(seconds[p] or 0.0 for p in ("sleep", "wake_up", "sync_weights"))
     train_tokens = _median(history, "throughput/train_tokens")
-    epochs = job.actor.ppo_epochs
+    update_tokens_per_s = _median(history, "throughput/train_tokens_per_s")
     in_job = _median(history, "throughput/tokens_per_s")
     result = {
         "device": device,
@@ -162,9 +162,9 @@ def main() -> None:
         "rollout_tokens_per_s": {"in_job": in_job, "standalone": standalone["tokens_per_s"],
                                  "ratio": in_job / standalone["tokens_per_s"], "standalone_runs": standalone["runs"]},
         "trainer": {
-            "tokens_per_s_update": train_tokens * epochs / seconds["update_actor"],
+            "tokens_per_s_update": update_tokens_per_s,
             "tokens_per_s_log_probs": train_tokens / seconds["log_probs"],
-            "mfu_update": 6 * params * train_tokens * epochs / seconds["update_actor"] / peak if peak else None,
+            "mfu_update": 6 * params * update_tokens_per_s / peak if peak else None,
             "mfu_log_probs": 2 * params * train_tokens / seconds["log_probs"] / peak if peak else None,
             "peak_flops": peak,
         },

@@ -309,8 +309,11 @@ class RLJob:
                 "throughput/train_tokens": float(batch["attention_mask"].sum()),
             }
         )
-        metrics["throughput/train_tokens_per_s"] = metrics["throughput/train_tokens"] / max(
-            phase.seconds["update_actor"], 1e-9
+        # Each PPO epoch trains on every token of the batch once more.
+        metrics["throughput/train_tokens_per_s"] = (
+            metrics["throughput/train_tokens"]
+            * cfg.actor.ppo_epochs
+            / max(phase.seconds["update_actor"], 1e-9)
         )
         metrics.update({f"timing/{name}_s": seconds for name, seconds in phase.seconds.items()})
         metrics.update({f"memory/{name}_peak_gib": peak / 2**30 for name, peak in phase.peak_bytes.items()})
