@@ -2,14 +2,15 @@
 
 A seeded load generator sends streaming completion requests with Poisson arrivals and random
 prompt/output lengths (``ignore_eos``, so every request produces exactly its output length),
-first in-process to an `AsyncLLMEngine`, then over HTTP to a raylane Ray Serve application
-running the same engine configuration on a local Ray cluster. It reports time to first token
+first over HTTP to a raylane Ray Serve application on a local Ray cluster, then in-process to an
+`AsyncLLMEngine` with the same engine configuration; several request rates give one load each,
+on the same application and engine. It reports time to first token
 (TTFT), time per output token after the first (TPOT), inter-token latency between streamed
 chunks (ITL), at p50 and p99, and request and token throughput; the Serve/engine ratios give
 the cost of the HTTP + Serve path. Prints a table and writes JSON under ``benchmarks/results/``:
 
     python benchmarks/bench_serving.py                          # tiny model, ~1-2 min on 2 cores
-    python benchmarks/bench_serving.py --model DIR --num-requests 500 --request-rate 20 --device cuda
+    python benchmarks/bench_serving.py --model DIR --num-requests 500 --request-rate 8 32 128 --device cuda
 """
 
 from __future__ import annotations
@@ -60,12 +61,12 @@ def sample_length(rng: random.Random, mean: int, dist: str) -> int:
     return max(1, round(rng.lognormvariate(math.log(mean) - sigma**2 / 2, sigma)))
 
 
-def make_workload(args: argparse.Namespace, vocab_size: int) -> list[Request]:
+def make_workload(args: argparse.Namespace, vocab_size: int, request_rate: float) -> list[Request]:
     rng = random.Random(args.seed)
     now, requests = 0.0, []
     for _ in range(args.num_requests):
-        if math.isfinite(args.request_rate):
-            now += rng.expovariate(args.request_rate)
+        if math.isfinite(request_rate):
+            now += rng.expovariate(request_rate)
         prompt_len = min(sample_length(rng, args.prompt_len, args.length_dist), args.max_model_len // 2)
         max_tokens = min(
             sample_length(rng, args.output_len, args.length_dist), args.max_model_len - prompt_len
@@ -126,7 +127,7 @@ async def replay(workload: list[Request], send) -> tuple[list[Trace], float]:
     return list(traces), time.perf_counter() - start
 
 
-async def run_engine(engine_config: EngineConfig, workload: list[Request]) -> dict:
+async def run_engine(engine_config: EngineConfig, workloads: list[list[Request]]) -> list[dict]:
     engine = AsyncLLMEngine.from_config(engine_config)
     counter = iter(range(10**9))
 
@@ -144,15 +145,18 @@ async def run_engine(engine_config: EngineConfig, workload: list[Request]) -> di
         trace.num_tokens = seen
         return trace
 
+    results = []
     try:
-        await send(Request(0.0, workload[0].prompt_token_ids, 4))  # warm-up
-        traces, duration = await replay(workload, send)
+        await send(Request(0.0, workloads[0][0].prompt_token_ids, 4))  # warm-up
+        for workload in workloads:
+            traces, duration = await replay(workload, send)
+            results.append(summarize(traces, duration, sum(len(r.prompt_token_ids) for r in workload)))
     finally:
         engine.shutdown()
-    return summarize(traces, duration, sum(len(r.prompt_token_ids) for r in workload))
+    return results
 
 
-async def run_http(base_url: str, model: str, workload: list[Request]) -> dict:
+async def run_http(base_url: str, model: str, workloads: list[list[Request]]) -> list[dict]:
     import aiohttp
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
@@ -183,9 +187,12 @@ async def run_http(base_url: str, model: str, workload: list[Request]) -> dict:
                         trace.chunks.append(time.perf_counter())
             return trace
 
-        await send(Request(0.0, workload[0].prompt_token_ids, 4))  # warm-up
-        traces, duration = await replay(workload, send)
-    return summarize(traces, duration, sum(len(r.prompt_token_ids) for r in workload))
+        await send(Request(0.0, workloads[0][0].prompt_token_ids, 4))  # warm-up
+        results = []
+        for workload in workloads:
+            traces, duration = await replay(workload, send)
+            results.append(summarize(traces, duration, sum(len(r.prompt_token_ids) for r in workload)))
+    return results
 
 
 def free_port() -> int:
@@ -194,14 +201,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_serve(engine_config: EngineConfig, workload: list[Request], threads: int) -> tuple[dict, float]:
+def run_serve(
+    engine_config: EngineConfig, workloads: list[list[Request]], threads: int
+) -> tuple[list[dict], float]:
     import ray
 
     from raylane.serving import ModelDeploymentConfig, ServingConfig, deploy, undeploy
 
     ray.init(
         include_dashboard=False,
-        log_to_driver=False,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
     )
     config = ServingConfig(
@@ -214,14 +222,14 @@ def run_serve(engine_config: EngineConfig, workload: list[Request], threads: int
     deploy(config)
     startup = time.perf_counter() - start
     try:
-        result = asyncio.run(run_http(f"http://127.0.0.1:{config.port}", "bench-model", workload))
+        result = asyncio.run(run_http(f"http://127.0.0.1:{config.port}", "bench-model", workloads))
     finally:
         undeploy(config)
         ray.shutdown()
     return result, startup
 
 
-def print_table(engine: dict, serve: dict, ratios: dict) -> None:
+def print_table(rate: float, engine: dict, serve: dict, ratios: dict) -> None:
     rows = [
         ("TTFT p50 (ms)", "ttft_ms", "p50"),
         ("TTFT p99 (ms)", "ttft_ms", "p99"),
@@ -233,6 +241,7 @@ def print_table(engine: dict, serve: dict, ratios: dict) -> None:
         ("output tokens/s", "output_token_throughput_per_s", None),
         ("total tokens/s", "total_token_throughput_per_s", None),
     ]
+    print(f"\n{rate:g} requests/s offered")
     print(f"{'metric':<18}{'engine':>12}{'serve':>12}{'serve/engine':>14}")
     for label, key, sub in rows:
         e = engine[key][sub] if sub else engine[key]
@@ -248,7 +257,11 @@ def main() -> int:
     parser.add_argument("--model", help="checkpoint folder (default: a tiny random model)")
     parser.add_argument("--num-requests", type=int, default=48)
     parser.add_argument(
-        "--request-rate", type=float, default=8.0, help="Poisson arrivals per second (inf: all at once)"
+        "--request-rate",
+        type=float,
+        nargs="+",
+        default=[8.0],
+        help="Poisson arrivals per second (inf: all at once); several give one load each, in order",
     )
     parser.add_argument("--prompt-len", type=int, default=64, help="mean prompt length in tokens")
     parser.add_argument("--output-len", type=int, default=32, help="mean output length in tokens")
@@ -256,6 +269,12 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="share of the GPU each engine may take (the in-process one and the replica share one GPU)",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads of the engine, in-process and in the replica"
     )
@@ -266,25 +285,44 @@ def main() -> int:
     args = parser.parse_args()
 
     model_dir = args.model or make_tiny_model(tempfile.mkdtemp(prefix="bench-serving-"))
+    memory = (
+        {} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}
+    )
     engine_config = EngineConfig(
-        model=model_dir, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs
+        model=model_dir,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        **memory,
     )
     from raylane.models import ModelConfig
 
-    workload = make_workload(args, ModelConfig.from_pretrained(model_dir).vocab_size)
+    vocab_size = ModelConfig.from_pretrained(model_dir).vocab_size
+    workloads = [make_workload(args, vocab_size, rate) for rate in args.request_rate]
     torch.set_num_threads(args.threads)
-    print(f"{len(workload)} requests at {args.request_rate}/s; engine in-process...", flush=True)
-    engine = asyncio.run(run_engine(engine_config, workload))
-    print("same load through Ray Serve (HTTP, streaming)...", flush=True)
-    serve, startup = run_serve(engine_config, workload, args.threads)
+    # Serve first: its replica's process, and so its GPU memory, is gone when Ray shuts down, while
+    # an engine in this process could keep its share of the GPU and starve the replica.
+    print(f"{args.num_requests} requests at each of {args.request_rate}/s; through Ray Serve...", flush=True)
+    serve_runs, startup = run_serve(engine_config, workloads, args.threads)
+    print("same loads on the engine in-process...", flush=True)
+    engine_runs = asyncio.run(run_engine(engine_config, workloads))
 
-    ratios = {}
-    for key in ("ttft_ms", "tpot_ms", "itl_ms"):
-        for sub in ("p50", "p99", "mean"):
-            ratios[f"{key}.{sub}"] = serve[key][sub] / engine[key][sub]
-    for key in ("request_throughput_per_s", "output_token_throughput_per_s", "total_token_throughput_per_s"):
-        ratios[key] = serve[key] / engine[key]
-    print_table(engine, serve, ratios)
+    runs = []
+    for rate, engine, serve in zip(args.request_rate, engine_runs, serve_runs, strict=True):
+        ratios = {}
+        for key in ("ttft_ms", "tpot_ms", "itl_ms"):
+            for sub in ("p50", "p99", "mean"):
+                ratios[f"{key}.{sub}"] = serve[key][sub] / engine[key][sub]
+        for key in (
+            "request_throughput_per_s",
+            "output_token_throughput_per_s",
+            "total_token_throughput_per_s",
+        ):
+            ratios[key] = serve[key] / engine[key]
+        print_table(rate, engine, serve, ratios)
+        runs.append(
+            {"request_rate_per_s": rate, "engine": engine, "serve": serve, "serve_over_engine": ratios}
+        )
 
     result = {
         "model": args.model or "tiny (random)",
@@ -295,16 +333,14 @@ def main() -> int:
         "platform": platform.platform(),
         "workload": {
             "num_requests": args.num_requests,
-            "request_rate_per_s": args.request_rate,
+            "request_rates_per_s": args.request_rate,
             "prompt_len_mean": args.prompt_len,
             "output_len_mean": args.output_len,
             "length_dist": args.length_dist,
             "seed": args.seed,
         },
         "serve_startup_s": startup,
-        "engine": engine,
-        "serve": serve,
-        "serve_over_engine": ratios,
+        "runs": runs,
     }
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU measurement of raylane in one go, for a GPU machine that has PyTorch but not Ray:
-# the GPU tests, the RL job on the GPU phase by phase (bench_rl_gpu), the runner benchmark (batch
-# 1/16/64/256 + GRPO prefix caching, against HF), batch 1 again with async scheduling off, the
-# same-GPU weight reshard and, with two GPUs, the disaggregated NCCL weight-sync benchmark and the
-# two-GPU colocated reshard. Run in parts with ONLY=name1,name2 (a step's name, as printed).
+# the GPU tests, the RL job on the GPU phase by phase (bench_rl_gpu), its trained model served from
+# the GPU (scored through the openai client, then Serve against the in-process engine), the runner
+# benchmark (batch 1/16/64/256 + GRPO prefix caching, against HF), batch 1 again with async scheduling
+# off, the same-GPU weight reshard and, with two GPUs, the disaggregated NCCL weight-sync benchmark and
+# the two-GPU colocated reshard. Run in parts with ONLY=name1,name2 (a step's name, as printed).
 #
-#   ../shared/tools/gpu-wheels pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
-#   bash benchmarks/gpu_all.sh [RESULTS_DIR]      # default: $OUT if set, else benchmarks/results
+#   bash benchmarks/gpu_wheels.sh                 # here: .whl/ (Ray core + Serve's needs, pydantic, openai)
+#   bash benchmarks/gpu_all.sh [RESULTS_DIR]      # there, with .whl carried; default: $OUT, else benchmarks/results
 #
 # Keeps NVLink multicast off (the lent machines require it). Each step is bounded in time and
 # logs to RESULTS_DIR; a failing step does not stop the ones after it.
@@ -34,6 +35,20 @@ step() {  # step NAME SECONDS COMMAND...
 step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_runner_gpu.py tests/test_actors_gpu.py \
   tests/test_runner_compile.py tests/test_training.py
 step bench_rl_gpu 560 python3 benchmarks/bench_rl_gpu.py --output "$results" --fp32-trainer
+# The model that job trained, served from the GPU: `raylane serve` scored on the job's held-out prompts
+# through the official openai client, then Serve against the in-process engine at a few request rates
+# (the engine and the replica each take 0.3 of the GPU, since the driver's engine may keep its share).
+trained=outputs/bench-rl-gpu/grpo
+step serve_trained 300 bash benchmarks/serve_trained.sh "$trained" "$results/serve_trained_gpu.json" 8 --device cuda
+serving_model=$trained/final_model
+if [ ! -f "$serving_model/config.json" ] && { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",bench_serving_gpu,"* ]]; }; then
+  # Without that job's model, a random one of its shape: the serving hops' cost does not depend on weights.
+  serving_model=/tmp/grpo-gpu-shape
+  python3 -c "import sys, yaml; from raylane.models import make_tiny_model; m = yaml.safe_load(open('examples/grpo_gpu.yaml'))['model']; make_tiny_model(sys.argv[1], arch=m['tiny_arch'], **m['tiny_shape'])" "$serving_model"
+fi
+step bench_serving_gpu 420 python3 benchmarks/bench_serving.py --model "$serving_model" --device cuda \
+  --gpu-memory-utilization 0.3 --max-model-len 128 --prompt-len 24 --output-len 24 --num-requests 200 \
+  --request-rate 8 32 128 --output "$results/bench_serving_cuda.json"
 step bench_runner 420 python3 benchmarks/bench_runner.py --preset llama-1b --device cuda \
   --batch-sizes 1 16 64 256 --output "$results/bench_runner_cuda_llama-1b.json"
 # The same batch-1 workload with async scheduling off: its effect, measured on this machine.

@@ -119,7 +119,7 @@ def _wait_until_serving(port: int, proc: subprocess.Popen, log_path: str, timeou
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, tmp_path_factory):
-    """`raylane serve` running two models on the session's cluster, stopped with Ctrl-C at the end."""
+    """`raylane serve` running two models on the session's cluster, stopped with SIGTERM at the end."""
     root = tmp_path_factory.mktemp("serving")
     # std 0.3: outputs depend on the prompt, so a request answered with another's tokens shows.
     model_a = make_tiny_model(str(root / "a"), std=0.3, max_position_embeddings=MAX_MODEL_LEN)
@@ -160,8 +160,9 @@ def served(ray_cluster, tmp_path_factory):
             LLM(model_a, max_model_len=MAX_MODEL_LEN, num_kv_blocks=KV_BLOCKS),
             log_path,
         )
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0, "`raylane serve` did not exit cleanly on Ctrl-C"
+        # SIGTERM, as Kubernetes stops a pod; Ctrl-C takes the same path.
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, "`raylane serve` did not exit cleanly on SIGTERM"
         assert APP not in serve.status().applications  # it removed its application
     finally:
         if proc.poll() is None:
@@ -237,6 +238,31 @@ def test_openai_client_completes_chats_and_streams_like_offline_generation(serve
     )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want_chat.text
+
+
+def test_query_example_scores_the_served_model_with_the_openai_client(served, tmp_path):
+    # Two rows whose truth is what the served model answers greedily, one it cannot match.
+    prompts = ["abc>", "xyz>", "qrs>"]
+    greedy = [served.expected(p, max_tokens=5, temperature=0.0)[0].text for p in prompts]
+    truths = [greedy[0], greedy[1], greedy[2] + "never"]
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(
+        "".join(
+            json.dumps({"prompt": p, "ground_truth": t, "reward_fn": "exact_match"}) + "\n"
+            for p, t in zip(prompts, truths)
+        )
+    )
+    out = tmp_path / "scored.json"
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "query_served_model.py")
+    subprocess.run(
+        [sys.executable, script, "--eval-file", str(eval_file), "--model", "tiny", "--base-url", served.base_url,
+         "--api-key", API_KEY, "--max-tokens", "5", "--output", str(out)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    scored = json.loads(out.read_text())
+    assert [a["answer"] for a in scored["answers"]] == greedy
+    assert [a["score"] for a in scored["answers"]] == [1.0, 1.0, 0.0]
+    assert scored["held_out_reward"] == pytest.approx(2 / 3)
 
 
 def test_grpc_client_streams_tokens_and_health_answers(served):

@@ -148,6 +148,21 @@ def test_deployment_options_fixed_and_autoscaling(tmp_path):
         ServingConfig(models=[fixed, fixed])
 
 
+def test_a_cuda_engine_reserves_a_gpu_for_its_replica(tmp_path):
+    # Ray hides every GPU from an actor that reserves none, so a CUDA replica needs num_gpus.
+    path = str(tmp_path / "ckpt")
+    assert ModelDeploymentConfig.from_path(path).deployment_options()["ray_actor_options"]["num_gpus"] == 0
+    cuda = ModelDeploymentConfig.from_path(path, engine={"device": "cuda"})
+    assert cuda.deployment_options()["ray_actor_options"]["num_gpus"] == 1
+    assert (
+        ModelDeploymentConfig.from_path(path, engine={"device": "cuda:0"}, num_gpus=0.5).replica_gpus == 0.5
+    )
+    with pytest.raises(ValueError, match="sees no GPU"):
+        ModelDeploymentConfig.from_path(path, engine={"device": "cuda"}, num_gpus=0)
+    cli = config_from_args(_parse(["--model", path, "--device", "cuda"]))
+    assert cli.models[0].replica_gpus == 1
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers(dest="command"))

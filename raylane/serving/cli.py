@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
@@ -146,7 +147,7 @@ def _apply_model_flags(model: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Handler of ``raylane serve``: deploy, report the addresses, block until Ctrl-C, then clean up."""
+    """Handler of ``raylane serve``: deploy, report the addresses, block until Ctrl-C or SIGTERM, then clean up."""
     import ray
 
     from raylane.serving.app import deploy, undeploy, where
@@ -156,6 +157,10 @@ def run_serve(args: argparse.Namespace) -> int:
     deploy(config)
     names = ", ".join(m.name for m in config.models)
     print(f"raylane serve: {names}. {where(config)} (Ctrl-C to stop)", file=sys.stderr)
+    # SIGTERM is how Kubernetes and process managers stop a server; a shell starts background
+    # jobs with SIGINT ignored. Both must reach the clean-up below.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

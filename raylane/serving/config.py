@@ -78,7 +78,21 @@ class ModelDeploymentConfig(StrictConfig):
     )
     limits: RequestLimits = Field(default_factory=RequestLimits)
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica")
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs reserved per replica; default: 1 when the engine's device is CUDA, else 0 "
+        "(Ray hides the GPUs from an actor that reserves none)",
+    )
+
+    @model_validator(mode="after")
+    def _gpus_for_a_cuda_engine(self) -> ModelDeploymentConfig:
+        if self._cuda and self.num_gpus == 0:
+            raise ValueError(
+                f"model {self.name!r}: engine device {self.engine.device!r} with num_gpus=0 would run a "
+                "replica that sees no GPU; reserve one (num_gpus: 1, or a fraction) or serve on 'cpu'"
+            )
+        return self
 
     @classmethod
     def from_path(cls, path: str, name: str | None = None, **fields: Any) -> ModelDeploymentConfig:
@@ -86,6 +100,15 @@ class ModelDeploymentConfig(StrictConfig):
         engine = fields.pop("engine", {})
         engine = engine if isinstance(engine, EngineConfig) else EngineConfig(model=path, **engine)
         return cls(name=name or _folder_name(path), engine=engine, **fields)
+
+    @property
+    def _cuda(self) -> bool:
+        return self.engine.device.startswith("cuda")
+
+    @property
+    def replica_gpus(self) -> float:
+        """GPUs each replica reserves: ``num_gpus``, or by default 1 for a CUDA engine and 0 otherwise."""
+        return self.num_gpus if self.num_gpus is not None else float(self._cuda)
 
     @property
     def deployment_name(self) -> str:
@@ -97,7 +120,7 @@ class ModelDeploymentConfig(StrictConfig):
             "name": self.deployment_name,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.replica_gpus},
         }
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling.to_serve()
