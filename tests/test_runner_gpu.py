@@ -391,3 +391,59 @@ def test_gemv_kernel_matches_linear(dtype):
             gemv_op(x, weight, bias), torch.nn.functional.linear(x, weight, bias), **tol
         )
         torch.testing.assert_close(gemv_op(x, weight, None), torch.nn.functional.linear(x, weight), **tol)
+
+
+def _one_decode_step_inputs(model, device: str) -> tuple[list[torch.Tensor], tuple]:
+    """A KV cache of random context and the inputs of one decode step at position 37 of one sequence."""
+    attn = model.model.layers[0].self_attn
+    block_size, position = 16, 37
+    generator = torch.Generator().manual_seed(1)
+    caches = [
+        torch.randn(2, 8, block_size, attn.num_kv_heads, attn.head_dim, generator=generator).to(device)
+        for _ in model.model.layers
+    ]
+    table = torch.tensor([[5, 2, 7, 0]], device=device)
+    slot = table[0, position // block_size] * block_size + position % block_size
+    inputs = (
+        torch.tensor([11], device=device),
+        torch.tensor([position], device=device),
+        slot.view(1),
+        table,
+        torch.tensor([position + 1], device=device),
+        torch.tensor([0, 1], device=device),
+    )
+    return caches, inputs
+
+
+@needs_triton
+@kernel_dtypes
+@pytest.mark.parametrize(
+    "fusions",
+    [("norm_gemv",), ("qkv_rope_kv",), ("gate_up_silu",), ("norm_gemv", "qkv_rope_kv", "gate_up_silu")],
+    ids=lambda f: "+".join(f),
+)
+def test_fused_decode_step_matches_unfused(fusions, dtype):
+    # Qwen2's shape: q/k/v biases and a tied LM head; its 259-token vocabulary is odd.
+    from raylane.models import CausalLM, init_weights, tiny_config
+    from raylane.runner.cuda_graphs import decode_logits
+    from raylane.runner.fused_decode import fused_decode_logits
+
+    model = CausalLM(tiny_config("qwen2"))
+    init_weights(model, seed=0, std=0.1)
+    with torch.no_grad():  # norm scales other than one, so that a fused norm must apply them
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
+    model = model.to(KERNEL_DEVICE, dtype).eval()
+    model.fuse_projections()
+    backend = get_attention_backend("triton")
+    caches, inputs = _one_decode_step_inputs(model, KERNEL_DEVICE)
+    caches = [cache.to(dtype) for cache in caches]
+    reference_caches = [cache.clone() for cache in caches]
+    with torch.inference_mode():
+        reference = decode_logits(model, backend, reference_caches, *inputs, inputs[-1][:1])
+        fused = fused_decode_logits(model, backend, caches, *inputs, fusions)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(fused, reference, **tol)
+    for cache, reference_cache in zip(caches, reference_caches, strict=True):
+        torch.testing.assert_close(cache, reference_cache, **tol)
