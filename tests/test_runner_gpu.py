@@ -60,6 +60,13 @@ def test_cpu_engine_runs_the_eager_reference(tiny_model_dir):
     assert engine.runner.kv_caches[0].shape[1] == engine.block_manager.num_blocks
 
 
+def test_unknown_decode_fusion_is_refused_with_the_known_names(tiny_model_dir):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="norm_gemv"):
+        EngineConfig(model=tiny_model_dir, decode_fusions=["norm_rope"])
+
+
 def test_decode_buckets_cover_every_batch_size():
     from raylane.runner.cuda_graphs import decode_buckets
 
@@ -226,18 +233,28 @@ def _assert_same_generations(got: dict, reference: dict) -> None:
         )
 
 
+ALL_FUSIONS = ["norm_gemv", "qkv_rope_kv", "gate_up_silu"]
+
+
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_path_matches_cpu_reference_fp32(tiny_model_dir):
+@pytest.mark.parametrize(
+    "cuda_options",
+    [{}, {"decode_fusions": ALL_FUSIONS, "graph_capture": "lazy"}],
+    ids=["unfused", "fused-lazy"],
+)
+def test_cuda_path_matches_cpu_reference_fp32(tiny_model_dir, cuda_options):
+    # The requests' lengths differ, so the last one decodes alone: the batch-1 graph runs too.
     prompts = _prompts(20)
     options = dict(
         model=tiny_model_dir, dtype="float32", max_num_seqs=16, max_num_batched_tokens=256, num_kv_blocks=512
     )
     reference = _generate(LLMEngine(EngineConfig(device="cpu", **options)), prompts)
-    engine = LLMEngine(EngineConfig(device="cuda", **options))
+    engine = LLMEngine(EngineConfig(device="cuda", **options, **cuda_options))
     assert engine.runner.backend.name == "triton" and engine.runner.graphs is not None
     got = _generate(engine, prompts)
     assert engine.runner.graphs.num_replays > 0, "decode steps should replay CUDA graphs"
+    assert 1 in engine.runner.graphs._graphs, "the batch-1 graph should have run"
     # The CPU reference steps synchronously; on CUDA steps are launched ahead (async scheduling).
     assert engine.stats.num_steps_launched_ahead > 0
     _assert_same_generations(got, reference)
@@ -300,7 +317,12 @@ def _teacher_forced_logits(model, sequences: list[list[int]], prompt_lens: list[
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_bf16_top1_agreement(tiny_model_dir):
+@pytest.mark.parametrize(
+    "cuda_options",
+    [{"max_num_seqs": 32}, {"max_num_seqs": 1, "decode_fusions": ALL_FUSIONS}],
+    ids=["batch-32", "batch-1-fused"],
+)
+def test_cuda_bf16_top1_agreement(tiny_model_dir, cuda_options):
     """bf16 on CUDA picks the fp32 reference's top-1 token wherever bf16 rounding cannot flip it.
 
     On a small random model many next-token margins are below bf16's resolution (the dense bf16
@@ -310,7 +332,7 @@ def test_cuda_bf16_top1_agreement(tiny_model_dir):
     """
     prompts = _prompts(32, seed=1)
     config = EngineConfig(
-        model=tiny_model_dir, device="cuda", dtype="bfloat16", max_num_seqs=32, num_kv_blocks=512
+        model=tiny_model_dir, device="cuda", dtype="bfloat16", num_kv_blocks=512, **cuda_options
     )
     engine = LLMEngine(config)
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
