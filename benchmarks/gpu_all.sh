@@ -44,6 +44,11 @@ step bench_runner 420 python3 benchmarks/bench_runner.py --preset llama-1b --dev
 step bench_runner_ab 570 python3 benchmarks/bench_runner.py --preset llama-1b qwen-0.5b --device cuda \
   --batch-sizes 64 256 --no-hf --grpo-prompts 0 --fusion-ab --startup --graph-capture lazy \
   --decode-fusions norm_gemv qkv_rope_kv gate_up_silu --output "$results/bench_runner_cuda_ab.json"
+# Where a fused batch-1 step's time goes (kernel table and kernels per step), for each shape.
+for shape in llama-1b qwen-0.5b; do
+  step "probe_b1_fused_$shape" 200 python3 benchmarks/probe_decode_step.py --shape "$shape" --batch-sizes 1 \
+    --max-num-seqs 8 --profile 1 --decode-fusions norm_gemv qkv_rope_kv gate_up_silu
+done
 # The same batch-1 workload with async scheduling off: its effect, measured on this machine.
 step bench_runner_b1_sync 240 python3 benchmarks/bench_runner.py --preset llama-1b --device cuda \
   --batch-sizes 1 --no-hf --no-async-scheduling --output "$results/bench_runner_cuda_llama-1b_b1_sync.json"
