@@ -55,20 +55,26 @@ def test_compiled_decode_step_allocates_no_cache_sized_buffer(tiny_model_dir):
         torch.arange(batch + 1),
         torch.arange(batch),
     )
-    backend = get_attention_backend("torch")
-    compiled = torch.compile(decode_logits, fullgraph=True)
+    _assert_compiled_step_writes_in_place(
+        decode_logits, model, get_attention_backend("torch"), kv_caches, args
+    )
+
+
+def _assert_compiled_step_writes_in_place(step, model, backend, kv_caches: list[torch.Tensor], args) -> None:
+    """``step`` compiled whole gives the eager result, writes the cache (block 1) itself, in place."""
+    compiled = torch.compile(step, fullgraph=True)
     with torch.inference_mode():
         logits, codes = run_and_get_code(compiled, model, backend, kv_caches, *args)
         written = [cache.clone() for cache in kv_caches]
         for cache in kv_caches:
             cache.zero_()
-        expected = decode_logits(model, backend, kv_caches, *args)
+        expected = step(model, backend, kv_caches, *args)
     torch.testing.assert_close(logits, expected)
     # The compiled step wrote the cache itself (in place), as the eager step does.
     for got, want in zip(written, kv_caches):
         torch.testing.assert_close(got, want)
         assert got[:, 1].abs().sum() > 0
-    layer = num_blocks * block_size * cfg.num_key_value_heads * head_dim
+    layer = kv_caches[0][0].numel()
     largest = max(_largest_buffer(code) for code in codes)
     assert largest < layer // 8, f"a compiled buffer of {largest} elements: one cache layer's K is {layer}"
 
@@ -132,21 +138,9 @@ def test_compiled_fused_decode_step_writes_the_cache_in_place(tiny_model_dir):
         torch.arange(2, device=device),
         ("norm_gemv", "qkv_rope_kv", "gate_up_silu"),
     )
-    backend = get_attention_backend("triton")
-    compiled = torch.compile(fused_decode_logits, fullgraph=True)
-    with torch.inference_mode():
-        logits, codes = run_and_get_code(compiled, model, backend, kv_caches, *args)
-        written = [cache.clone() for cache in kv_caches]
-        for cache in kv_caches:
-            cache.zero_()
-        expected = fused_decode_logits(model, backend, kv_caches, *args)
-    torch.testing.assert_close(logits, expected)
-    for got, want in zip(written, kv_caches):
-        torch.testing.assert_close(got, want)
-        assert got[:, 1].abs().sum() > 0
-    layer = num_blocks * block_size * cfg.num_key_value_heads * head_dim
-    largest = max(_largest_buffer(code) for code in codes)
-    assert largest < layer // 8, f"a compiled buffer of {largest} elements: one cache layer's K is {layer}"
+    _assert_compiled_step_writes_in_place(
+        fused_decode_logits, model, get_attention_backend("triton"), kv_caches, args
+    )
 
 
 _COMPILE_ONCE = """

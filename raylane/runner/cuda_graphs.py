@@ -38,6 +38,26 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
     return [*sizes, max_num_seqs]
 
 
+def decode_metadata(
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    query_pad_index: torch.Tensor,
+) -> PagedAttentionMetadata:
+    """Attention metadata of a decode step: one query per sequence, at ``positions``."""
+    return PagedAttentionMetadata(
+        slot_mapping=slot_mapping,
+        block_tables=block_tables,
+        query_positions=positions[:, None],
+        query_pad_index=query_pad_index,
+        max_query_len=1,
+        seq_lens=seq_lens,
+        query_start_loc=query_start_loc,
+    )
+
+
 def decode_logits(
     model: CausalLM,
     backend: AttentionBackend,
@@ -51,15 +71,7 @@ def decode_logits(
     query_pad_index: torch.Tensor,
 ) -> torch.Tensor:
     """Logits of one decode step (one query per sequence): the function captured in each graph."""
-    meta = PagedAttentionMetadata(
-        slot_mapping=slot_mapping,
-        block_tables=block_tables,
-        query_positions=positions[:, None],
-        query_pad_index=query_pad_index,
-        max_query_len=1,
-        seq_lens=seq_lens,
-        query_start_loc=query_start_loc,
-    )
+    meta = decode_metadata(positions, slot_mapping, block_tables, seq_lens, query_start_loc, query_pad_index)
     hidden = model.hidden_states(input_ids, positions, PagedAttention(backend, kv_caches, meta))
     return model.compute_logits(hidden)
 

@@ -23,7 +23,8 @@ from torch.nn import functional as F
 
 from raylane.models import CausalLM
 from raylane.models.layers import RMSNorm
-from raylane.runner.attention import AttentionBackend, PagedAttention, PagedAttentionMetadata
+from raylane.runner.attention import AttentionBackend, PagedAttention
+from raylane.runner.cuda_graphs import decode_metadata
 from raylane.runner.fused_gemv import fused_gemv, fused_qkv_rope_kv
 
 
@@ -53,14 +54,8 @@ def fused_decode_logits(
     fuse_norm = "norm_gemv" in fusions
     decoder = model.model
     rotary = decoder.rotary_emb
-    meta = PagedAttentionMetadata(
-        slot_mapping=slot_mapping,
-        block_tables=block_tables,
-        query_positions=positions[:, None],
-        query_pad_index=query_start_loc[:1],
-        max_query_len=1,
-        seq_lens=seq_lens,
-        query_start_loc=query_start_loc,
+    meta = decode_metadata(
+        positions, slot_mapping, block_tables, seq_lens, query_start_loc, query_start_loc[:1]
     )
     x, delta = decoder.embed_tokens(input_ids), None
     for layer, kv_cache in zip(decoder.layers, kv_caches, strict=True):

@@ -122,6 +122,11 @@ def _fused_gemv(
         tl.store(kv_ptr + slot * stride_slot + offset + HALF, out_b, mask=kv_mask)
 
 
+def _stream_like(x: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
+    """The residual-stream output: a row like ``x`` with the norm prologue, else empty."""
+    return torch.empty_like(x) if norm_weight is not None else x.new_empty(0)
+
+
 def _launch(
     x: torch.Tensor,
     delta: torch.Tensor | None,
@@ -139,7 +144,7 @@ def _launch(
     n, k = weight.shape
     block_n, block_k, num_warps = gemv_tile(n, k)
     block_p = max(1, block_n // 2)
-    stream = torch.empty_like(x) if norm_weight is not None else x.new_empty(0)
+    stream = _stream_like(x, norm_weight)
     x = x.contiguous()
     if rope is None:
         cos = sin = positions = kv_cache = slots = weight
@@ -185,8 +190,7 @@ def fused_gemv(
 @fused_gemv.register_fake
 def _fused_gemv_fake(x, delta, norm_weight, eps, weight, bias, silu_mul):
     n = weight.shape[0]
-    stream = torch.empty_like(x) if norm_weight is not None else x.new_empty(0)
-    return x.new_empty(1, n // 2 if silu_mul else n), stream
+    return x.new_empty(1, n // 2 if silu_mul else n), _stream_like(x, norm_weight)
 
 
 @torch.library.custom_op("raylane::fused_qkv_rope_kv", mutates_args=("kv_cache",))
@@ -223,5 +227,4 @@ def fused_qkv_rope_kv(
 @fused_qkv_rope_kv.register_fake
 def _fused_qkv_fake(x, delta, norm_weight, eps, weight, bias, cos_table, sin_table, positions, slot_mapping,
                     kv_cache, num_heads, num_kv_heads):  # fmt: skip
-    stream = torch.empty_like(x) if norm_weight is not None else x.new_empty(0)
-    return x.new_empty(1, num_heads * kv_cache.shape[-1]), stream
+    return x.new_empty(1, num_heads * kv_cache.shape[-1]), _stream_like(x, norm_weight)
