@@ -237,6 +237,7 @@ def fusion_ab(llm: LLM, args: argparse.Namespace, step_bytes, bandwidth: float) 
     """Batch 1 with each decode-fusion set, two alternating rounds, in this one engine."""
     graphs = llm.engine.runner.graphs
     if graphs is None:
+        print("fusion A/B skipped: decode fusions apply to the CUDA-graph decode step only")
         return []
     prompts = random_prompts(1, args.prompt_len, llm.engine.model_config.vocab_size, seed=1)
     params = SamplingParams(temperature=1.0, seed=0, max_tokens=args.new_tokens, ignore_eos=True)
@@ -353,7 +354,6 @@ def main() -> int:
         bench_preset(args, args.preset[0], device, dtype, 0.0)
         return 0
     bandwidth = copy_bandwidth(device)
-    sections = {preset: bench_preset(args, preset, device, dtype, bandwidth) for preset in args.preset}
     common = {
         "command": " ".join(["python", *sys.argv]),
         "device": torch.cuda.get_device_name(device)
@@ -366,15 +366,18 @@ def main() -> int:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
     }
-    # One preset keeps the flat layout of earlier results; several are keyed by preset.
-    result = {**common, **sections[args.preset[0]]} if len(sections) == 1 else {**common, "presets": sections}
-    name = "_".join(args.preset)
     path = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                       f"bench_runner_{device.type}_{name}.json")  # fmt: skip
+                                       f"bench_runner_{device.type}_{'_'.join(args.preset)}.json")  # fmt: skip
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+    sections = {}
+    for preset in args.preset:
+        sections[preset] = bench_preset(args, preset, device, dtype, bandwidth)
+        # One preset keeps the flat layout of earlier results; several are keyed by preset. Written
+        # after each preset, so that a run stopped by its time limit keeps the presets it finished.
+        result = {**common, **sections[preset]} if len(args.preset) == 1 else {**common, "presets": sections}
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {path}")
     return 0
 
 

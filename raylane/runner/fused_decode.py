@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from raylane.models import CausalLM
 from raylane.models.layers import RMSNorm
 from raylane.runner.attention import AttentionBackend, PagedAttention
+from raylane.runner.attention.triton_paged import paged_decode
 from raylane.runner.cuda_graphs import decode_metadata
 from raylane.runner.fused_gemv import fused_gemv, fused_qkv_rope_kv
 
@@ -66,7 +67,7 @@ def fused_decode_logits(
                 rotary.cos_table, rotary.sin_table, positions, slot_mapping, kv_cache, attn.num_heads,
                 attn.num_kv_heads,
             )  # fmt: skip
-            out = torch.ops.raylane.paged_decode(
+            out = paged_decode(
                 q.view(1, attn.num_heads, attn.head_dim), kv_cache, block_tables, seq_lens, attn.scale
             )
         else:
