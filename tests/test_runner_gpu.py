@@ -445,12 +445,13 @@ def _one_decode_step_inputs(model, device: str) -> tuple[list[torch.Tensor], tup
     ids=lambda f: "+".join(f),
 )
 def test_fused_decode_step_matches_unfused(fusions, dtype):
-    # Qwen2's shape: q/k/v biases and a tied LM head; its 259-token vocabulary is odd.
+    # Qwen2's shape: q/k/v biases and a tied LM head; its 259-token vocabulary is odd, and widths
+    # that are no power of two (hidden 48, head dim 12, intermediate 80) leave partial tiles.
     from raylane.models import CausalLM, init_weights, tiny_config
     from raylane.runner.cuda_graphs import decode_logits
     from raylane.runner.fused_decode import fused_decode_logits
 
-    model = CausalLM(tiny_config("qwen2"))
+    model = CausalLM(tiny_config("qwen2", hidden_size=48, intermediate_size=80))
     init_weights(model, seed=0, std=0.1)
     with torch.no_grad():  # norm scales other than one, so that a fused norm must apply them
         for name, param in model.named_parameters():

@@ -77,12 +77,11 @@ def _fused_gemv(
             h = ((h * rstd).to(dtype).to(tl.float32) * g).to(dtype).to(tl.float32)
         else:
             h = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        w_a = tl.load(
-            w_ptr + rows_a[:, None] * stride_w + cols[None, :], mask=mask_a[:, None] & col_mask[None, :]
-        )
-        w_b = tl.load(
-            w_ptr + rows_b[:, None] * stride_w + cols[None, :], mask=mask_b[:, None] & col_mask[None, :]
-        )
+        # Zeros where masked: K need not be a multiple of BLOCK_K (896 and 4,864 in the 0.5 B shape).
+        w_mask_a = mask_a[:, None] & col_mask[None, :]
+        w_mask_b = mask_b[:, None] & col_mask[None, :]
+        w_a = tl.load(w_ptr + rows_a[:, None] * stride_w + cols[None, :], mask=w_mask_a, other=0.0)
+        w_b = tl.load(w_ptr + rows_b[:, None] * stride_w + cols[None, :], mask=w_mask_b, other=0.0)
         acc_a += w_a.to(tl.float32) * h[None, :]
         acc_b += w_b.to(tl.float32) * h[None, :]
     y_a = tl.sum(acc_a, axis=1)
