@@ -5,17 +5,28 @@ and on a GPU (``--preset llama-1b --device cuda``):
 
     python benchmarks/bench_runner.py                                   # CPU, tiny model
     python benchmarks/bench_runner.py --preset llama-1b --device cuda --batch-sizes 1 16 64 256
+    # issue 20: both shapes in one run, batch 1 with each fused kernel off/on, cold/warm start-up
+    python benchmarks/bench_runner.py --preset llama-1b qwen-0.5b --device cuda --batch-sizes 64 256 \
+        --no-hf --grpo-prompts 0 --fusion-ab --startup
 
 Share of roofline: bytes one decode step must read (all weights + the KV cache of the batch) over
-the step time, divided by the measured device copy bandwidth (read + write).
+the step time, divided by the device copy bandwidth (read + write) measured at the start of the run.
+
+``--fusion-ab`` measures batch 1 in one engine with no fused kernel, each one alone and all of
+them (``EngineOptions.decode_fusions``; only the batch-1 graph is captured again in between), in two
+alternating rounds. ``--startup`` starts the engine in two fresh processes that share an empty
+compile cache folder: the first is a cold start, the second a start on a machine that has run the
+engine once; the in-process engine then starts from that warm cache too.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +46,18 @@ PRESETS = {
     "llama-1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                  "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096,
                  "tie_word_embeddings": True, "rope_theta": 500000.0},
+    # Qwen2.5-0.5B shape (0.49 B parameters: 24 layers, head dim 64, q/k/v biases), random weights.
+    "qwen-0.5b": {"arch": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+                  "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                  "max_position_embeddings": 32768, "tie_word_embeddings": True, "rope_theta": 1000000.0},
 }  # fmt: skip
+FUSION_CONFIGS = [
+    [],
+    ["norm_gemv"],
+    ["qkv_rope_kv"],
+    ["gate_up_silu"],
+    ["norm_gemv", "qkv_rope_kv", "gate_up_silu"],
+]
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -135,20 +157,21 @@ def print_row(row: dict) -> None:
           f"{(f'{hf:.1f}' if hf else '-'):>10} {(f'{ratio:.2f}x' if ratio else '-'):>7} {row['roofline_share']:>8.1%} {row['raylane']['median_step_ms']:>9.2f} ms")  # fmt: skip
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=["tiny"],
+                        help="one or more model shapes, measured one after the other in this run")  # fmt: skip
     parser.add_argument("--model", help="a checkpoint folder instead of a random preset")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 16, 64])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--grpo-prompt-len", type=int, default=512)
     parser.add_argument(
-        "--grpo-prompts", type=int, default=8, help="distinct prompts, each sampled n=8 times"
+        "--grpo-prompts", type=int, default=8, help="distinct prompts, each sampled n=8 times (0: skip)"
     )
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face reference")
     parser.add_argument("--attention-backend", default="auto", help="auto, torch or triton")
@@ -157,45 +180,111 @@ def main() -> int:
     parser.add_argument(
         "--no-async-scheduling", action="store_true", help="read each step's tokens before launching the next"
     )
+    parser.add_argument("--decode-fusions", nargs="*", default=[],
+                        help="EngineOptions.decode_fusions of the engine (fused batch-1 kernels)")  # fmt: skip
+    parser.add_argument("--graph-capture", choices=["eager", "lazy"], default="eager")
+    parser.add_argument("--compile-cache-dir", help="EngineOptions.compile_cache_dir (default: the engine's)")
+    parser.add_argument("--fusion-ab", action="store_true", help="batch 1 with each fused kernel off/on")
+    parser.add_argument(
+        "--startup", action="store_true", help="cold and warm-cache start-up in new processes"
+    )
+    parser.add_argument("--startup-only", action="store_true", help=argparse.SUPPRESS)  # a --startup child
     parser.add_argument(
         "--output", help="JSON path (default benchmarks/results/bench_runner_<device>_<preset>.json)"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
-    dtype = (
-        (torch.float32 if device.type == "cpu" else torch.bfloat16)
-        if args.dtype == "auto"
-        else getattr(torch, args.dtype)
-    )
-    model_dir = args.model or make_tiny_model(
-        tempfile.mkdtemp(prefix="bench-"), std=0.02, **PRESETS[args.preset]
-    )
+
+def engine_kwargs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    """The LLM's options for this workload (the same in a --startup child and in the measuring process)."""
     max_len = max(args.prompt_len, args.grpo_prompt_len) + args.new_tokens + 8
-    max_batch = max(max(args.batch_sizes), 8 * args.grpo_prompts)
+    max_batch = max(max(args.batch_sizes, default=1), 8 * args.grpo_prompts, 1)
     # A KV cache sized for the workload (with room to spare) rather than for most of the GPU, so
     # that Hugging Face, run later in this process, has memory left.
     num_kv_blocks = int(1.25 * max_batch * -(-max_len // 16)) + 16
+    kwargs = dict(device=str(device), dtype=str(dtype).removeprefix("torch."), max_model_len=max_len,
+                  max_num_seqs=max_batch, max_num_batched_tokens=max(4096, max_batch), num_kv_blocks=num_kv_blocks,
+                  attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+                  compile_decode=not args.no_compile, decode_fusions=args.decode_fusions,
+                  graph_capture=args.graph_capture,
+                  async_scheduling=False if args.no_async_scheduling else None)  # fmt: skip
+    if args.compile_cache_dir:
+        kwargs["compile_cache_dir"] = args.compile_cache_dir
+    return kwargs
+
+
+def startup_in_new_processes(args: argparse.Namespace, model_dir: str, cache_dir: str) -> dict:
+    """Engine start-up in fresh processes sharing ``cache_dir``: cold (empty compile cache), then warm
+    (the cache the cold one left).
+
+    Each child gets this run's arguments, so it builds the engine the measuring process builds.
+    """
+    argv = [a for a in sys.argv[1:] if a not in ("--startup", "--fusion-ab")]
+    result = {}
+    for name in ("cold", "warm"):
+        command = [sys.executable, os.path.abspath(__file__), *argv, "--startup-only", "--model", model_dir,
+                   "--compile-cache-dir", cache_dir]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"start-up child failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
+        seconds = json.loads(done.stdout.strip().splitlines()[-1])["engine_startup_s"]
+        result[f"engine_startup_{name}_s"] = seconds
+        print(f"engine start-up in a new process, {name} compile cache: {seconds:.1f} s")
+    return result
+
+
+def fusion_ab(llm: LLM, args: argparse.Namespace, step_bytes, bandwidth: float) -> list[dict]:
+    """Batch 1 with each decode-fusion set, two alternating rounds, in this one engine."""
+    graphs = llm.engine.runner.graphs
+    if graphs is None:
+        print("fusion A/B skipped: decode fusions apply to the CUDA-graph decode step only")
+        return []
+    prompts = random_prompts(1, args.prompt_len, llm.engine.model_config.vocab_size, seed=1)
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=args.new_tokens, ignore_eos=True)
+    rows = []
+    for round_ in range(2):
+        for fusions in FUSION_CONFIGS:
+            graphs.set_decode_fusions(tuple(fusions))
+            ours = bench_raylane(llm, prompts, params)
+            share = step_bytes(1) / (ours["seconds"] / args.new_tokens) / bandwidth
+            rows.append({"fusions": fusions, "round": round_, "raylane": ours, "roofline_share": share})
+            print(f"batch 1, fusions {'+'.join(fusions) or 'none':<36} {ours['tokens_per_s']:>10.1f} tok/s "
+                  f"{share:>7.1%} of roofline, median step {ours['median_step_ms']:.3f} ms")  # fmt: skip
+    graphs.set_decode_fusions(tuple(args.decode_fusions))
+    return rows
+
+
+def bench_preset(args, preset: str, device, dtype, bandwidth: float) -> dict:
+    """Every workload of one model shape; returns its JSON section."""
+    model_dir = args.model or make_tiny_model(tempfile.mkdtemp(prefix="bench-"), std=0.02, **PRESETS[preset])
+    startup = {}
+    if args.startup:
+        cache_dir = tempfile.mkdtemp(prefix="bench-compile-cache-")
+        startup = startup_in_new_processes(args, model_dir, cache_dir)
+        args.compile_cache_dir = cache_dir
     start = time.perf_counter()
-    llm = LLM(model_dir, device=str(device), dtype=str(dtype).removeprefix("torch."), max_model_len=max_len,
-              max_num_seqs=max_batch, max_num_batched_tokens=max(4096, max_batch), num_kv_blocks=num_kv_blocks,
-              attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-              compile_decode=not args.no_compile,
-              async_scheduling=False if args.no_async_scheduling else None)  # fmt: skip
+    llm = LLM(model_dir, **engine_kwargs(args, device, dtype))
     startup_s = time.perf_counter() - start
+    if args.startup_only:
+        print(json.dumps({"engine_startup_s": startup_s}))
+        return {}
     config = llm.engine.model_config
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
     attn = llm.engine.model.model.layers[0].self_attn
     kv_bytes_per_token = 2 * attn.num_kv_heads * attn.head_dim * config.num_hidden_layers * dtype.itemsize
-    bandwidth = copy_bandwidth(device)
-    params = SamplingParams(temperature=1.0, seed=0, max_tokens=args.new_tokens, ignore_eos=True)
+    avg_context = args.prompt_len + args.new_tokens / 2
 
+    def step_bytes(batch: int) -> float:
+        return weight_bytes + batch * avg_context * kv_bytes_per_token
+
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=args.new_tokens, ignore_eos=True)
     runner = llm.engine.runner
-    print(f"raylane runner vs HF generate — preset {args.preset}, {sum(p.numel() for p in llm.engine.model.parameters()) / 1e6:.1f} M params, "
+    print(f"raylane runner vs HF generate — preset {preset}, {sum(p.numel() for p in llm.engine.model.parameters()) / 1e6:.1f} M params, "
           f"{device.type} {dtype}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, prompt {args.prompt_len}, new {args.new_tokens}")  # fmt: skip
     print(f"attention backend {runner.backend.name}, CUDA graphs {runner.graphs is not None}, async scheduling "
-          f"{llm.engine.async_scheduling}, engine start-up {startup_s:.1f} s (compile + capture)")  # fmt: skip
+          f"{llm.engine.async_scheduling}, decode fusions {args.decode_fusions or 'none'}, graph capture "
+          f"{args.graph_capture}, engine start-up {startup_s:.1f} s (compile + capture)")  # fmt: skip
+    ab = fusion_ab(llm, args, step_bytes, bandwidth) if args.fusion_ab else []
     print(
         f"{'workload':<12} {'raylane tok/s':>14} {'HF tok/s':>10} {'ratio':>7} {'roofline':>9} {'median step':>12}"
     )
@@ -203,11 +292,8 @@ def main() -> int:
     for batch in args.batch_sizes:
         prompts = random_prompts(batch, args.prompt_len, config.vocab_size, seed=batch)
         ours = bench_raylane(llm, prompts, params)
-        step_s = ours["seconds"] / args.new_tokens
-        avg_context = args.prompt_len + args.new_tokens / 2
-        step_bytes = weight_bytes + batch * avg_context * kv_bytes_per_token
         row = {"workload": f"batch {batch}", "batch": batch, "raylane": ours,
-               "roofline_share": step_bytes / step_s / bandwidth}  # fmt: skip
+               "roofline_share": step_bytes(batch) / (ours["seconds"] / args.new_tokens) / bandwidth}  # fmt: skip
         hf = None if args.no_hf else bench_hf(model_dir, prompts, args.new_tokens, device, dtype)
         if hf:
             row["hf"] = hf
@@ -215,50 +301,83 @@ def main() -> int:
         rows.append(row)
         print_row(row)
 
-    grpo_prompts = random_prompts(args.grpo_prompts, args.grpo_prompt_len, config.vocab_size, seed=99)
-    grpo_params = SamplingParams(
-        n=8, temperature=1.0, seed=1, max_tokens=args.new_tokens // 4, ignore_eos=True
-    )
     grpo = {}
-    for caching in (True, False):
-        llm.engine.block_manager.enable_prefix_caching = caching
-        llm.engine.block_manager.reset_prefix_cache([])
-        grpo["on" if caching else "off"] = bench_raylane(llm, grpo_prompts, grpo_params)
-    llm.engine.block_manager.enable_prefix_caching = llm.engine.config.enable_prefix_caching
-    grpo["speedup"] = grpo["on"]["tokens_per_s"] / grpo["off"]["tokens_per_s"]
-
-    print(f"GRPO n=8 x {args.grpo_prompts} prompts of {args.grpo_prompt_len}: prefix cache on "
-          f"{grpo['on']['tokens_per_s']:.1f} tok/s, off {grpo['off']['tokens_per_s']:.1f} tok/s "
-          f"({grpo['speedup']:.2f}x); prompt tokens computed {grpo['on']['prompt_tokens_computed']} vs "
-          f"{grpo['off']['prompt_tokens_computed']}")  # fmt: skip
+    if args.grpo_prompts:
+        grpo_prompts = random_prompts(args.grpo_prompts, args.grpo_prompt_len, config.vocab_size, seed=99)
+        grpo_params = SamplingParams(
+            n=8, temperature=1.0, seed=1, max_tokens=args.new_tokens // 4, ignore_eos=True
+        )
+        for caching in (True, False):
+            llm.engine.block_manager.enable_prefix_caching = caching
+            llm.engine.block_manager.reset_prefix_cache([])
+            grpo["on" if caching else "off"] = bench_raylane(llm, grpo_prompts, grpo_params)
+        llm.engine.block_manager.enable_prefix_caching = llm.engine.config.enable_prefix_caching
+        grpo["speedup"] = grpo["on"]["tokens_per_s"] / grpo["off"]["tokens_per_s"]
+        print(f"GRPO n=8 x {args.grpo_prompts} prompts of {args.grpo_prompt_len}: prefix cache on "
+              f"{grpo['on']['tokens_per_s']:.1f} tok/s, off {grpo['off']['tokens_per_s']:.1f} tok/s "
+              f"({grpo['speedup']:.2f}x); prompt tokens computed {grpo['on']['prompt_tokens_computed']} vs "
+              f"{grpo['off']['prompt_tokens_computed']}")  # fmt: skip
 
     result = {
+        "preset": preset if not args.model else args.model,
+        "params": sum(p.numel() for p in llm.engine.model.parameters()),
+        "weight_bytes": weight_bytes,
+        "attention_backend": runner.backend.name,
+        "cuda_graphs": runner.graphs is not None,
+        "compile_decode": runner.graphs is not None and not args.no_compile,
+        "async_scheduling": llm.engine.async_scheduling,
+        "decode_fusions": args.decode_fusions,
+        "graph_capture": args.graph_capture,
+        "engine_startup_s": startup_s,
+        **startup,
+        "rows": rows,
+        "fusion_ab": ab,
+        "grpo_prefix_caching": grpo,
+    }
+    del llm, runner
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> int:
+    args = parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    dtype = (
+        (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        if args.dtype == "auto"
+        else getattr(torch, args.dtype)
+    )
+    if args.startup_only:
+        bench_preset(args, args.preset[0], device, dtype, 0.0)
+        return 0
+    bandwidth = copy_bandwidth(device)
+    common = {
         "command": " ".join(["python", *sys.argv]),
-        "preset": args.preset if not args.model else args.model,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor() or "cpu",
         "dtype": str(dtype),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
-        "params": sum(p.numel() for p in llm.engine.model.parameters()),
         "copy_bandwidth_bytes_per_s": bandwidth,
-        "attention_backend": runner.backend.name,
-        "cuda_graphs": runner.graphs is not None,
-        "compile_decode": runner.graphs is not None and not args.no_compile,
-        "async_scheduling": llm.engine.async_scheduling,
-        "engine_startup_s": startup_s,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
-        "rows": rows,
-        "grpo_prefix_caching": grpo,
     }
     path = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                       f"bench_runner_{device.type}_{args.preset}.json")  # fmt: skip
+                                       f"bench_runner_{device.type}_{'_'.join(args.preset)}.json")  # fmt: skip
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+    sections = {}
+    for preset in args.preset:
+        sections[preset] = bench_preset(args, preset, device, dtype, bandwidth)
+        # One preset keeps the flat layout of earlier results; several are keyed by preset. Written
+        # after each preset, so that a run stopped by its time limit keeps the presets it finished.
+        result = {**common, **sections[preset]} if len(args.preset) == 1 else {**common, "presets": sections}
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {path}")
     return 0
 
 

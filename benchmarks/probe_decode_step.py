@@ -1,11 +1,13 @@
 """Where a decode step's time goes on a GPU: engine step wall time against the captured graph's GPU time.
 
-Builds the Llama-3.2-1B-shaped model with random weights directly on the GPU (no checkpoint), puts
-``batch`` sequences of 128-token prompts into steady decoding, then times 60 engine steps and 20 bare
-replays of that batch's CUDA graph. The difference is host work not hidden behind the device.
+Builds a model of one of bench_runner's shapes (default Llama-3.2-1B) with random weights directly
+on the GPU (no checkpoint), puts ``batch`` sequences of 128-token prompts into steady decoding, then
+times 60 engine steps and 20 bare replays of that batch's CUDA graph. The difference is host work
+not hidden behind the device.
 
     python benchmarks/probe_decode_step.py [--no-compile] [--eager] [--profile [BATCH ...]] [--batch-sizes 1 16 64 256]
                                            [--max-num-seqs 256] [--inductor coordinate_descent_tuning=True]
+                                           [--shape qwen-0.5b] [--decode-fusions norm_gemv qkv_rope_kv gate_up_silu]
 """
 
 from __future__ import annotations
@@ -15,24 +17,27 @@ import ast
 import time
 
 import torch
+from bench_runner import PRESETS  # this script's folder is on sys.path
 
 from raylane.models import CausalLM, tiny_config
 from raylane.runner import EngineConfig, LLMEngine, SamplingParams
 
-LLAMA_1B = {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096,
-            "tie_word_embeddings": True, "rope_theta": 500000.0}  # fmt: skip
 
-
-def random_model() -> CausalLM:
+def random_model(shape: str) -> CausalLM:
+    fields = dict(PRESETS[shape])
     with torch.device("meta"):
-        model = CausalLM(tiny_config("llama", **LLAMA_1B))
+        model = CausalLM(tiny_config(fields.pop("arch", "llama"), **fields))
     model = model.to_empty(device="cuda").to(torch.bfloat16)
     model.model.rotary_emb.build_tables("cuda")
     model.lm_head.weight = model.model.embed_tokens.weight
     with torch.no_grad():
         for name, param in model.named_parameters():
-            param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0, 0.02)
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0, 0.02)
     return model.eval()
 
 
@@ -60,6 +65,8 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="torch._inductor.config settings for the compiled decode step",
     )
+    parser.add_argument("--shape", choices=["llama-1b", "qwen-0.5b"], default="llama-1b")
+    parser.add_argument("--decode-fusions", nargs="*", default=[], help="EngineOptions.decode_fusions")
     args = parser.parse_args()
     profiled = set(args.profile or [1, 256]) if args.profile is not None else set()
     for setting in args.inductor:
@@ -68,8 +75,8 @@ def main() -> None:
     start = time.perf_counter()
     config = EngineConfig(model="<in memory>", device="cuda", max_model_len=776, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=4096, num_kv_blocks=16000, enforce_eager=args.eager,
-                          compile_decode=not args.no_compile)  # fmt: skip
-    engine = LLMEngine(config, model=random_model())
+                          compile_decode=not args.no_compile, decode_fusions=args.decode_fusions)  # fmt: skip
+    engine = LLMEngine(config, model=random_model(args.shape))
     print(f"start-up {time.perf_counter() - start:.1f} s, CUDA graphs {engine.runner.graphs is not None}")
     for batch in args.batch_sizes:
         first_prefill = time.perf_counter()
@@ -124,6 +131,8 @@ def main() -> None:
                 for _ in range(3):
                     engine.step(return_unfinished=False)
                 torch.cuda.synchronize()
+            launches = sum(event.count for event in prof.key_averages()) / 3
+            print(f"batch {batch:4d}: {launches:.0f} kernels and copies per step")
             print(
                 prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
             )

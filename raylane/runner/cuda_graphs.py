@@ -8,6 +8,10 @@ and read from a scratch KV block no sequence owns. The captured region is the wh
 the step — the model forward (``torch.compile``'d unless disabled: it fuses the norms, rotary
 embedding and activations that eager mode runs as hundreds of tiny kernels), the logits and the
 fused sampler — so a step costs one host-to-device copy, one replay and one read of the tokens.
+
+The batch-1 graph may capture the fused-kernel forward of :mod:`raylane.runner.fused_decode`
+instead. Buckets are captured at start-up, or each on its first use (``lazy``): start-up then
+compiles and captures only what the engine's own warm-up steps need.
 """
 
 from __future__ import annotations
@@ -34,6 +38,26 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
     return [*sizes, max_num_seqs]
 
 
+def decode_metadata(
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    query_pad_index: torch.Tensor,
+) -> PagedAttentionMetadata:
+    """Attention metadata of a decode step: one query per sequence, at ``positions``."""
+    return PagedAttentionMetadata(
+        slot_mapping=slot_mapping,
+        block_tables=block_tables,
+        query_positions=positions[:, None],
+        query_pad_index=query_pad_index,
+        max_query_len=1,
+        seq_lens=seq_lens,
+        query_start_loc=query_start_loc,
+    )
+
+
 def decode_logits(
     model: CausalLM,
     backend: AttentionBackend,
@@ -47,15 +71,7 @@ def decode_logits(
     query_pad_index: torch.Tensor,
 ) -> torch.Tensor:
     """Logits of one decode step (one query per sequence): the function captured in each graph."""
-    meta = PagedAttentionMetadata(
-        slot_mapping=slot_mapping,
-        block_tables=block_tables,
-        query_positions=positions[:, None],
-        query_pad_index=query_pad_index,
-        max_query_len=1,
-        seq_lens=seq_lens,
-        query_start_loc=query_start_loc,
-    )
+    meta = decode_metadata(positions, slot_mapping, block_tables, seq_lens, query_start_loc, query_pad_index)
     hidden = model.hidden_states(input_ids, positions, PagedAttention(backend, kv_caches, meta))
     return model.compute_logits(hidden)
 
@@ -91,7 +107,11 @@ class DecodeBuffers:
 
 
 class CUDAGraphDecoder:
-    """Captures the decode step for each bucket and replays it for decode-only batches."""
+    """Captures the decode step for each bucket and replays it for decode-only batches.
+
+    ``decode_fusions`` (names of :data:`~raylane.runner.config.DECODE_FUSIONS`) select the fused
+    kernels of the batch-1 graph; with ``lazy`` a bucket is captured on its first replay.
+    """
 
     def __init__(
         self,
@@ -103,6 +123,8 @@ class CUDAGraphDecoder:
         block_size: int,
         scratch_block: int,
         compile_model: bool,
+        decode_fusions: tuple[str, ...] = (),
+        lazy: bool = False,
     ) -> None:
         self.model, self.backend, self.kv_caches = model, backend, kv_caches
         self.block_size = block_size
@@ -119,6 +141,15 @@ class CUDAGraphDecoder:
         # A module-level function, not a bound method: the compiled wrapper must not hold `self`, or the
         # reference cycle would keep the KV cache alive after the engine is dropped.
         self._forward = torch.compile(decode_logits, fullgraph=True) if compile_model else decode_logits
+        # Imported here: the fused kernels need Triton, like every use of this class.
+        from raylane.runner.fused_decode import fused_decode_logits
+
+        self._fused_forward = (
+            torch.compile(fused_decode_logits, fullgraph=True) if compile_model else fused_decode_logits
+        )
+        self.decode_fusions = decode_fusions
+        self.lazy = lazy
+        self._pool = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._captured_addresses: list[int] = []
         self.num_replays = 0
@@ -139,11 +170,16 @@ class CUDAGraphDecoder:
             self._index[: n + 1],
             self._index[:n],
         )
-        if n > 1:
-            # One compiled graph serves every bucket above 1 (size 1 is always specialised).
-            for arg in args:
-                torch._dynamo.mark_dynamic(arg, 0)
-        logits = self._forward(self.model, self.backend, self.kv_caches, *args)
+        if n == 1 and self.decode_fusions:
+            logits = self._fused_forward(
+                self.model, self.backend, self.kv_caches, *args[:-1], self.decode_fusions
+            )
+        else:
+            if n > 1:
+                # One compiled graph serves every bucket above 1 (size 1 is always specialised).
+                for arg in args:
+                    torch._dynamo.mark_dynamic(arg, 0)
+            logits = self._forward(self.model, self.backend, self.kv_caches, *args)
         tokens, logprobs = fused_sample(logits, dev["temperatures"][:n], dev["seeds"][:n], dev["steps"][:n])
         return logits, tokens, logprobs
 
@@ -158,25 +194,45 @@ class CUDAGraphDecoder:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Warm up (compiling on the first call) and capture every bucket, largest first."""
-        pool = torch.cuda.graph_pool_handle()
+        """(Re)capture: every bucket, largest first; when lazy, only the buckets captured before."""
+        buckets = sorted(self._graphs) if self.lazy else self.buckets
+        self._graphs.clear()
+        self._pool = torch.cuda.graph_pool_handle()
         self.buffers.upload()
+        self._capture(reversed(buckets))
+        self.num_captures += 1
+        logger.info("captured decode CUDA graphs for batch sizes %s", sorted(self._graphs))
+
+    def _capture(self, buckets) -> None:
+        """Warm up (compiling on a shape's first call) and capture ``buckets`` with the uploaded inputs.
+
+        The warm-up step computes what the replay computes next, so running it on a real step's
+        inputs (a lazy capture) writes the same KV entries the replay writes again.
+        """
         config = torch._dynamo.config
         limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         # Each engine compiles its own model; do not let earlier engines in this process use up the
         # recompile budget of this function and silently drop a later one to eager mode.
         with config.patch(**{limit: max(64, getattr(config, limit))}):
-            for n in reversed(self.buckets):
+            for n in buckets:
                 self._step(n)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=self._pool):
                     outputs = self._step(n)
                 self._graphs[n] = (graph, *outputs)
         torch.cuda.synchronize()
         self._captured_addresses = self._addresses()
-        self.num_captures += 1
-        logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    @torch.inference_mode()
+    def set_decode_fusions(self, decode_fusions: tuple[str, ...]) -> None:
+        """Switch the batch-1 graph's fused kernels (an A/B in one process); captures it again."""
+        self.decode_fusions = decode_fusions
+        if self._graphs.pop(1, None) is not None and not self.lazy:
+            # Row 0 becomes padding, so the warm-up step writes the scratch block, not a cached one.
+            self._pad(0, 1)
+            self.buffers.upload()
+            self._capture([1])
 
     def _pad(self, start: int, stop: int) -> None:
         """Rows [start, stop) become padding: one token at position 0 in the scratch block."""
@@ -237,7 +293,10 @@ class CUDAGraphDecoder:
         self.buffers.upload()
         if input_ids is not None:
             self.buffers.device["input_ids"][:n].copy_(input_ids)
-        graph, logits, tokens, logprobs = self._graphs[self._bucket_of[n]]
+        bucket = self._bucket_of[n]
+        if bucket not in self._graphs:
+            self._capture([bucket])
+        graph, logits, tokens, logprobs = self._graphs[bucket]
         graph.replay()
         self.num_replays += 1
         return logits[:n], tokens[:n], logprobs[:n]

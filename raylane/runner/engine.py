@@ -19,7 +19,8 @@ import torch
 
 from raylane.models import CausalLM, Tokenizer, load_model
 from raylane.runner.block_manager import BlockManager
-from raylane.runner.config import EngineConfig
+from raylane.runner.compile_cache import use_compile_cache
+from raylane.runner.config import DECODE_FUSIONS, EngineConfig
 from raylane.runner.detokenizer import IncrementalDetokenizer
 from raylane.runner.metrics import EngineMetrics
 from raylane.runner.model_runner import ModelRunner, PendingStep, kv_cache_block_bytes
@@ -103,6 +104,9 @@ class LLMEngine:
     ) -> None:
         self.config = config
         self.device = resolve_device(config.device)
+        if config.compile_cache_dir and self.device.type == "cuda" and not config.enforce_eager:
+            # Before anything compiles: the decode step and the Triton kernels load from it next time.
+            use_compile_cache(config.compile_cache_dir)
         if model is None:
             from raylane.models import ModelConfig
 
@@ -146,6 +150,8 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             cuda_graphs=not config.enforce_eager,
             compile_decode=config.compile_decode,
+            decode_fusions=tuple(name for name in DECODE_FUSIONS if name in config.decode_fusions),
+            lazy_capture=config.graph_capture == "lazy",
         )
         self.eos_token_ids = set(self.model_config.eos_token_id)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
