@@ -5,18 +5,16 @@ and on a GPU (``--preset llama-1b --device cuda``):
 
     python benchmarks/bench_runner.py                                   # CPU, tiny model
     python benchmarks/bench_runner.py --preset llama-1b --device cuda --batch-sizes 1 16 64 256
-    # issue 20: both shapes in one run, batch 1 with each fused kernel off/on, cold/warm start-up
-    python benchmarks/bench_runner.py --preset llama-1b qwen-0.5b --device cuda --batch-sizes 64 256 \
-        --no-hf --grpo-prompts 0 --fusion-ab --startup
+    # both shapes in one run, engine start-up cold and warm in new processes
+    python benchmarks/bench_runner.py --preset llama-1b qwen-0.5b --device cuda --batch-sizes 1 64 256 \
+        --no-hf --grpo-prompts 0 --startup --graph-capture lazy
 
 Share of roofline: bytes one decode step must read (all weights + the KV cache of the batch) over
 the step time, divided by the device copy bandwidth (read + write) measured at the start of the run.
 
-``--fusion-ab`` measures batch 1 in one engine with no fused kernel, each one alone and all of
-them (``EngineOptions.decode_fusions``; only the batch-1 graph is captured again in between), in two
-alternating rounds. ``--startup`` starts the engine in two fresh processes that share an empty
-compile cache folder: the first is a cold start, the second a start on a machine that has run the
-engine once; the in-process engine then starts from that warm cache too.
+``--startup`` starts the engine in two fresh processes that share an empty compile cache folder:
+the first is a cold start, the second a start on a machine that has run the engine once; the
+in-process engine then starts from that warm cache too.
 """
 
 from __future__ import annotations
@@ -51,13 +49,6 @@ PRESETS = {
                   "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
                   "max_position_embeddings": 32768, "tie_word_embeddings": True, "rope_theta": 1000000.0},
 }  # fmt: skip
-FUSION_CONFIGS = [
-    [],
-    ["norm_gemv"],
-    ["qkv_rope_kv"],
-    ["gate_up_silu"],
-    ["norm_gemv", "qkv_rope_kv", "gate_up_silu"],
-]
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -180,11 +171,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--no-async-scheduling", action="store_true", help="read each step's tokens before launching the next"
     )
-    parser.add_argument("--decode-fusions", nargs="*", default=[],
-                        help="EngineOptions.decode_fusions of the engine (fused batch-1 kernels)")  # fmt: skip
     parser.add_argument("--graph-capture", choices=["eager", "lazy"], default="eager")
     parser.add_argument("--compile-cache-dir", help="EngineOptions.compile_cache_dir (default: the engine's)")
-    parser.add_argument("--fusion-ab", action="store_true", help="batch 1 with each fused kernel off/on")
     parser.add_argument(
         "--startup", action="store_true", help="cold and warm-cache start-up in new processes"
     )
@@ -205,8 +193,7 @@ def engine_kwargs(args: argparse.Namespace, device: torch.device, dtype: torch.d
     kwargs = dict(device=str(device), dtype=str(dtype).removeprefix("torch."), max_model_len=max_len,
                   max_num_seqs=max_batch, max_num_batched_tokens=max(4096, max_batch), num_kv_blocks=num_kv_blocks,
                   attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-                  compile_decode=not args.no_compile, decode_fusions=args.decode_fusions,
-                  graph_capture=args.graph_capture,
+                  compile_decode=not args.no_compile, graph_capture=args.graph_capture,
                   async_scheduling=False if args.no_async_scheduling else None)  # fmt: skip
     if args.compile_cache_dir:
         kwargs["compile_cache_dir"] = args.compile_cache_dir
@@ -219,7 +206,7 @@ def startup_in_new_processes(args: argparse.Namespace, model_dir: str, cache_dir
 
     Each child gets this run's arguments, so it builds the engine the measuring process builds.
     """
-    argv = [a for a in sys.argv[1:] if a not in ("--startup", "--fusion-ab")]
+    argv = [a for a in sys.argv[1:] if a != "--startup"]
     result = {}
     for name in ("cold", "warm"):
         command = [sys.executable, os.path.abspath(__file__), *argv, "--startup-only", "--model", model_dir,
@@ -231,27 +218,6 @@ def startup_in_new_processes(args: argparse.Namespace, model_dir: str, cache_dir
         result[f"engine_startup_{name}_s"] = seconds
         print(f"engine start-up in a new process, {name} compile cache: {seconds:.1f} s")
     return result
-
-
-def fusion_ab(llm: LLM, args: argparse.Namespace, step_bytes, bandwidth: float) -> list[dict]:
-    """Batch 1 with each decode-fusion set, two alternating rounds, in this one engine."""
-    graphs = llm.engine.runner.graphs
-    if graphs is None:
-        print("fusion A/B skipped: decode fusions apply to the CUDA-graph decode step only")
-        return []
-    prompts = random_prompts(1, args.prompt_len, llm.engine.model_config.vocab_size, seed=1)
-    params = SamplingParams(temperature=1.0, seed=0, max_tokens=args.new_tokens, ignore_eos=True)
-    rows = []
-    for round_ in range(2):
-        for fusions in FUSION_CONFIGS:
-            graphs.set_decode_fusions(tuple(fusions))
-            ours = bench_raylane(llm, prompts, params)
-            share = step_bytes(1) / (ours["seconds"] / args.new_tokens) / bandwidth
-            rows.append({"fusions": fusions, "round": round_, "raylane": ours, "roofline_share": share})
-            print(f"batch 1, fusions {'+'.join(fusions) or 'none':<36} {ours['tokens_per_s']:>10.1f} tok/s "
-                  f"{share:>7.1%} of roofline, median step {ours['median_step_ms']:.3f} ms")  # fmt: skip
-    graphs.set_decode_fusions(tuple(args.decode_fusions))
-    return rows
 
 
 def bench_preset(args, preset: str, device, dtype, bandwidth: float) -> dict:
@@ -272,19 +238,13 @@ def bench_preset(args, preset: str, device, dtype, bandwidth: float) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
     attn = llm.engine.model.model.layers[0].self_attn
     kv_bytes_per_token = 2 * attn.num_kv_heads * attn.head_dim * config.num_hidden_layers * dtype.itemsize
-    avg_context = args.prompt_len + args.new_tokens / 2
-
-    def step_bytes(batch: int) -> float:
-        return weight_bytes + batch * avg_context * kv_bytes_per_token
-
     params = SamplingParams(temperature=1.0, seed=0, max_tokens=args.new_tokens, ignore_eos=True)
     runner = llm.engine.runner
     print(f"raylane runner vs HF generate — preset {preset}, {sum(p.numel() for p in llm.engine.model.parameters()) / 1e6:.1f} M params, "
           f"{device.type} {dtype}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, prompt {args.prompt_len}, new {args.new_tokens}")  # fmt: skip
     print(f"attention backend {runner.backend.name}, CUDA graphs {runner.graphs is not None}, async scheduling "
-          f"{llm.engine.async_scheduling}, decode fusions {args.decode_fusions or 'none'}, graph capture "
+          f"{llm.engine.async_scheduling}, graph capture "
           f"{args.graph_capture}, engine start-up {startup_s:.1f} s (compile + capture)")  # fmt: skip
-    ab = fusion_ab(llm, args, step_bytes, bandwidth) if args.fusion_ab else []
     print(
         f"{'workload':<12} {'raylane tok/s':>14} {'HF tok/s':>10} {'ratio':>7} {'roofline':>9} {'median step':>12}"
     )
@@ -292,8 +252,11 @@ def bench_preset(args, preset: str, device, dtype, bandwidth: float) -> dict:
     for batch in args.batch_sizes:
         prompts = random_prompts(batch, args.prompt_len, config.vocab_size, seed=batch)
         ours = bench_raylane(llm, prompts, params)
+        step_s = ours["seconds"] / args.new_tokens
+        avg_context = args.prompt_len + args.new_tokens / 2
+        step_bytes = weight_bytes + batch * avg_context * kv_bytes_per_token
         row = {"workload": f"batch {batch}", "batch": batch, "raylane": ours,
-               "roofline_share": step_bytes(batch) / (ours["seconds"] / args.new_tokens) / bandwidth}  # fmt: skip
+               "roofline_share": step_bytes / step_s / bandwidth}  # fmt: skip
         hf = None if args.no_hf else bench_hf(model_dir, prompts, args.new_tokens, device, dtype)
         if hf:
             row["hf"] = hf
@@ -326,12 +289,10 @@ def bench_preset(args, preset: str, device, dtype, bandwidth: float) -> dict:
         "cuda_graphs": runner.graphs is not None,
         "compile_decode": runner.graphs is not None and not args.no_compile,
         "async_scheduling": llm.engine.async_scheduling,
-        "decode_fusions": args.decode_fusions,
         "graph_capture": args.graph_capture,
         "engine_startup_s": startup_s,
         **startup,
         "rows": rows,
-        "fusion_ab": ab,
         "grpo_prefix_caching": grpo,
     }
     del llm, runner

@@ -7,7 +7,7 @@ not hidden behind the device.
 
     python benchmarks/probe_decode_step.py [--no-compile] [--eager] [--profile [BATCH ...]] [--batch-sizes 1 16 64 256]
                                            [--max-num-seqs 256] [--inductor coordinate_descent_tuning=True]
-                                           [--shape qwen-0.5b] [--decode-fusions norm_gemv qkv_rope_kv gate_up_silu]
+                                           [--shape qwen-0.5b]
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ def main() -> None:
         help="torch._inductor.config settings for the compiled decode step",
     )
     parser.add_argument("--shape", choices=["llama-1b", "qwen-0.5b"], default="llama-1b")
-    parser.add_argument("--decode-fusions", nargs="*", default=[], help="EngineOptions.decode_fusions")
     args = parser.parse_args()
     profiled = set(args.profile or [1, 256]) if args.profile is not None else set()
     for setting in args.inductor:
@@ -75,7 +74,7 @@ def main() -> None:
     start = time.perf_counter()
     config = EngineConfig(model="<in memory>", device="cuda", max_model_len=776, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=4096, num_kv_blocks=16000, enforce_eager=args.eager,
-                          compile_decode=not args.no_compile, decode_fusions=args.decode_fusions)  # fmt: skip
+                          compile_decode=not args.no_compile)  # fmt: skip
     engine = LLMEngine(config, model=random_model(args.shape))
     print(f"start-up {time.perf_counter() - start:.1f} s, CUDA graphs {engine.runner.graphs is not None}")
     for batch in args.batch_sizes:

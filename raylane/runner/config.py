@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from raylane.config import StrictConfig
 from raylane.runner.attention import ATTENTION_BACKENDS
-
-# Kernels folded together in the batch-1 CUDA decode step (raylane.runner.fused_decode says what each does).
-DecodeFusion = Literal["norm_gemv", "qkv_rope_kv", "gate_up_silu"]
-DECODE_FUSIONS: tuple[str, ...] = get_args(DecodeFusion)
 
 
 class EngineOptions(StrictConfig):
@@ -37,12 +33,6 @@ class EngineOptions(StrictConfig):
     )
     compile_decode: bool = Field(
         True, description="torch.compile the captured decode step on CUDA (fuses norms, rotary, activations)"
-    )
-    decode_fusions: list[DecodeFusion] = Field(
-        default_factory=list,
-        description="fused kernels of the batch-1 CUDA decode step: 'norm_gemv' (residual add + RMSNorm "
-        "inside the next projection), 'qkv_rope_kv' (rotary + KV-cache write inside q/k/v), "
-        "'gate_up_silu' (SiLU-and-multiply inside gate/up); CUDA with the triton backend only",
     )
     graph_capture: Literal["eager", "lazy"] = Field(
         "eager",

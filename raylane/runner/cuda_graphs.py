@@ -9,9 +9,8 @@ the step — the model forward (``torch.compile``'d unless disabled: it fuses th
 embedding and activations that eager mode runs as hundreds of tiny kernels), the logits and the
 fused sampler — so a step costs one host-to-device copy, one replay and one read of the tokens.
 
-The batch-1 graph may capture the fused-kernel forward of :mod:`raylane.runner.fused_decode`
-instead. Buckets are captured at start-up, or each on its first use (``lazy``): start-up then
-compiles and captures only what the engine's own warm-up steps need.
+Buckets are captured at start-up, or each on its first use (``lazy``): start-up then compiles and
+captures only what the engine's own warm-up steps need.
 """
 
 from __future__ import annotations
@@ -38,26 +37,6 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
     return [*sizes, max_num_seqs]
 
 
-def decode_metadata(
-    positions: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    query_pad_index: torch.Tensor,
-) -> PagedAttentionMetadata:
-    """Attention metadata of a decode step: one query per sequence, at ``positions``."""
-    return PagedAttentionMetadata(
-        slot_mapping=slot_mapping,
-        block_tables=block_tables,
-        query_positions=positions[:, None],
-        query_pad_index=query_pad_index,
-        max_query_len=1,
-        seq_lens=seq_lens,
-        query_start_loc=query_start_loc,
-    )
-
-
 def decode_logits(
     model: CausalLM,
     backend: AttentionBackend,
@@ -71,7 +50,15 @@ def decode_logits(
     query_pad_index: torch.Tensor,
 ) -> torch.Tensor:
     """Logits of one decode step (one query per sequence): the function captured in each graph."""
-    meta = decode_metadata(positions, slot_mapping, block_tables, seq_lens, query_start_loc, query_pad_index)
+    meta = PagedAttentionMetadata(
+        slot_mapping=slot_mapping,
+        block_tables=block_tables,
+        query_positions=positions[:, None],
+        query_pad_index=query_pad_index,
+        max_query_len=1,
+        seq_lens=seq_lens,
+        query_start_loc=query_start_loc,
+    )
     hidden = model.hidden_states(input_ids, positions, PagedAttention(backend, kv_caches, meta))
     return model.compute_logits(hidden)
 
@@ -109,8 +96,7 @@ class DecodeBuffers:
 class CUDAGraphDecoder:
     """Captures the decode step for each bucket and replays it for decode-only batches.
 
-    ``decode_fusions`` (names of :data:`~raylane.runner.config.DECODE_FUSIONS`) select the fused
-    kernels of the batch-1 graph; with ``lazy`` a bucket is captured on its first replay.
+    With ``lazy`` a bucket is captured on its first replay instead of at start-up.
     """
 
     def __init__(
@@ -123,7 +109,6 @@ class CUDAGraphDecoder:
         block_size: int,
         scratch_block: int,
         compile_model: bool,
-        decode_fusions: tuple[str, ...] = (),
         lazy: bool = False,
     ) -> None:
         self.model, self.backend, self.kv_caches = model, backend, kv_caches
@@ -141,13 +126,6 @@ class CUDAGraphDecoder:
         # A module-level function, not a bound method: the compiled wrapper must not hold `self`, or the
         # reference cycle would keep the KV cache alive after the engine is dropped.
         self._forward = torch.compile(decode_logits, fullgraph=True) if compile_model else decode_logits
-        # Imported here: the fused kernels need Triton, like every use of this class.
-        from raylane.runner.fused_decode import fused_decode_logits
-
-        self._fused_forward = (
-            torch.compile(fused_decode_logits, fullgraph=True) if compile_model else fused_decode_logits
-        )
-        self.decode_fusions = decode_fusions
         self.lazy = lazy
         self._pool = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -170,16 +148,11 @@ class CUDAGraphDecoder:
             self._index[: n + 1],
             self._index[:n],
         )
-        if n == 1 and self.decode_fusions:
-            logits = self._fused_forward(
-                self.model, self.backend, self.kv_caches, *args[:-1], self.decode_fusions
-            )
-        else:
-            if n > 1:
-                # One compiled graph serves every bucket above 1 (size 1 is always specialised).
-                for arg in args:
-                    torch._dynamo.mark_dynamic(arg, 0)
-            logits = self._forward(self.model, self.backend, self.kv_caches, *args)
+        if n > 1:
+            # One compiled graph serves every bucket above 1 (size 1 is always specialised).
+            for arg in args:
+                torch._dynamo.mark_dynamic(arg, 0)
+        logits = self._forward(self.model, self.backend, self.kv_caches, *args)
         tokens, logprobs = fused_sample(logits, dev["temperatures"][:n], dev["seeds"][:n], dev["steps"][:n])
         return logits, tokens, logprobs
 
@@ -223,16 +196,6 @@ class CUDAGraphDecoder:
                 self._graphs[n] = (graph, *outputs)
         torch.cuda.synchronize()
         self._captured_addresses = self._addresses()
-
-    @torch.inference_mode()
-    def set_decode_fusions(self, decode_fusions: tuple[str, ...]) -> None:
-        """Switch the batch-1 graph's fused kernels (an A/B in one process); captures it again."""
-        self.decode_fusions = decode_fusions
-        if self._graphs.pop(1, None) is not None and not self.lazy:
-            # Row 0 becomes padding, so the warm-up step writes the scratch block, not a cached one.
-            self._pad(0, 1)
-            self.buffers.upload()
-            self._capture([1])
 
     def _pad(self, start: int, stop: int) -> None:
         """Rows [start, stop) become padding: one token at position 0 in the scratch block."""

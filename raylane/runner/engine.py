@@ -20,7 +20,7 @@ import torch
 from raylane.models import CausalLM, Tokenizer, load_model
 from raylane.runner.block_manager import BlockManager
 from raylane.runner.compile_cache import use_compile_cache
-from raylane.runner.config import DECODE_FUSIONS, EngineConfig
+from raylane.runner.config import EngineConfig
 from raylane.runner.detokenizer import IncrementalDetokenizer
 from raylane.runner.metrics import EngineMetrics
 from raylane.runner.model_runner import ModelRunner, PendingStep, kv_cache_block_bytes
@@ -150,7 +150,6 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             cuda_graphs=not config.enforce_eager,
             compile_decode=config.compile_decode,
-            decode_fusions=tuple(name for name in DECODE_FUSIONS if name in config.decode_fusions),
             lazy_capture=config.graph_capture == "lazy",
         )
         self.eos_token_ids = set(self.model_config.eos_token_id)

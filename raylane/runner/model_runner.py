@@ -128,9 +128,8 @@ class ModelRunner:
     ``attention_backend`` may be ``auto`` (see :func:`resolve_attention_backend`). With
     ``cuda_graphs`` (CUDA only; ``max_num_seqs`` and ``max_model_len`` then size the captured
     buffers) decode-only steps replay CUDA graphs, whose model forward is ``torch.compile``'d when
-    ``compile_decode`` is set; ``decode_fusions`` and ``lazy_capture`` are those of
-    :class:`~raylane.runner.cuda_graphs.CUDAGraphDecoder`. On CPU none of these applies and every
-    step runs the eager reference path.
+    ``compile_decode`` is set; with ``lazy_capture`` a batch size's graph is captured the first time
+    it runs. On CPU none of these applies and every step runs the eager reference path.
     """
 
     def __init__(
@@ -144,7 +143,6 @@ class ModelRunner:
         max_model_len: int | None = None,
         cuda_graphs: bool = False,
         compile_decode: bool = True,
-        decode_fusions: tuple[str, ...] = (),
         lazy_capture: bool = False,
     ) -> None:
         self.model = model
@@ -165,11 +163,6 @@ class ModelRunner:
             install()
         self.sampler = Sampler()
         use_graphs = cuda_graphs and self.device.type == "cuda"
-        if decode_fusions and use_graphs and self.backend.name != "triton":
-            raise ValueError(
-                f"decode_fusions {list(decode_fusions)} need attention_backend 'triton' (or 'auto'), "
-                f"got {self.backend.name!r}"
-            )
         if use_graphs and importlib.util.find_spec("triton") is None:
             logger.warning(
                 "CUDA graphs need Triton (the captured step samples with a Triton kernel); running eagerly"
@@ -217,7 +210,6 @@ class ModelRunner:
                 block_size,
                 scratch_block=num_blocks,
                 compile_model=compile_decode,
-                decode_fusions=decode_fusions,
                 lazy=lazy_capture,
             )
             self.graphs.capture()

@@ -247,40 +247,6 @@ def _pad(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
-def _decode_into(
-    out: torch.Tensor,
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Flash-decoding of one query per sequence (``q`` [B, Hq, D]) over the cached keys, into ``out``."""
-    num_heads, head_dim = q.shape[1:]
-    _, _, block_size, num_kv_heads, _ = kv_cache.shape
-    num_seqs, width = block_tables.shape
-    head_dim_pad = _pad(head_dim, 16)
-    splits = _num_splits(num_seqs, num_kv_heads, width * block_size, q.device)
-    part_out = part_lse = out
-    if splits > 1:
-        part_out = q.new_empty((num_seqs * num_heads * splits, head_dim_pad), dtype=torch.float32)
-        part_lse = q.new_empty((num_seqs * num_heads * splits,), dtype=torch.float32)
-    group = num_heads // num_kv_heads
-    _decode[(num_seqs, num_kv_heads, splits)](
-        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_out, part_lse,
-        scale, q.stride(0), q.stride(1), block_tables.stride(0), num_kv_heads * head_dim, head_dim,
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=_pad(group, 16), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
-    )  # fmt: skip
-    if splits > 1:
-        _combine[(num_seqs, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits,
-        )  # fmt: skip
-    return out
-
-
 def _paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -304,14 +270,32 @@ def _paged_attention(
         k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), stride_slot, row, _pad(row)
     )
     out = torch.empty_like(q)
-    if max_query_len == 1:
-        return _decode_into(out, q, kv_cache, block_tables, seq_lens, scale)
     group = num_heads // num_kv_heads
-    num_seqs = block_tables.shape[0]
+    num_seqs, width = block_tables.shape
+    ieee = q.dtype == torch.float32
     common = dict(
-        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=_pad(head_dim, 16), BLOCK_SIZE=block_size,
-        IEEE=q.dtype == torch.float32,
-    )  # fmt: skip
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=_pad(head_dim, 16), BLOCK_SIZE=block_size, IEEE=ieee
+    )
+    if max_query_len == 1:
+        splits = _num_splits(num_seqs, num_kv_heads, width * block_size, q.device)
+        part_out = part_lse = out
+        if splits > 1:
+            part_out = q.new_empty(
+                (num_seqs * num_heads * splits, common["HEAD_DIM_PAD"]), dtype=torch.float32
+            )
+            part_lse = q.new_empty((num_seqs * num_heads * splits,), dtype=torch.float32)
+        _decode[(num_seqs, num_kv_heads, splits)](
+            q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+            scale, q.stride(0), q.stride(1), block_tables.stride(0), stride_slot, head_dim,
+            out.stride(0), out.stride(1),
+            GROUP_PAD=_pad(group, 16), BLOCK_N=_DECODE_BLOCK_N, NUM_SPLITS=splits, **common,
+        )  # fmt: skip
+        if splits > 1:
+            _combine[(num_seqs, num_heads)](
+                part_out, part_lse, out, out.stride(0), out.stride(1),
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=common["HEAD_DIM_PAD"], NUM_SPLITS=splits,
+            )  # fmt: skip
+        return out
     group_pad = _pad(group)
     block_m = max(_PREFILL_BLOCK_M, group_pad)
     num_tiles = num_tokens // (block_m // group_pad) + num_seqs
@@ -335,20 +319,6 @@ paged_attention = torch.library.custom_op("raylane::paged_attention", mutates_ar
 def _paged_attention_fake(
     q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, max_query_len, scale
 ):
-    return torch.empty_like(q)
-
-
-@torch.library.custom_op("raylane::paged_decode", mutates_args=())
-def paged_decode(
-    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Decode attention over a cache that already holds this step's K/V (written by a fused projection)."""
-    q = q.contiguous()
-    return _decode_into(torch.empty_like(q), q, kv_cache, block_tables, seq_lens, scale)
-
-
-@paged_decode.register_fake
-def _paged_decode_fake(q, kv_cache, block_tables, seq_lens, scale):
     return torch.empty_like(q)
 
 
