@@ -2,9 +2,9 @@
 # Every GPU measurement of raylane in one go, for a GPU machine that has PyTorch but not Ray:
 # the GPU tests, the RL job on the GPU phase by phase (bench_rl_gpu), its trained model served from
 # the GPU (scored through the openai client, then Serve against the in-process engine), the runner
-# benchmark (batch 1/16/64/256 + GRPO prefix caching, against HF), the issue-20 A/B of fused batch-1
-# kernels and start-up (both model shapes), batch 1 again with async scheduling off, the same-GPU
-# weight reshard and, with two GPUs, the disaggregated NCCL weight-sync benchmark and the two-GPU
+# benchmark (batch 1/16/64/256 + GRPO prefix caching, against HF), both model shapes of issue 20
+# with cold/warm engine start-up, batch 1 again with async scheduling off, the same-GPU weight
+# reshard and, with two GPUs, the disaggregated NCCL weight-sync benchmark and the two-GPU
 # colocated reshard. Run in parts with ONLY=name1,name2 (a step's name, as printed).
 #
 #   bash benchmarks/gpu_wheels.sh                 # here: .whl/ (Ray core + Serve's needs, pydantic, openai)
@@ -52,18 +52,11 @@ step bench_serving_gpu 420 python3 benchmarks/bench_serving.py --model "$serving
   --request-rate 8 32 128 --output "$results/bench_serving_cuda.json"
 step bench_runner 420 python3 benchmarks/bench_runner.py --preset llama-1b --device cuda \
   --batch-sizes 1 16 64 256 --output "$results/bench_runner_cuda_llama-1b.json"
-# Issue 20, both model shapes in one run (one JSON, one copy-bandwidth measurement): batch 1 with no
-# fused kernel / each alone / all (two alternating rounds in one engine), batch 64 and 256 with the
-# engine's fusions (which apply to the batch-1 graph only), and engine start-up cold and warm in new
-# processes. Lazy graph capture. About 6-8 minutes on an H200.
-step bench_runner_ab 570 python3 benchmarks/bench_runner.py --preset llama-1b qwen-0.5b --device cuda \
-  --batch-sizes 64 256 --no-hf --grpo-prompts 0 --fusion-ab --startup --graph-capture lazy \
-  --decode-fusions norm_gemv qkv_rope_kv gate_up_silu --output "$results/bench_runner_cuda_ab.json"
-# Where a fused batch-1 step's time goes (kernel table and kernels per step), for each shape.
-for shape in llama-1b qwen-0.5b; do
-  step "probe_b1_fused_$shape" 200 python3 benchmarks/probe_decode_step.py --shape "$shape" --batch-sizes 1 \
-    --max-num-seqs 8 --profile 1 --decode-fusions norm_gemv qkv_rope_kv gate_up_silu
-done
+# Issue 20, both model shapes in one run (one JSON, one copy-bandwidth measurement, roofline share per
+# shape): batch 1, 64 and 256, and engine start-up cold and warm-cache in new processes. Lazy capture.
+step bench_runner_presets 570 python3 benchmarks/bench_runner.py --preset llama-1b qwen-0.5b --device cuda \
+  --batch-sizes 1 64 256 --no-hf --grpo-prompts 0 --startup --graph-capture lazy \
+  --output "$results/bench_runner_cuda_presets.json"
 # The same batch-1 workload with async scheduling off: its effect, measured on this machine.
 step bench_runner_b1_sync 240 python3 benchmarks/bench_runner.py --preset llama-1b --device cuda \
   --batch-sizes 1 --no-hf --no-async-scheduling --output "$results/bench_runner_cuda_llama-1b_b1_sync.json"
