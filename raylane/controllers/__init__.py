@@ -3,6 +3,7 @@
 from raylane.controllers.config import (
     AlgorithmConfig,
     JobConfig,
+    LoggersConfig,
     ModelSpec,
     PlacementConfig,
     SFTConfig,
@@ -15,6 +16,7 @@ from raylane.controllers.weight_sync import SyncReport, WeightSync
 __all__ = [
     "AlgorithmConfig",
     "JobConfig",
+    "LoggersConfig",
     "MetricsTracker",
     "ModelSpec",
     "PlacementConfig",
