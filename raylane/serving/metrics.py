@@ -72,10 +72,6 @@ class TimedStream:
         self._start = start
         self._first_token_at: float | None = None
 
-    @property
-    def request_id(self) -> str:
-        return self._stream.request_id
-
     def __aiter__(self) -> TimedStream:
         return self
 
