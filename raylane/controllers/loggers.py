@@ -71,7 +71,6 @@ class WandbLogger:
             name=run_name,
             config=job_config,
         )
-        self.run_dir = os.path.dirname(self._run.dir)
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         self._run.log(dict(values), step=step)
