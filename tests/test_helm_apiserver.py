@@ -45,7 +45,7 @@ _TOKEN = "raylane-test-token"
 pytestmark = [
     pytest.mark.skipif(
         not APISERVER or not os.access(APISERVER, os.X_OK),
-        reason="no kube-apiserver: run `make helm-apiserver` (builds one, ~20 min once) or set RAYLANE_KUBE_APISERVER",
+        reason="no kube-apiserver: run `make helm-apiserver` (builds one once, ~15 min on 2 cores) or set RAYLANE_KUBE_APISERVER",
     ),
     pytest.mark.skipif(ETCD is None, reason="no etcd: apt-get install etcd-server, or set RAYLANE_ETCD"),
     pytest.mark.skipif(not CRD_DIR.is_dir(), reason=f"KubeRay's CRDs are not in {CRD_DIR}"),
