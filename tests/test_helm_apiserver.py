@@ -86,15 +86,18 @@ def _edit_schema(schema: Any) -> None:
 # ---------------------------------------------------------------- the server
 
 
-def _wait_for(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    # The API server's certificate is one it made for itself at start; with AlwaysAllow it
-    # refuses anonymous requests, health checks included.
-    unverified = ssl._create_unverified_context()
+def _wait_for(
+    url: str, proc: subprocess.Popen, log: Path, ca_file: Path | None = None, timeout_s: float = 120
+) -> None:
+    """Wait until ``url`` answers 200. ``ca_file``: the certificate the API server makes for itself as it
+    starts; with AlwaysAllow it refuses anonymous requests, health checks included, hence the token."""
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {_TOKEN}"})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if urllib.request.urlopen(request, timeout=2, context=unverified).status == 200:
+            # Until the server has written its certificate, loading it fails like a refused connection.
+            context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+            if urllib.request.urlopen(request, timeout=2, context=context).status == 200:
                 return
         except OSError:
             pass
@@ -136,11 +139,12 @@ def api(tmp_path_factory) -> Iterator[DynamicClient]:
                 stdout=api_log.open("w"), stderr=subprocess.STDOUT,
             )
         )  # fmt: skip
-        _wait_for(f"https://127.0.0.1:{api_port}/readyz", processes[-1], api_log)
+        ca_file = root / "certs" / "apiserver.crt"
+        _wait_for(f"https://127.0.0.1:{api_port}/readyz", processes[-1], api_log, ca_file)
         configuration = kubernetes.client.Configuration(
             host=f"https://127.0.0.1:{api_port}", api_key={"authorization": f"Bearer {_TOKEN}"}
         )
-        configuration.verify_ssl = False
+        configuration.ssl_ca_cert = str(ca_file)
         client = DynamicClient(kubernetes.client.ApiClient(configuration))
         _install_crds(client)
         # A fresh client: the first one's discovery cache predates the CRDs.
