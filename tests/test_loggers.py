@@ -14,8 +14,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 from wandb.proto import wandb_internal_pb2
 
-from raylane.controllers import LoggersConfig, RLJob
-from raylane.controllers.loggers import make_loggers
+from raylane.controllers import LoggersConfig, RLJob, make_loggers
 from tests.test_rl_job import _config, _read_metrics
 
 
