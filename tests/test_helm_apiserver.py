@@ -4,7 +4,7 @@ release in its own namespace and created object by object. The server must accep
 keep every field it was sent (a server drops fields it does not know, silently), and must reject a
 RayCluster that breaks its CRD's schema.
 
-The server is Kubernetes 1.20, the newest that builds offline here (Debian's source package; see
+The server is Kubernetes 1.20, the version Debian packages, which builds offline here (see
 ``tests/kube/build_kube_apiserver.sh``). KubeRay v1.7's CRDs need three edits for it, made on the
 fly (the CRD files stay as published): CEL rules (``x-kubernetes-validations``, 1.25+) are dropped,
 so are empty-string defaults, and a list-map key left without a default becomes required. The
