@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MAIN_JOB := examples/grpo_reverse.yaml
 
-.PHONY: setup run test lint redis clean helm-golden
+.PHONY: setup run test lint redis clean helm-golden helm-apiserver
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,13 @@ clean:
 # Rewrite the golden render of the Helm chart's defaults (tests/data/helm/default.yaml); review its diff.
 helm-golden: $(STAMP)
 	$(PY) tests/test_helm_chart.py
+
+KUBE_APISERVER ?= .kube/bin/kube-apiserver
+
+$(KUBE_APISERVER):
+	bash tests/kube/build_kube_apiserver.sh $(dir $(KUBE_APISERVER))
+
+# The chart against a real API server (kube-apiserver 1.20 and etcd, no nodes): KubeRay's CRDs
+# installed, every rendered object created. The first run builds the server (~16 min on 2 cores).
+helm-apiserver: $(STAMP) $(KUBE_APISERVER)
+	RAYLANE_KUBE_APISERVER=$(abspath $(KUBE_APISERVER)) $(PY) -m pytest -q tests/test_helm_apiserver.py

@@ -407,14 +407,18 @@ def test_image_recipe_matches_the_chart():
 
 def test_dashboard_panels_plot_metrics_raylane_registers():
     """Every metric a panel queries is one raylane registers (Ray exports it as ray_<name>, a counter
-    as ray_<name>_total), and every registered metric has a panel."""
+    as ray_<name>_total, a histogram as ray_<name>_bucket/_sum/_count), and every registered metric
+    has a panel."""
     from tests.test_metric_names import registered_metric_names
 
     dashboard = json.loads(one("default", "ConfigMap", "-grafana-dashboard")["data"]["raylane.json"])
     assert dashboard == json.loads((CHART / "dashboards" / "raylane.json").read_text())
     exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-    # Prometheus names a counter's series <name>_total.
-    queried = {name for expr in exprs for name in re.findall(r"\bray_(raylane_\w+?)(?:_total)?\b", expr)}
+    queried = {
+        name
+        for expr in exprs
+        for name in re.findall(r"\bray_(raylane_\w+?)(?:_total|_bucket|_sum|_count)?\b", expr)
+    }
     assert all(re.search(r"\bray_raylane_\w+", expr) for expr in exprs), exprs
     assert queried == set(registered_metric_names())
     (job_variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "job"]

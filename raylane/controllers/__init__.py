@@ -1,13 +1,15 @@
-"""Single controllers on the driver: the RL job's config and dataflow, its metrics, and weight-sync planning."""
+"""Single controllers on the driver: the RL job's config and dataflow, its metrics and loggers, and weight-sync planning."""
 
 from raylane.controllers.config import (
     AlgorithmConfig,
     JobConfig,
+    LoggersConfig,
     ModelSpec,
     PlacementConfig,
     SFTConfig,
     TaskConfig,
 )
+from raylane.controllers.loggers import StepLogger, TensorBoardLogger, WandbLogger, make_loggers
 from raylane.controllers.metrics import MetricsTracker
 from raylane.controllers.rl import RLJob, compute_batch_advantages, mean_rows, run_job
 from raylane.controllers.weight_sync import SyncReport, WeightSync
@@ -15,15 +17,20 @@ from raylane.controllers.weight_sync import SyncReport, WeightSync
 __all__ = [
     "AlgorithmConfig",
     "JobConfig",
+    "LoggersConfig",
     "MetricsTracker",
     "ModelSpec",
     "PlacementConfig",
     "RLJob",
     "SFTConfig",
+    "StepLogger",
     "SyncReport",
     "TaskConfig",
+    "TensorBoardLogger",
+    "WandbLogger",
     "WeightSync",
     "compute_batch_advantages",
+    "make_loggers",
     "mean_rows",
     "run_job",
 ]

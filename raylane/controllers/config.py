@@ -112,6 +112,18 @@ class SFTConfig(StrictConfig):
     lr: float = Field(3e-3, gt=0)
 
 
+class LoggersConfig(StrictConfig):
+    """Where step metrics go besides ``metrics.jsonl`` and the Ray dashboard, under the same names."""
+
+    tensorboard: bool = Field(False, description="write TensorBoard event files to OUTPUT_DIR/tensorboard")
+    wandb: bool = Field(False, description="log to Weights & Biases; its run folder is OUTPUT_DIR/wandb")
+    wandb_project: str = "raylane"
+    wandb_entity: str | None = Field(None, description="W&B team or user; None: the account's default")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline needs no account or network; `wandb sync` uploads the run later"
+    )
+
+
 class JobConfig(StrictConfig):
     """An RL job: ``raylane train CONFIG.yaml key=value ...``."""
 
@@ -144,6 +156,7 @@ class JobConfig(StrictConfig):
     publish: WeightPublishConfig | None = Field(
         None, description="also publish each new policy version to a running `raylane serve` app"
     )
+    loggers: LoggersConfig = LoggersConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:

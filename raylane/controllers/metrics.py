@@ -1,13 +1,16 @@
-"""Step metrics: a progress line, ``metrics.jsonl``, Ray metrics for the dashboard, a reward-curve PNG."""
+"""Step metrics: a progress line, ``metrics.jsonl``, Ray metrics for the dashboard, the optional
+TensorBoard and Weights & Biases loggers, a reward-curve PNG."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from ray.util import metrics as ray_metrics
+
+from raylane.controllers.loggers import StepLogger
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +31,10 @@ _PHASE_PREFIX, _PHASE_SUFFIX = "timing/", "_s"
 
 
 class MetricsTracker:
-    """Writes one JSON object per step and mirrors key values to Ray gauges."""
+    """Writes one JSON object per step, mirrors key values to Ray gauges and hands every value to
+    ``loggers`` under the same name."""
 
-    def __init__(self, output_dir: str, job_name: str) -> None:
+    def __init__(self, output_dir: str, job_name: str, loggers: Sequence[StepLogger] = ()) -> None:
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.history: list[dict[str, float]] = []
@@ -44,6 +48,7 @@ class MetricsTracker:
             tag_keys=("job", "phase"),
         )
         self._tags = {"job": job_name}
+        self.loggers = list(loggers)
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         record = {"step": step, **{k: float(v) for k, v in values.items()}}
@@ -57,6 +62,14 @@ class MetricsTracker:
             if key.startswith(_PHASE_PREFIX) and key.endswith(_PHASE_SUFFIX) and key not in _DASHBOARD:
                 phase = key[len(_PHASE_PREFIX) : -len(_PHASE_SUFFIX)]
                 self._phase_seconds.set(seconds, tags={**self._tags, "phase": phase})
+        for step_logger in self.loggers:
+            step_logger.log(step, {k: v for k, v in record.items() if k != "step"})
+
+    def close(self) -> None:
+        """Close the loggers (a W&B run finishes); the tracker logs to metrics.jsonl and Ray only after."""
+        for step_logger in self.loggers:
+            step_logger.close()
+        self.loggers = []
 
     def restore(self, history: list[dict[str, float]]) -> None:
         """Continue a resumed run: rewrite metrics.jsonl with the history saved in the checkpoint."""

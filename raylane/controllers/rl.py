@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from raylane.actors import ResourcePool, Role, WorkerGroup
 from raylane.batch import Batch
 from raylane.controllers.config import JobConfig
+from raylane.controllers.loggers import make_loggers
 from raylane.controllers.metrics import MetricsTracker, progress_line
 from raylane.controllers.weight_sync import WeightSync
 from raylane.models import Tokenizer, make_tiny_model
@@ -120,7 +121,12 @@ class RLJob:
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
         self.train_data, self.eval_data, self.sft_data = self._prepare_data()
         self.loader = PromptLoader(self.train_data, config.prompts_per_step, seed=config.seed)
-        self.metrics = MetricsTracker(config.output_dir, os.path.basename(os.path.abspath(config.output_dir)))
+        job_name = os.path.basename(os.path.abspath(config.output_dir))
+        self.metrics = MetricsTracker(
+            config.output_dir,
+            job_name,
+            make_loggers(config.loggers, config.output_dir, job_name, config.model_dump(mode="json")),
+        )
         self.version = 0
         self.start_step = 0
         self._pools: list[ResourcePool] = []
@@ -397,6 +403,7 @@ class RLJob:
             )
             return self.metrics.history
         finally:
+            self.metrics.close()
             self.shutdown()
 
 

@@ -17,7 +17,8 @@ from raylane.serving.streaming import Delta, DeltaTracker, admit, collect, merge
 
 if TYPE_CHECKING:
     from raylane.runner import RequestOutput
-    from raylane.runner.async_engine import AsyncLLMEngine, RequestStream
+    from raylane.runner.async_engine import AsyncLLMEngine
+    from raylane.serving.metrics import TimedStream
 
 # Import path of the servicer registration function, for Ray Serve's `gRPCOptions`.
 GRPC_SERVICER_FUNCTION = "raylane.serving.proto.llm_pb2_grpc.add_LLMServiceServicer_to_server"
@@ -73,7 +74,7 @@ class GrpcServing:
         self.model_name = model_name
         self.admission = admission
 
-    async def _admit(self, request: llm_pb2.GenerateRequest) -> tuple[str, list[str], list[RequestStream]]:
+    async def _admit(self, request: llm_pb2.GenerateRequest) -> tuple[str, list[str], list[TimedStream]]:
         params = self.admission.sampling_params(**sampling_fields(request.sampling))
         prompt = _prompt(request)
         self.admission.check_prompt(prompt)
@@ -107,7 +108,7 @@ class GrpcServing:
         return self._deltas(request_id, stop, streams)
 
     async def _deltas(
-        self, request_id: str, stop: list[str], streams: list[RequestStream]
+        self, request_id: str, stop: list[str], streams: list[TimedStream]
     ) -> AsyncIterator[llm_pb2.GenerateStreamResponse]:
         tracker = DeltaTracker(stop)
         try:

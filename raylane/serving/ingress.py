@@ -30,12 +30,14 @@ from raylane.serving.errors import (
     PayloadTooLargeError,
     ServingError,
 )
+from raylane.serving.metrics import CountHttpRequests, count_grpc_request
 from raylane.serving.proto import llm_pb2
 from raylane.serving.protocol import ChatCompletionRequest, CompletionRequest, ModelList, parse_request
 
 logger = logging.getLogger(__name__)
 
 api = FastAPI(title="raylane", description="OpenAI-compatible API of a raylane serving application")
+api.add_middleware(CountHttpRequests)
 
 
 @api.exception_handler(ServingError)
@@ -198,29 +200,33 @@ class OpenAIIngress:
         raise BadRequestError(f"set model: this application serves {sorted(self.models)}", param="model")
 
     async def Generate(self, request: llm_pb2.GenerateRequest, grpc_context: Any) -> llm_pb2.GenerateResponse:
-        try:
-            return await self._call(self._check_grpc(request, grpc_context), "generate", request)
-        except ServingError as exc:
-            grpc_context.set_code(exc.grpc_code)
-            grpc_context.set_details(exc.message)
-            return llm_pb2.GenerateResponse()
+        with count_grpc_request("Generate", grpc_context):
+            try:
+                return await self._call(self._check_grpc(request, grpc_context), "generate", request)
+            except ServingError as exc:
+                grpc_context.set_code(exc.grpc_code)
+                grpc_context.set_details(exc.message)
+                return llm_pb2.GenerateResponse()
 
     async def GenerateStream(
         self, request: llm_pb2.GenerateRequest, grpc_context: Any
     ) -> AsyncIterator[llm_pb2.GenerateStreamResponse]:
-        try:
-            stream = await self._stream(self._check_grpc(request, grpc_context), "generate_stream", request)
-        except ServingError as exc:
-            grpc_context.set_code(exc.grpc_code)
-            grpc_context.set_details(exc.message)
-            # A stream that ends without a message never carries the context back to the proxy;
-            # raising does, with the status set above.
-            raise
-        try:
-            async for response in stream:
-                yield response
-        finally:
-            stream.cancel()
+        with count_grpc_request("GenerateStream", grpc_context):
+            try:
+                stream = await self._stream(
+                    self._check_grpc(request, grpc_context), "generate_stream", request
+                )
+            except ServingError as exc:
+                grpc_context.set_code(exc.grpc_code)
+                grpc_context.set_details(exc.message)
+                # A stream that ends without a message never carries the context back to the proxy;
+                # raising does, with the status set above.
+                raise
+            try:
+                async for response in stream:
+                    yield response
+            finally:
+                stream.cancel()
 
     async def Health(self, request: llm_pb2.HealthRequest) -> llm_pb2.HealthResponse:
         try:

@@ -37,7 +37,8 @@ from raylane.serving.streaming import DeltaTracker, admit, collect, merge
 
 if TYPE_CHECKING:
     from raylane.runner import RequestOutput, SamplingParams
-    from raylane.runner.async_engine import AsyncLLMEngine, RequestStream
+    from raylane.runner.async_engine import AsyncLLMEngine
+    from raylane.serving.metrics import TimedStream
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -146,7 +147,7 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ completions
 
-    async def _admit_completion(self, request: CompletionRequest) -> tuple[str, list[RequestStream]]:
+    async def _admit_completion(self, request: CompletionRequest) -> tuple[str, list[TimedStream]]:
         prompts = request.prompts()
         params = self._sampling_params(
             request, request.max_tokens, logprobs=request.logprobs is not None, num_prompts=len(prompts)
@@ -190,7 +191,7 @@ class OpenAIServing:
         return self._completion_events(request, request_id, streams)
 
     async def _completion_events(
-        self, request: CompletionRequest, request_id: str, streams: list[RequestStream]
+        self, request: CompletionRequest, request_id: str, streams: list[TimedStream]
     ) -> AsyncIterator[str]:
         trackers = [DeltaTracker(request.stop or []) for _ in streams]
         text_offsets: dict[int, int] = {}
@@ -232,7 +233,7 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ chat
 
-    async def _admit_chat(self, request: ChatCompletionRequest) -> tuple[str, RequestStream]:
+    async def _admit_chat(self, request: ChatCompletionRequest) -> tuple[str, TimedStream]:
         if request.requested_max_tokens is not None:
             # Checked before the prompt is tokenized; the default fills what the prompt leaves.
             self._sampling_params(request, request.requested_max_tokens, logprobs=request.logprobs)
@@ -273,7 +274,7 @@ class OpenAIServing:
         return self._chat_events(request, request_id, stream)
 
     async def _chat_events(
-        self, request: ChatCompletionRequest, request_id: str, stream: RequestStream
+        self, request: ChatCompletionRequest, request_id: str, stream: TimedStream
     ) -> AsyncIterator[str]:
         def chunk(choice: ChatChunkChoice, version: int | None = None) -> str:
             return sse(

@@ -10,16 +10,18 @@ next token may complete. That way the concatenated deltas always equal the final
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from raylane.runner.async_engine import EngineDeadError, EngineOverloadedError
 from raylane.serving.errors import BadRequestError, OverloadedError
+from raylane.serving.metrics import TimedStream
 
 if TYPE_CHECKING:
     from raylane.runner import RequestOutput, SamplingParams
-    from raylane.runner.async_engine import AsyncLLMEngine, RequestStream
+    from raylane.runner.async_engine import AsyncLLMEngine
 
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -89,13 +91,17 @@ class DeltaTracker:
 
 async def admit(
     engine: AsyncLLMEngine, prompts: list[str | list[int]], params: SamplingParams, id_prefix: str
-) -> list[RequestStream]:
-    """Add one engine request per prompt, all or none, mapping engine rejections to client errors."""
-    streams: list[RequestStream] = []
+) -> list[TimedStream]:
+    """Add one engine request per prompt, all or none, mapping engine rejections to client errors.
+
+    The streams record their latencies to the serving metrics (`TimedStream`)."""
+    start = time.monotonic()
+    streams: list[TimedStream] = []
     try:
         for i, prompt in enumerate(prompts):
             text, token_ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
-            streams.append(await engine.add_request(f"{id_prefix}-{i}", text, token_ids, params))
+            stream = await engine.add_request(f"{id_prefix}-{i}", text, token_ids, params)
+            streams.append(TimedStream(stream, start))
     except BaseException as exc:
         for stream in streams:
             stream.abort()
@@ -110,7 +116,7 @@ async def admit(
     return streams
 
 
-async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merge(streams: list[TimedStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several request streams as ``(stream index, output)``; aborts unfinished ones on exit."""
     if len(streams) == 1:
         try:
@@ -121,7 +127,7 @@ async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reques
         return
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
-    async def pump(i: int, stream: RequestStream) -> None:
+    async def pump(i: int, stream: TimedStream) -> None:
         try:
             async for output in stream:
                 await queue.put((i, output))
@@ -147,7 +153,7 @@ async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reques
             stream.abort()
 
 
-async def collect(streams: list[RequestStream]) -> list[RequestOutput]:
+async def collect(streams: list[TimedStream]) -> list[RequestOutput]:
     """The final output of every stream, in order."""
     finals: list[Any] = [None] * len(streams)
     async for i, output in merge(streams):
