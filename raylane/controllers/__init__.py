@@ -8,7 +8,7 @@ from raylane.controllers.config import (
     SFTConfig,
     TaskConfig,
 )
-from raylane.controllers.metrics import MetricsTracker
+from raylane.controllers.metrics import MetricsTracker, progress_line
 from raylane.controllers.rl import RLJob, compute_batch_advantages, mean_rows, run_job
 from raylane.controllers.weight_sync import SyncReport, WeightSync
 
@@ -25,5 +25,6 @@ __all__ = [
     "WeightSync",
     "compute_batch_advantages",
     "mean_rows",
+    "progress_line",
     "run_job",
 ]

@@ -1,0 +1,185 @@
+"""The per-worker loop Ray Train runs for a supervised job: FSDP2 set-up, steps, evaluation,
+checkpoints through ``ray.train``, resume, metrics and the Hugging Face export.
+
+What differs between SFT and reward-model training (the model, the rows and loss of a step, the
+held-out evaluation) is an :class:`Objective`; everything else is here. Checkpoints are the RL
+trainer's DCP format (:func:`~raylane.fault_tolerance.save_train_state`): every worker writes its
+own shards into a local folder it hands to ``ray.train.report``, and Ray Train merges the folders
+into one ``step_N`` checkpoint in storage, from which any number of workers resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import ray.train
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from tqdm.auto import tqdm
+
+from raylane.batch import Batch
+from raylane.controllers import MetricsTracker, progress_line
+from raylane.fault_tolerance import load_train_state, save_hf_checkpoint, save_train_state
+from raylane.rlhf import PromptLoader
+from raylane.roles import build_optimizer, optimizer_steps, resolve_train_dtype, shard_model
+from raylane.supervised.config import SupervisedJobConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Ranks:
+    """This worker's place in the job: its rank, the world size and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def shard(self, items: Sequence) -> tuple[list, int]:
+        """This rank's share of ``items`` and how many of them are real: every rank gets the same
+        count (the last items repeat), so the collectives of a sharded model stay in step."""
+        per_rank = -(-len(items) // self.world)
+        mine = list(items[self.rank :: self.world])
+        real = len(mine)
+        return mine + [items[i % len(items)] for i in range(per_rank - real)], real
+
+    def total(self, *values: float) -> list[float]:
+        """Sums over all ranks."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+class Objective(Protocol):
+    """What a supervised job trains, on which rows, and how it is evaluated."""
+
+    prefix: str  # metric prefix of the training loss ("sft", "rm")
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        """The model to train, full fp32 weights on ``device`` (sharded afterwards)."""
+
+    def train_examples(self) -> Sequence:
+        """The training examples the loader draws each step's batch from."""
+
+    def rows(self, examples: Sequence) -> Batch:
+        """The rows one rank trains on for its share of a step's examples."""
+
+    def tokens(self, rows: Batch) -> int:
+        """Real (non-padding) tokens of a rank's rows."""
+
+    def loss(self, model: nn.Module, micro: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean loss of a micro-batch of rows and its metrics."""
+
+    def evaluate(self, model: nn.Module, ranks: Ranks) -> dict[str, float]:
+        """Held-out metrics, the same on every rank (collective)."""
+
+
+@dataclass
+class _TrainState:
+    """What :func:`~raylane.roles.optimizer_steps` steps: the sharded model and its optimiser."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    config: SupervisedJobConfig
+    dp_size: int
+    global_step: int = 0
+
+
+def _ranks(config: SupervisedJobConfig) -> Ranks:
+    context = ray.train.get_context()
+    if config.ray.use_gpu:
+        device = torch.device("cuda", context.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Ranks(context.get_world_rank(), context.get_world_size(), device)
+
+
+def _resume(state: _TrainState, ranks: Ranks) -> dict:
+    """Restore the latest checkpoint Ray Train knows of (after a restart, or ``resume_from``)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {}
+    with checkpoint.as_directory() as path:
+        state.global_step, extra = load_train_state(
+            path, state.model, state.optimizer, state.scheduler, ranks.rank
+        )
+    logger.info("rank %d resumed from %s at step %d", ranks.rank, checkpoint.path, state.global_step)
+    return extra
+
+
+def _report(metrics: dict[str, float], state: _TrainState, ranks: Ranks, extra: dict) -> None:
+    """``ray.train.report`` with a DCP checkpoint of this step written by every rank."""
+    with tempfile.TemporaryDirectory(prefix="raylane-ckpt-") as path:
+        save_train_state(
+            path, state.model, state.optimizer, state.scheduler, state.global_step, ranks.rank, extra
+        )
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(path),
+            checkpoint_dir_name=f"step_{state.global_step}",
+        )
+
+
+def run_worker(config: SupervisedJobConfig, objective: Objective, model_dir: str) -> None:
+    """The loop of one Ray Train worker; rank 0 also writes ``metrics.jsonl`` and the progress line."""
+    ranks = _ranks(config)
+    torch.manual_seed(config.seed)
+    mesh = init_device_mesh(ranks.device.type, (ranks.world,), mesh_dim_names=("dp",))
+    model = shard_model(
+        objective.build_model(ranks.device),
+        mesh["dp"],
+        resolve_train_dtype(config.dtype, ranks.device),
+        config.activation_checkpointing,
+    )
+    optimizer, scheduler = build_optimizer(model, config.optim)
+    state = _TrainState(model, optimizer, scheduler, config, ranks.world)
+    loader = PromptLoader(objective.train_examples(), config.batch_size, seed=config.seed)
+    tracker = (
+        MetricsTracker(config.output_dir, os.path.basename(os.path.abspath(config.output_dir)))
+        if ranks.rank == 0
+        else None
+    )
+    extra = _resume(state, ranks)
+    resumed_from = state.global_step if extra else None
+    if extra:
+        loader.load_state_dict(extra["loader"])
+        if tracker is not None:
+            tracker.restore(extra["history"])
+    while state.global_step < config.steps:
+        start = time.perf_counter()
+        rows = objective.rows(loader.next_batch()[ranks.rank :: ranks.world])
+        metrics = optimizer_steps(
+            state, rows, lambda micro: objective.loss(state.model, micro), objective.prefix
+        )
+        seconds = time.perf_counter() - start
+        loss_sum, tokens = ranks.total(metrics[f"{objective.prefix}/loss"], float(objective.tokens(rows)))
+        metrics[f"{objective.prefix}/loss"] = loss_sum / ranks.world
+        metrics["throughput/train_tokens"] = tokens
+        metrics["throughput/train_tokens_per_s"] = tokens / max(seconds, 1e-9)
+        metrics["timing/step_s"] = seconds
+        if resumed_from is not None:
+            metrics["resumed_from_step"] = float(resumed_from)
+            resumed_from = None
+        done = state.global_step
+        if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
+            state.model.eval()
+            metrics.update(objective.evaluate(state.model, ranks))
+        if tracker is not None:
+            tracker.log(done, metrics)
+            tqdm.write(progress_line(done, config.steps, metrics))
+        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
+            history = tracker.history if tracker is not None else []
+            _report(metrics, state, ranks, {"loader": loader.state_dict(), "history": history})
+        else:
+            ray.train.report(metrics)
+    save_hf_checkpoint(config.final_model_dir, state.model, model_dir, ranks.rank)
