@@ -135,6 +135,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _supervised_command(config_cls, run, summary):
+    """A command that loads ``config_cls`` from the YAML file and overrides, runs it and prints ``summary``."""
+
+    def command(args: argparse.Namespace) -> int:
+        import os
+
+        from raylane.config import ConfigError, dump_config, load_config
+
+        try:
+            config = load_config(config_cls, args.config, args.overrides)
+        except ConfigError as err:
+            raise CLIError(str(err)) from err
+        os.makedirs(config.output_dir, exist_ok=True)
+        dump_config(config, os.path.join(config.output_dir, "config.yaml"))
+        history = run(config)
+        print(f"{summary(history)}; model in {config.final_model_dir}", file=sys.stderr)
+        return 0
+
+    return command
+
+
+def _held_out_change(key: str, label: str):
+    def summary(history: list[dict[str, float]]) -> str:
+        values = [record[key] for record in history if key in record]
+        return f"{label}: {values[0]:.3f} -> {values[-1]:.3f}" if values else "no held-out data"
+
+    return summary
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from raylane.supervised import SFTJobConfig, run_sft
+
+    return _supervised_command(
+        SFTJobConfig, run_sft, _held_out_change("eval_exact_match", "held-out exact match")
+    )(args)
+
+
+def cmd_train_rm(args: argparse.Namespace) -> int:
+    from raylane.supervised import RewardModelJobConfig, run_reward_model_training
+
+    summary = _held_out_change("eval_pair_accuracy", "held-out pair accuracy")
+    return _supervised_command(RewardModelJobConfig, run_reward_model_training, summary)(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylane", description="LLM post-training on Ray.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
@@ -164,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML job config (default: the built-in laptop job)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. actor.optim.lr=1e-4")
     train.set_defaults(func=cmd_train)
+
+    sft = commands.add_parser("sft", help="supervised fine-tuning as a Ray Train job, from a YAML config")
+    sft.add_argument("config", nargs="?", help="YAML SFT config (default: the built-in toy job)")
+    sft.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
+    sft.set_defaults(func=cmd_sft)
+
+    rm = commands.add_parser("train-rm", help="train a reward model on preference pairs as a Ray Train job")
+    rm.add_argument("config", nargs="?", help="YAML reward-model config (default: the built-in toy job)")
+    rm.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. model.path=outputs/sft/final_model"
+    )
+    rm.set_defaults(func=cmd_train_rm)
 
     add_serve_parser(commands)
 

@@ -205,34 +205,19 @@ def pair_rows(pairs: Sequence[PreferencePair], pad_id: int) -> Batch:
     return Batch.from_dict(columns)
 
 
-def _corrupt(answer: str, alphabet: str, rng: np.random.Generator) -> str:
-    """A wrong answer near the right one: one character changed, one dropped or added, or swapped."""
-    chars = list(answer)
-    kind = int(rng.integers(4)) if len(chars) > 1 else int(rng.choice([0, 2]))
-    if kind == 0:
-        i = int(rng.integers(len(chars)))
-        chars[i] = str(rng.choice([c for c in alphabet if c != chars[i]]))
-    elif kind == 1:
-        del chars[int(rng.integers(len(chars)))]
-    elif kind == 2:
-        chars.insert(int(rng.integers(len(chars) + 1)), str(rng.choice(list(alphabet))))
-    else:
-        i = int(rng.integers(len(chars) - 1))
-        chars[i], chars[i + 1] = chars[i + 1], chars[i]
-    wrong = "".join(chars)
-    return wrong if wrong != answer else _corrupt(answer, alphabet, rng)
-
-
 def write_toy_preferences(task_rows_path: str, out_path: str, seed: int = 0) -> str:
-    """Preference pairs from a toy task split (``prompt``, ``ground_truth``): the right answer is chosen,
-    a corrupted one (a character changed, dropped, added or two swapped) rejected."""
+    """Preference pairs from a toy task split (``prompt``, ``ground_truth``): each prompt's right answer
+    is chosen and the answer to another prompt of the split, a well-formed but wrong one, rejected."""
     rows = [row for _, row in _read_rows(task_rows_path)]
-    alphabet = "".join(sorted({c for row in rows for c in row["ground_truth"]}))
+    if len({row["ground_truth"] for row in rows}) < 2:
+        raise DatasetError(f"{task_rows_path}: needs at least two different answers to make pairs")
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w", encoding="utf-8") as f:
         for row in rows:
             answer = row["ground_truth"]
-            pair = {"prompt": row["prompt"], "chosen": answer, "rejected": _corrupt(answer, alphabet, rng)}
-            f.write(json.dumps(pair) + "\n")
+            rejected = answer
+            while rejected == answer:
+                rejected = rows[int(rng.integers(len(rows)))]["ground_truth"]
+            f.write(json.dumps({"prompt": row["prompt"], "chosen": answer, "rejected": rejected}) + "\n")
     return out_path

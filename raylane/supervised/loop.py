@@ -117,11 +117,37 @@ def _resume(state: _TrainState, ranks: Ranks) -> dict:
     return extra
 
 
-def _report(metrics: dict[str, float], state: _TrainState, ranks: Ranks, extra: dict) -> None:
-    """``ray.train.report`` with a DCP checkpoint of this step written by every rank."""
+def _evaluate(objective: Objective, state: _TrainState, ranks: Ranks) -> dict[str, float]:
+    state.model.eval()
+    return objective.evaluate(state.model, ranks)
+
+
+def _publish(
+    step: int,
+    metrics: dict[str, float],
+    tracker: MetricsTracker | None,
+    total_steps: int,
+    checkpoint_state: tuple[_TrainState, Ranks, dict] | None = None,
+) -> None:
+    """Log ``metrics`` (rank 0: ``metrics.jsonl``, the progress line) and ``ray.train.report`` them,
+    with a DCP checkpoint written by every rank when ``checkpoint_state`` is given."""
+    if tracker is not None:
+        tracker.log(step, metrics)
+        tqdm.write(progress_line(step, total_steps, metrics))
+    if checkpoint_state is None:
+        ray.train.report(metrics)
+        return
+    state, ranks, extra = checkpoint_state
+    history = tracker.history if tracker is not None else []
     with tempfile.TemporaryDirectory(prefix="raylane-ckpt-") as path:
         save_train_state(
-            path, state.model, state.optimizer, state.scheduler, state.global_step, ranks.rank, extra
+            path,
+            state.model,
+            state.optimizer,
+            state.scheduler,
+            state.global_step,
+            ranks.rank,
+            {**extra, "history": history},
         )
         ray.train.report(
             metrics,
@@ -149,12 +175,14 @@ def run_worker(config: SupervisedJobConfig, objective: Objective, model_dir: str
         if ranks.rank == 0
         else None
     )
-    extra = _resume(state, ranks)
-    resumed_from = state.global_step if extra else None
-    if extra:
-        loader.load_state_dict(extra["loader"])
+    saved = _resume(state, ranks)
+    resumed_from = state.global_step if saved else None
+    if saved:
+        loader.load_state_dict(saved["loader"])
         if tracker is not None:
-            tracker.restore(extra["history"])
+            tracker.restore(saved["history"])
+    else:
+        _publish(0, _evaluate(objective, state, ranks), tracker, config.steps)
     while state.global_step < config.steps:
         start = time.perf_counter()
         rows = objective.rows(loader.next_batch()[ranks.rank :: ranks.world])
@@ -172,14 +200,8 @@ def run_worker(config: SupervisedJobConfig, objective: Objective, model_dir: str
             resumed_from = None
         done = state.global_step
         if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
-            state.model.eval()
-            metrics.update(objective.evaluate(state.model, ranks))
-        if tracker is not None:
-            tracker.log(done, metrics)
-            tqdm.write(progress_line(done, config.steps, metrics))
-        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
-            history = tracker.history if tracker is not None else []
-            _report(metrics, state, ranks, {"loader": loader.state_dict(), "history": history})
-        else:
-            ray.train.report(metrics)
+            metrics.update(_evaluate(objective, state, ranks))
+        checkpoint = (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps
+        position = {"loader": loader.state_dict()}
+        _publish(done, metrics, tracker, config.steps, (state, ranks, position) if checkpoint else None)
     save_hf_checkpoint(config.final_model_dir, state.model, model_dir, ranks.rank)
