@@ -202,7 +202,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
         [
             _SHAPE,
             f"output_dir={out}",
-            "steps=25",
+            "steps=40",
             "eval_every=0",
             f"checkpoint_every={every}",
             "ray.num_workers=2",
@@ -225,11 +225,9 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
     os.kill(workers[-1], signal.SIGKILL)
     job.join(timeout=300)
     history = result["history"]
-    assert [r["step"] for r in history] == list(range(26))
+    assert [r["step"] for r in history] == list(range(41))
     resumed = [r["resumed_from_step"] for r in history if "resumed_from_step" in r]
     # One restart, from the last checkpoint before the kill: at most one interval of steps lost.
-    assert len(resumed) == 1 and resumed[0] % every == 0 and seen - every < resumed[0] <= seen + every, (
-        resumed,
-        seen,
-    )
+    assert len(resumed) == 1 and resumed[0] % every == 0, resumed
+    assert every <= resumed[0] and seen - resumed[0] <= every, (resumed, seen)
     assert history[-1]["sft/loss"] < 0.5 * history[1]["sft/loss"]

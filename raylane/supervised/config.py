@@ -72,6 +72,13 @@ class SupervisedJobConfig(StrictConfig):
     eval_every: int = Field(20, ge=0, description="evaluate held-out data every N steps (0: only at the end)")
     eval_examples: int = Field(100, ge=1, description="held-out examples per evaluation")
     checkpoint_every: int = Field(25, ge=0, description="checkpoint every N steps (0: only at the end)")
+    report_every: int = Field(
+        10,
+        ge=1,
+        description="hand metrics to Ray Train every N steps (and with every checkpoint); metrics.jsonl "
+        "and the progress line get every step. Each report waits for the Ray Train controller's next "
+        "poll of the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default)",
+    )
     resume_from: str | None = Field(
         None, description="a checkpoint folder (a Ray Train checkpoint_* or step_* folder) to start from"
     )

@@ -126,16 +126,18 @@ def _publish(
     step: int,
     metrics: dict[str, float],
     tracker: MetricsTracker | None,
-    total_steps: int,
+    config: SupervisedJobConfig,
     checkpoint_state: tuple[_TrainState, Ranks, dict] | None = None,
 ) -> None:
-    """Log ``metrics`` (rank 0: ``metrics.jsonl``, the progress line) and ``ray.train.report`` them,
-    with a DCP checkpoint written by every rank when ``checkpoint_state`` is given."""
+    """Log ``metrics`` (rank 0: ``metrics.jsonl``, the progress line) and, every ``report_every`` steps,
+    ``ray.train.report`` them, with a DCP checkpoint written by every rank when ``checkpoint_state``
+    is given. Every rank reports at the same steps: a report is a barrier of all workers."""
     if tracker is not None:
         tracker.log(step, metrics)
-        tqdm.write(progress_line(step, total_steps, metrics))
+        tqdm.write(progress_line(step, config.steps, metrics))
     if checkpoint_state is None:
-        ray.train.report(metrics)
+        if step % config.report_every == 0 or step == config.steps:
+            ray.train.report(metrics)
         return
     state, ranks, extra = checkpoint_state
     history = tracker.history if tracker is not None else []
@@ -154,6 +156,10 @@ def _publish(
             checkpoint=ray.train.Checkpoint.from_directory(path),
             checkpoint_dir_name=f"step_{state.global_step}",
         )
+    # A worker's reports wait in a queue of one until the controller's next poll takes them, and only
+    # then is the checkpoint the one a restart resumes from. This second report returns once the
+    # controller has taken the checkpoint, so a failure from here on loses less than one interval.
+    ray.train.report(metrics)
 
 
 def run_worker(config: SupervisedJobConfig, objective: Objective, model_dir: str) -> None:
@@ -182,7 +188,9 @@ def run_worker(config: SupervisedJobConfig, objective: Objective, model_dir: str
         if tracker is not None:
             tracker.restore(saved["history"])
     else:
-        _publish(0, _evaluate(objective, state, ranks), tracker, config.steps)
+        if tracker is not None:
+            tracker.restore([])  # a fresh start, also after a failure before the first checkpoint
+        _publish(0, _evaluate(objective, state, ranks), tracker, config)
     while state.global_step < config.steps:
         start = time.perf_counter()
         rows = objective.rows(loader.next_batch()[ranks.rank :: ranks.world])
@@ -203,5 +211,5 @@ def run_worker(config: SupervisedJobConfig, objective: Objective, model_dir: str
             metrics.update(_evaluate(objective, state, ranks))
         checkpoint = (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps
         position = {"loader": loader.state_dict()}
-        _publish(done, metrics, tracker, config.steps, (state, ranks, position) if checkpoint else None)
+        _publish(done, metrics, tracker, config, (state, ranks, position) if checkpoint else None)
     save_hf_checkpoint(config.final_model_dir, state.model, model_dir, ranks.rank)
