@@ -231,3 +231,31 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
     assert len(resumed) == 1 and resumed[0] % every == 0, resumed
     assert every <= resumed[0] and seen - resumed[0] <= every, (resumed, seen)
     assert history[-1]["sft/loss"] < 0.5 * history[1]["sft/loss"]
+
+
+def test_pipeline_example_runs_end_to_end(tmp_path):
+    """SFT -> reward model -> GRPO on it -> raylane serve, as the example driver runs it (own Ray cluster)."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "pipeline"
+    command = [sys.executable, os.path.join(root, "examples", "pipeline.py"), "--output-dir", str(out)]
+    command += ["--sft-steps", "20", "--rm-steps", "40", "--rl-steps", "3", "--port", str(free_port())]
+    env = {**os.environ, "PYTHONPATH": root}
+    subprocess.run(command, check=True, env=env, timeout=600, capture_output=True)
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert set(summary) == {
+        "sft_eval_exact_match",
+        "rm_eval_pair_accuracy",
+        "rl_reward_model_score_start",
+        "rl_reward_model_score_end",
+        "served_eval_exact_match",
+    }
+    assert summary["rm_eval_pair_accuracy"] > 0.8, summary
+    # The served model is the GRPO one: its exported weights, answered over HTTP.
+    assert os.path.isfile(out / "grpo" / "final_model" / "config.json")
+    assert 0.0 <= summary["served_eval_exact_match"] <= 1.0
