@@ -193,21 +193,13 @@ def _descendant_train_workers() -> list[int]:
     return [pid for pid, title in titles.items() if "RayTrainWorker" in title and mine(pid)]
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
-    out = str(tmp_path / "sft_kill")
-    every = 5
+def _run_and_kill_a_worker(out: str, every: int, overrides: list[str]) -> None:
+    """Run a 40-step SFT job, SIGKILL one of its two workers once a checkpoint is behind it, and check
+    that the job restarts from that checkpoint and finishes."""
     config = load_config(
         SFTJobConfig,
         None,
-        [
-            _SHAPE,
-            f"output_dir={out}",
-            "steps=40",
-            "eval_every=0",
-            f"checkpoint_every={every}",
-            "ray.num_workers=2",
-            "ray.max_failures=1",
-        ],
+        [_SHAPE, f"output_dir={out}", "steps=40", "eval_every=0", f"checkpoint_every={every}", *overrides],
     )
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(history=run_sft(config)), daemon=True)
@@ -231,6 +223,34 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
     assert len(resumed) == 1 and resumed[0] % every == 0, resumed
     assert every <= resumed[0] and seen - resumed[0] <= every, (resumed, seen)
     assert history[-1]["sft/loss"] < 0.5 * history[1]["sft/loss"]
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
+    _run_and_kill_a_worker(str(tmp_path / "sft_kill"), 5, ["ray.num_workers=2", "ray.max_failures=1"])
+
+
+def test_elastic_run_starts_with_the_workers_that_fit(ray_cluster, tmp_path):
+    """(min, max) = (1, 2) workers of 5 CPUs on the 8-CPU cluster: one fits, and the run goes on with it
+    (a fixed num_workers=2 would wait for resources that never come)."""
+    out = str(tmp_path / "sft_elastic")
+    config = load_config(
+        SFTJobConfig,
+        None,
+        [
+            _SHAPE,
+            f"output_dir={out}",
+            "steps=10",
+            "eval_every=0",
+            "checkpoint_every=5",
+            "ray.num_workers=2",
+            "ray.min_workers=1",
+            "ray.cpus_per_worker=5",
+        ],
+    )
+    history = run_sft(config)
+    assert [r["step"] for r in history] == list(range(11))
+    step = os.path.join(config.storage_path, "sft_elastic", "step_10")
+    assert sorted(f for f in os.listdir(step) if f.startswith("rng_")) == ["rng_rank0.pt"]  # one worker
 
 
 def test_pipeline_example_runs_end_to_end(tmp_path):
