@@ -113,18 +113,25 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _job_config(config_cls, args: argparse.Namespace):
+    """The job's config from its YAML file and overrides, also written to ``OUTPUT_DIR/config.yaml``."""
     import os
 
     from raylane.config import ConfigError, dump_config, load_config
-    from raylane.controllers import JobConfig, run_job
 
     try:
-        config = load_config(JobConfig, args.config, args.overrides)
+        config = load_config(config_cls, args.config, args.overrides)
     except ConfigError as err:
         raise CLIError(str(err)) from err
     os.makedirs(config.output_dir, exist_ok=True)
     dump_config(config, os.path.join(config.output_dir, "config.yaml"))
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from raylane.controllers import JobConfig, run_job
+
+    config = _job_config(JobConfig, args)
     history = run_job(config)
     evals = [r["eval_reward_mean"] for r in history if "eval_reward_mean" in r]
     if evals:
@@ -135,48 +142,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _supervised_command(config_cls, run, summary):
-    """A command that loads ``config_cls`` from the YAML file and overrides, runs it and prints ``summary``."""
-
-    def command(args: argparse.Namespace) -> int:
-        import os
-
-        from raylane.config import ConfigError, dump_config, load_config
-
-        try:
-            config = load_config(config_cls, args.config, args.overrides)
-        except ConfigError as err:
-            raise CLIError(str(err)) from err
-        os.makedirs(config.output_dir, exist_ok=True)
-        dump_config(config, os.path.join(config.output_dir, "config.yaml"))
-        history = run(config)
-        print(f"{summary(history)}; model in {config.final_model_dir}", file=sys.stderr)
-        return 0
-
-    return command
-
-
-def _held_out_change(key: str, label: str):
-    def summary(history: list[dict[str, float]]) -> str:
-        values = [record[key] for record in history if key in record]
-        return f"{label}: {values[0]:.3f} -> {values[-1]:.3f}" if values else "no held-out data"
-
-    return summary
+def _held_out_change(history: list[dict[str, float]], key: str, label: str) -> str:
+    values = [record[key] for record in history if key in record]
+    return f"{label}: {values[0]:.3f} -> {values[-1]:.3f}" if values else "no held-out data"
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from raylane.supervised import SFTJobConfig, run_sft
 
-    return _supervised_command(
-        SFTJobConfig, run_sft, _held_out_change("eval_exact_match", "held-out exact match")
-    )(args)
+    config = _job_config(SFTJobConfig, args)
+    summary = _held_out_change(run_sft(config), "eval_exact_match", "held-out exact match")
+    print(f"{summary}; model in {config.final_model_dir}", file=sys.stderr)
+    return 0
 
 
 def cmd_train_rm(args: argparse.Namespace) -> int:
     from raylane.supervised import RewardModelJobConfig, run_reward_model_training
 
-    summary = _held_out_change("eval_pair_accuracy", "held-out pair accuracy")
-    return _supervised_command(RewardModelJobConfig, run_reward_model_training, summary)(args)
+    config = _job_config(RewardModelJobConfig, args)
+    history = run_reward_model_training(config)
+    summary = _held_out_change(history, "eval_pair_accuracy", "held-out pair accuracy")
+    print(f"{summary}; reward model (task.reward_model) in {config.final_model_dir}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -96,25 +96,30 @@ class SupervisedJobConfig(StrictConfig):
         return os.path.join(self.output_dir, "final_model")
 
 
-class SFTDataConfig(StrictConfig):
-    """SFT examples: JSONL with ``prompt`` + ``completion`` or chat ``messages`` ending in the assistant's
-    reply, or a built-in toy task written out as such a file."""
+class _DataConfig(StrictConfig):
+    """Training and held-out rows: JSONL files, or a built-in toy task written out as such files."""
 
     toy_task: ToyTaskName | None = Field("reverse", description="toy task; None to use train_file")
     train_file: str | None = None
-    eval_file: str | None = Field(None, description="held-out examples for exact match")
-    n_train: int = Field(2000, ge=1)
-    n_eval: int = Field(200, ge=1)
+    eval_file: str | None = Field(None, description="held-out rows")
+    n_train: int = Field(2000, ge=1, description="toy task: training rows")
+    n_eval: int = Field(200, ge=1, description="toy task: held-out rows")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _DataConfig:
+        if (self.toy_task is None) == (self.train_file is None):
+            raise ValueError("data: set exactly one of data.toy_task or data.train_file")
+        return self
+
+
+class SFTDataConfig(_DataConfig):
+    """SFT examples: JSONL with ``prompt`` + ``completion`` or chat ``messages`` ending in the assistant's
+    reply, or a built-in toy task written out as such a file."""
+
     packing: bool = Field(
         False, description="pack several examples into each max_length row (no padding, fewer rows)"
     )
     eval_max_new_tokens: int = Field(8, ge=1, description="greedy tokens generated per held-out prompt")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> SFTDataConfig:
-        if (self.toy_task is None) == (self.train_file is None):
-            raise ValueError("data: set exactly one of data.toy_task or data.train_file")
-        return self
 
 
 class SFTJobConfig(SupervisedJobConfig):
@@ -124,21 +129,9 @@ class SFTJobConfig(SupervisedJobConfig):
     output_dir: str = "outputs/sft"
 
 
-class PreferenceDataConfig(StrictConfig):
+class PreferenceDataConfig(_DataConfig):
     """Preference pairs: JSONL with ``prompt`` (or ``messages``), ``chosen`` and ``rejected``, or a toy
-    task's pairs (the right answer against a corrupted one)."""
-
-    toy_task: ToyTaskName | None = Field("reverse", description="toy task; None to use train_file")
-    train_file: str | None = None
-    eval_file: str | None = Field(None, description="held-out pairs for pair accuracy")
-    n_train: int = Field(2000, ge=1)
-    n_eval: int = Field(200, ge=1)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> PreferenceDataConfig:
-        if (self.toy_task is None) == (self.train_file is None):
-            raise ValueError("data: set exactly one of data.toy_task or data.train_file")
-        return self
+    task's pairs (each prompt's right answer against another prompt's answer)."""
 
 
 class RewardModelJobConfig(SupervisedJobConfig):

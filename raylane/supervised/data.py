@@ -20,7 +20,7 @@ import torch
 
 from raylane.batch import Batch
 from raylane.models import Tokenizer
-from raylane.rlhf import DatasetError
+from raylane.rlhf import DatasetError, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -42,21 +42,10 @@ class PreferencePair:
 
 
 def _read_rows(path: str) -> list[tuple[str, dict]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append((where, row))
-    if not rows:
-        raise DatasetError(f"{path} holds no examples")
+    rows = read_jsonl(path)
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
     return rows
 
 

@@ -17,7 +17,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raylane.rlhf import make_toy_task
+from raylane.rlhf import ToyTaskFiles, make_toy_task
 from raylane.supervised.config import RewardModelJobConfig, SFTJobConfig, SupervisedJobConfig
 from raylane.supervised.data import write_toy_preferences
 from raylane.supervised.loop import run_worker
@@ -27,12 +27,15 @@ from raylane.supervised.sft import SFTObjective
 logger = logging.getLogger(__name__)
 
 
-def _sft_files(config: SFTJobConfig) -> tuple[str, str | None]:
-    data = config.data
-    if data.toy_task is None:
-        return data.train_file, data.eval_file
+def _toy_files(config: SupervisedJobConfig, data) -> tuple[str, ToyTaskFiles]:
     out_dir = os.path.join(config.output_dir, "data")
-    files = make_toy_task(data.toy_task, out_dir, data.n_train, data.n_eval, seed=config.seed)
+    return out_dir, make_toy_task(data.toy_task, out_dir, data.n_train, data.n_eval, seed=config.seed)
+
+
+def _sft_files(config: SFTJobConfig) -> tuple[str, str | None]:
+    if config.data.toy_task is None:
+        return config.data.train_file, config.data.eval_file
+    out_dir, files = _toy_files(config, config.data)
     eval_file = os.path.join(out_dir, "sft_eval.jsonl")
     with open(files.eval, encoding="utf-8") as src, open(eval_file, "w", encoding="utf-8") as dst:
         for line in src:
@@ -42,11 +45,9 @@ def _sft_files(config: SFTJobConfig) -> tuple[str, str | None]:
 
 
 def _preference_files(config: RewardModelJobConfig) -> tuple[str, str | None]:
-    data = config.data
-    if data.toy_task is None:
-        return data.train_file, data.eval_file
-    out_dir = os.path.join(config.output_dir, "data")
-    files = make_toy_task(data.toy_task, out_dir, data.n_train, data.n_eval, seed=config.seed)
+    if config.data.toy_task is None:
+        return config.data.train_file, config.data.eval_file
+    out_dir, files = _toy_files(config, config.data)
     return (
         write_toy_preferences(files.train, os.path.join(out_dir, "pairs_train.jsonl"), seed=config.seed),
         write_toy_preferences(files.eval, os.path.join(out_dir, "pairs_eval.jsonl"), seed=config.seed + 1),
