@@ -113,18 +113,25 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _job_config(config_cls, args: argparse.Namespace):
+    """The job's config from its YAML file and overrides, also written to ``OUTPUT_DIR/config.yaml``."""
     import os
 
     from raylane.config import ConfigError, dump_config, load_config
-    from raylane.controllers import JobConfig, run_job
 
     try:
-        config = load_config(JobConfig, args.config, args.overrides)
+        config = load_config(config_cls, args.config, args.overrides)
     except ConfigError as err:
         raise CLIError(str(err)) from err
     os.makedirs(config.output_dir, exist_ok=True)
     dump_config(config, os.path.join(config.output_dir, "config.yaml"))
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from raylane.controllers import JobConfig, run_job
+
+    config = _job_config(JobConfig, args)
     history = run_job(config)
     evals = [r["eval_reward_mean"] for r in history if "eval_reward_mean" in r]
     if evals:
@@ -132,6 +139,30 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"held-out reward: {evals[0]:.3f} -> {evals[-1]:.3f}; outputs in {config.output_dir}",
             file=sys.stderr,
         )
+    return 0
+
+
+def _held_out_change(history: list[dict[str, float]], key: str, label: str) -> str:
+    values = [record[key] for record in history if key in record]
+    return f"{label}: {values[0]:.3f} -> {values[-1]:.3f}" if values else "no held-out data"
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from raylane.supervised import SFTJobConfig, run_sft
+
+    config = _job_config(SFTJobConfig, args)
+    summary = _held_out_change(run_sft(config), "eval_exact_match", "held-out exact match")
+    print(f"{summary}; model in {config.final_model_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_train_rm(args: argparse.Namespace) -> int:
+    from raylane.supervised import RewardModelJobConfig, run_reward_model_training
+
+    config = _job_config(RewardModelJobConfig, args)
+    history = run_reward_model_training(config)
+    summary = _held_out_change(history, "eval_pair_accuracy", "held-out pair accuracy")
+    print(f"{summary}; reward model (task.reward_model) in {config.final_model_dir}", file=sys.stderr)
     return 0
 
 
@@ -164,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML job config (default: the built-in laptop job)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. actor.optim.lr=1e-4")
     train.set_defaults(func=cmd_train)
+
+    sft = commands.add_parser("sft", help="supervised fine-tuning as a Ray Train job, from a YAML config")
+    sft.add_argument("config", nargs="?", help="YAML SFT config (default: the built-in toy job)")
+    sft.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
+    sft.set_defaults(func=cmd_sft)
+
+    rm = commands.add_parser("train-rm", help="train a reward model on preference pairs as a Ray Train job")
+    rm.add_argument("config", nargs="?", help="YAML reward-model config (default: the built-in toy job)")
+    rm.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. model.path=outputs/sft/final_model"
+    )
+    rm.set_defaults(func=cmd_train_rm)
 
     add_serve_parser(commands)
 

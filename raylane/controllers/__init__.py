@@ -10,7 +10,7 @@ from raylane.controllers.config import (
     TaskConfig,
 )
 from raylane.controllers.loggers import StepLogger, TensorBoardLogger, WandbLogger, make_loggers
-from raylane.controllers.metrics import MetricsTracker
+from raylane.controllers.metrics import MetricsTracker, progress_line
 from raylane.controllers.rl import RLJob, compute_batch_advantages, mean_rows, run_job
 from raylane.controllers.weight_sync import SyncReport, WeightSync
 
@@ -32,5 +32,6 @@ __all__ = [
     "compute_batch_advantages",
     "make_loggers",
     "mean_rows",
+    "progress_line",
     "run_job",
 ]

@@ -7,11 +7,13 @@ Every default runs on a laptop CPU: a tiny model learning the ``reverse`` toy ta
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from raylane.config import StrictConfig
+from raylane.models import make_tiny_model
 from raylane.rlhf import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, REWARD_FUNCTIONS, TOY_TASKS, needs_critic
 from raylane.roles import ActorConfig, CriticConfig, OptimConfig, RolloutConfig, TrainConfig
 from raylane.runner import EngineOptions
@@ -44,6 +46,15 @@ class ModelSpec(StrictConfig):
         }
     )
     tiny_seed: int = 0
+
+    def materialize(self, output_dir: str) -> str:
+        """The checkpoint folder: ``path``, or a tiny model written once to ``output_dir/initial_model``."""
+        if self.path:
+            return self.path
+        path = os.path.join(output_dir, "initial_model")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            make_tiny_model(path, arch=self.tiny_arch, seed=self.tiny_seed, **self.tiny_shape)
+        return path
 
 
 class TaskConfig(StrictConfig):

@@ -25,6 +25,10 @@ _DASHBOARD = {
     "rollout/staleness": "raylane_rollout_staleness",
     "actor/pg_loss": "raylane_actor_loss",
     "actor/grad_norm": "raylane_actor_grad_norm",
+    "sft/loss": "raylane_sft_loss",
+    "eval_exact_match": "raylane_sft_eval_exact_match",
+    "rm/loss": "raylane_rm_loss",
+    "eval_pair_accuracy": "raylane_rm_eval_pair_accuracy",
 }
 # Each step phase's seconds ("timing/<phase>_s") go to one gauge tagged with the phase.
 _PHASE_PREFIX, _PHASE_SUFFIX = "timing/", "_s"
@@ -112,6 +116,12 @@ def progress_line(step: int, total: int, values: Mapping[str, float]) -> str:
         ("kl", "kl", ".4f"),
         ("actor/pg_loss", "pg_loss", ".4f"),
         ("critic/value_loss", "v_loss", ".4f"),
+        ("sft/loss", "loss", ".4f"),
+        ("eval_exact_match", "eval exact", ".3f"),
+        ("rm/loss", "loss", ".4f"),
+        ("rm/pair_accuracy", "pair acc", ".3f"),
+        ("eval_pair_accuracy", "eval pair acc", ".3f"),
+        ("throughput/train_tokens_per_s", "train tok/s", ".0f"),
         ("throughput/tokens_per_s", "tok/s", ".0f"),
         ("timing/step_s", "step", ".2f"),
     ):

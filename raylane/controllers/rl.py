@@ -27,7 +27,7 @@ from raylane.controllers.config import JobConfig
 from raylane.controllers.loggers import make_loggers
 from raylane.controllers.metrics import MetricsTracker, progress_line
 from raylane.controllers.weight_sync import WeightSync
-from raylane.models import Tokenizer, make_tiny_model
+from raylane.models import Tokenizer
 from raylane.rlhf import (
     AdvantageConfig,
     PromptDataset,
@@ -117,7 +117,7 @@ class RLJob:
     def __init__(self, config: JobConfig) -> None:
         self.config = config
         os.makedirs(config.output_dir, exist_ok=True)
-        self.model_dir = self._prepare_model()
+        self.model_dir = config.model.materialize(config.output_dir)
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
         self.train_data, self.eval_data, self.sft_data = self._prepare_data()
         self.loader = PromptLoader(self.train_data, config.prompts_per_step, seed=config.seed)
@@ -135,15 +135,6 @@ class RLJob:
         self._memory_probes: list = []
 
     # ---- set-up -----------------------------------------------------------------------------------
-
-    def _prepare_model(self) -> str:
-        spec = self.config.model
-        if spec.path:
-            return spec.path
-        path = os.path.join(self.config.output_dir, "initial_model")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            make_tiny_model(path, arch=spec.tiny_arch, seed=spec.tiny_seed, **spec.tiny_shape)
-        return path
 
     def _prepare_data(self) -> tuple[PromptDataset, PromptDataset, PromptDataset | None]:
         task = self.config.task

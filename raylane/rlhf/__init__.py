@@ -13,7 +13,7 @@ from raylane.rlhf.advantages import (
     needs_critic,
     rloo_advantages,
 )
-from raylane.rlhf.data import DatasetError, PromptDataset, PromptExample, PromptLoader
+from raylane.rlhf.data import DatasetError, PromptDataset, PromptExample, PromptLoader, read_jsonl
 from raylane.rlhf.kl import KL_ESTIMATORS, AdaptiveKLController, apply_kl_penalty, kl_loss, kl_penalty
 from raylane.rlhf.logprobs import entropy_from_logits, log_probs_from_logits
 from raylane.rlhf.losses import LOSS_AGGREGATIONS, aggregate_loss, ppo_policy_loss, value_loss
@@ -66,6 +66,7 @@ __all__ = [
     "masked_whiten",
     "needs_critic",
     "ppo_policy_loss",
+    "read_jsonl",
     "register_reward",
     "register_toy_task",
     "rloo_advantages",

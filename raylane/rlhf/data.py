@@ -72,6 +72,24 @@ def _parse_row(row: object, index: int, where: str, require_completion: bool) ->
     )
 
 
+def read_jsonl(path: str) -> list[tuple[str, Any]]:
+    """``(where, row)`` for each non-blank line of ``path``, ``where`` being ``path:line``; a line that is
+    not JSON, or a file without rows, raises :class:`DatasetError`."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                rows.append((where, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{where}: not valid JSON ({err.msg})") from None
+    if not rows:
+        raise DatasetError(f"{path} holds no examples")
+    return rows
+
+
 class PromptDataset(Sequence[PromptExample]):
     """An in-memory list of :class:`PromptExample`, loaded from JSONL."""
 
@@ -81,20 +99,12 @@ class PromptDataset(Sequence[PromptExample]):
     @classmethod
     def from_jsonl(cls, path: str, require_completion: bool = False) -> PromptDataset:
         """Read ``path``; blank lines are skipped, any malformed line raises :class:`DatasetError`."""
-        examples = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DatasetError(f"{where}: not valid JSON ({err.msg})") from None
-                examples.append(_parse_row(row, len(examples), where, require_completion))
-        if not examples:
-            raise DatasetError(f"{path} holds no examples")
-        return cls(examples)
+        return cls(
+            [
+                _parse_row(row, index, where, require_completion)
+                for index, (where, row) in enumerate(read_jsonl(path))
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -12,6 +12,7 @@ from raylane.roles.critic import Critic
 from raylane.roles.policy import PolicyTrainer, Reference
 from raylane.roles.reward import RewardWorker
 from raylane.roles.rollout import Rollout
+from raylane.roles.training import build_optimizer, optimizer_steps, resolve_train_dtype, shard_model
 
 __all__ = [
     "ActorConfig",
@@ -25,4 +26,8 @@ __all__ = [
     "Rollout",
     "RolloutConfig",
     "TrainConfig",
+    "build_optimizer",
+    "optimizer_steps",
+    "resolve_train_dtype",
+    "shard_model",
 ]
