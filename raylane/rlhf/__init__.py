@@ -16,7 +16,13 @@ from raylane.rlhf.advantages import (
 from raylane.rlhf.data import DatasetError, PromptDataset, PromptExample, PromptLoader
 from raylane.rlhf.kl import KL_ESTIMATORS, AdaptiveKLController, apply_kl_penalty, kl_loss, kl_penalty
 from raylane.rlhf.logprobs import entropy_from_logits, log_probs_from_logits
-from raylane.rlhf.losses import LOSS_AGGREGATIONS, aggregate_loss, ppo_policy_loss, value_loss
+from raylane.rlhf.losses import (
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    ppo_policy_loss,
+    truncated_importance_weights,
+    value_loss,
+)
 from raylane.rlhf.masks import masked_mean, masked_sum, masked_var, masked_whiten, scores_to_token_rewards
 from raylane.rlhf.rewards import (
     REWARD_FUNCTIONS,
@@ -66,6 +72,7 @@ __all__ = [
     "masked_whiten",
     "needs_critic",
     "ppo_policy_loss",
+    "truncated_importance_weights",
     "register_reward",
     "register_toy_task",
     "rloo_advantages",
