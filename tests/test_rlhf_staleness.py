@@ -11,7 +11,11 @@ from raylane.rlhf import StalenessBound
 
 
 def simulate(
-    max_staleness: int, batch_groups: int = 4, n_groups: int = 160, train_ticks: int = 3, extra_groups: int = 0
+    max_staleness: int,
+    batch_groups: int = 4,
+    n_groups: int = 160,
+    train_ticks: int = 3,
+    extra_groups: int = 0,
 ):
     """Engines with unlimited slots and a trainer, in ticks. Returns (staleness by group, batches, ticks)."""
     bound = StalenessBound(batch_groups, max_staleness, extra_groups)

@@ -1,7 +1,10 @@
-"""Single controllers on the driver: the RL job's config and dataflow, its metrics, and weight-sync planning."""
+"""Single controllers on the driver: the RL job's config and dataflow (synchronous or streaming
+asynchronous), its metrics, and weight-sync planning."""
 
+from raylane.controllers.async_rl import AsyncRLJob, GroupAdmission
 from raylane.controllers.config import (
     AlgorithmConfig,
+    AsyncRLConfig,
     JobConfig,
     ModelSpec,
     PlacementConfig,
@@ -14,6 +17,9 @@ from raylane.controllers.weight_sync import SyncReport, WeightSync
 
 __all__ = [
     "AlgorithmConfig",
+    "AsyncRLConfig",
+    "AsyncRLJob",
+    "GroupAdmission",
     "JobConfig",
     "MetricsTracker",
     "ModelSpec",

@@ -33,7 +33,7 @@ from raylane.rlhf.rewards import (
 )
 from raylane.rlhf.staleness import StalenessBound
 from raylane.rlhf.tasks import TOY_TASKS, ToyTask, ToyTaskFiles, make_toy_task, register_toy_task
-from raylane.rlhf.trajectory import Trajectory, TrajectoryGroup
+from raylane.rlhf.trajectory import Trajectory, TrajectoryGroup, groups_to_batch, sample_tensors
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -61,6 +61,7 @@ __all__ = [
     "entropy_from_logits",
     "extract_final_number",
     "get_reward_fn",
+    "groups_to_batch",
     "grpo_advantages",
     "kl_loss",
     "kl_penalty",
@@ -72,10 +73,11 @@ __all__ = [
     "masked_whiten",
     "needs_critic",
     "ppo_policy_loss",
-    "truncated_importance_weights",
     "register_reward",
     "register_toy_task",
     "rloo_advantages",
+    "sample_tensors",
     "scores_to_token_rewards",
+    "truncated_importance_weights",
     "value_loss",
 ]

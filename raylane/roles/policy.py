@@ -14,8 +14,8 @@ from raylane.fault_tolerance.checkpoint import save_hf_checkpoint
 from raylane.models import load_model
 from raylane.rlhf.kl import kl_loss
 from raylane.rlhf.logprobs import entropy_from_logits
-from raylane.rlhf.masks import masked_mean
 from raylane.rlhf.losses import aggregate_loss, ppo_policy_loss, truncated_importance_weights
+from raylane.rlhf.masks import masked_mean
 from raylane.roles.config import ActorConfig, TrainConfig
 from raylane.roles.training import (
     CheckpointedTrainer,
