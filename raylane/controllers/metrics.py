@@ -22,9 +22,20 @@ _DASHBOARD = {
     "rollout/staleness": "raylane_rollout_staleness",
     "actor/pg_loss": "raylane_actor_loss",
     "actor/grad_norm": "raylane_actor_grad_norm",
+    "actor/pg_clipfrac": "raylane_actor_clip_fraction",
+    "actor/importance_weight_mean": "raylane_actor_importance_weight_mean",
+    "rollout/staleness_max": "raylane_rollout_staleness_max",
+    "rollout/staleness_mean": "raylane_rollout_staleness_mean",
+    "rollout/samples_in_flight": "raylane_rollout_samples_in_flight",
+    "rollout/engine_busy_fraction": "raylane_rollout_engine_busy_fraction",
+    "stream/depth": "raylane_stream_depth",
+    "trainer/idle_fraction": "raylane_trainer_idle_fraction",
 }
 # Each step phase's seconds ("timing/<phase>_s") go to one gauge tagged with the phase.
 _PHASE_PREFIX, _PHASE_SUFFIX = "timing/", "_s"
+# The staleness histogram of a step's groups ("rollout/staleness_groups_<versions>"): one gauge
+# tagged with the number of versions.
+_STALENESS_PREFIX = "rollout/staleness_groups_"
 
 
 class MetricsTracker:
@@ -43,6 +54,11 @@ class MetricsTracker:
             description="Seconds of one phase of the last step",
             tag_keys=("job", "phase"),
         )
+        self._staleness_groups = ray_metrics.Gauge(
+            "raylane_rollout_staleness_groups",
+            description="Groups of the last batch by staleness (policy versions since they started)",
+            tag_keys=("job", "staleness"),
+        )
         self._tags = {"job": job_name}
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
@@ -53,10 +69,13 @@ class MetricsTracker:
         for key, gauge in self._gauges.items():
             if key in record:
                 gauge.set(record[key], tags=self._tags)
-        for key, seconds in record.items():
+        for key, value in record.items():
             if key.startswith(_PHASE_PREFIX) and key.endswith(_PHASE_SUFFIX) and key not in _DASHBOARD:
                 phase = key[len(_PHASE_PREFIX) : -len(_PHASE_SUFFIX)]
-                self._phase_seconds.set(seconds, tags={**self._tags, "phase": phase})
+                self._phase_seconds.set(value, tags={**self._tags, "phase": phase})
+            elif key.startswith(_STALENESS_PREFIX):
+                staleness = key[len(_STALENESS_PREFIX) :]
+                self._staleness_groups.set(value, tags={**self._tags, "staleness": staleness})
 
     def restore(self, history: list[dict[str, float]]) -> None:
         """Continue a resumed run: rewrite metrics.jsonl with the history saved in the checkpoint."""
