@@ -9,7 +9,7 @@ import os
 import pytest
 
 from raylane.controllers import AsyncRLJob, RLJob
-from tests.test_rl_job import _config
+from tests.test_rl_job import _config, _weighted_task
 
 DISAGGREGATED = {"mode": "disaggregated", "trainer_ranks": 1, "rollout_ranks": 1, "cpus_per_bundle": 0.5}
 
@@ -26,15 +26,7 @@ def read_trained(config) -> list[dict]:
 def graded_task(tmp_path) -> dict:
     """Prompts scored by the first character of the response: samples of a prompt score
     differently, so every GRPO step moves the policy."""
-    for split, count in (("train", 32), ("eval", 8)):
-        rows = [{"prompt": f"{i}+{i}=", "ground_truth": str(2 * i)} for i in range(count)]
-        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return {
-        "name": None,
-        "train_file": str(tmp_path / "train.jsonl"),
-        "eval_file": str(tmp_path / "eval.jsonl"),
-        "reward_fn": "tests.user_code:first_character",
-    }
+    return {**_weighted_task(tmp_path, [0.0] * 32, [0.0] * 8), "reward_fn": "tests.user_code:first_character"}
 
 
 def test_zero_staleness_gives_the_synchronous_curve(ray_cluster, tmp_path):

@@ -1,7 +1,7 @@
 """Single controllers on the driver: the RL job's config and dataflow (synchronous or streaming
 asynchronous), its metrics, and weight-sync planning."""
 
-from raylane.controllers.async_rl import AsyncRLJob, GroupAdmission
+from raylane.controllers.async_rl import AsyncRLJob
 from raylane.controllers.config import (
     AlgorithmConfig,
     AsyncRLConfig,
@@ -19,7 +19,6 @@ __all__ = [
     "AlgorithmConfig",
     "AsyncRLConfig",
     "AsyncRLJob",
-    "GroupAdmission",
     "JobConfig",
     "MetricsTracker",
     "ModelSpec",

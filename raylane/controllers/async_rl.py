@@ -76,7 +76,7 @@ class GroupAdmission:
             self._pending.extend(self.loader.next_batch()[state["consumed"] :])
 
 
-def group_number(group_id: str) -> int:
+def _group_number(group_id: str) -> int:
     return int(group_id[1:])
 
 
@@ -254,7 +254,7 @@ class AsyncRLJob(RLJob):
             self._take(self.stream.get(self.bound.batch_groups * _READ_BATCHES, block_s=_READ_BLOCK_S))
         batch = [self._ready[i] for i in chosen]
         self._ready = [entry for i, entry in enumerate(self._ready) if i not in set(chosen)]
-        return sorted(batch, key=lambda entry: group_number(entry.group.group_id))
+        return sorted(batch, key=lambda entry: _group_number(entry.group.group_id))
 
     def rl_step(self, step: int) -> dict[str, float]:
         if self._thread is None:
