@@ -6,10 +6,10 @@ Two loops share the driver:
     trainer (main):  stream.get -> select a batch (deadlines) -> train_batch -> weight sync -> checkpoint,
                      then commit the batch's entries
 
-The rollout engine never waits for the trainer: a weight sync lands between two of its calls and
-the samples in flight carry on (``async_rl.partial_rollout``). The trainer waits only when the
-bound makes it: the batch would hold a group due now that is still generating. Training is
-exactly-once by trajectory uid through the stream (``raylane.streaming``); a checkpoint saves the
+The rollout engine waits for the trainer only when the bound admits nothing more: a weight sync
+lands between two of its calls and the samples in flight carry on (``async_rl.partial_rollout``).
+The trainer waits for groups still generating only as long as the deadlines require (see
+``StalenessBound.select_batch``). Training is exactly-once by trajectory uid through the stream (``raylane.streaming``); a checkpoint saves the
 receipts of the batches since the last one and commits them, and a resumed job commits them again.
 """
 
