@@ -9,6 +9,9 @@ import os
 import pytest
 
 from raylane.controllers import AsyncRLJob, RLJob
+from raylane.controllers.async_rl import GroupAdmission
+from raylane.rlhf import PromptExample, PromptLoader
+from raylane.roles.partial_rollout import request_seed
 from tests.test_rl_job import _config, _weighted_task
 
 DISAGGREGATED = {"mode": "disaggregated", "trainer_ranks": 1, "rollout_ranks": 1, "cpus_per_bundle": 0.5}
@@ -71,3 +74,18 @@ def test_no_trained_token_is_staler_than_the_bound(ray_cluster, tmp_path, mode):
     assert len(lengths) > 3 and spans > 0, (lengths, spans)
     assert max(r["rollout/staleness_max"] for r in history[1:]) == worst
     assert "actor/importance_weight_mean" in history[-1]
+
+
+def test_group_admission_resumes_mid_batch_with_the_same_groups_and_seeds():
+    data = [PromptExample(index=i, ground_truth=str(i), prompt=f"{i}=") for i in range(10)]
+    running = GroupAdmission(PromptLoader(data, batch_size=4, seed=3), seed=5)
+    taken = [running.next() for _ in range(6)]  # a batch and a half
+    state = running.state_dict()
+    resumed = GroupAdmission(PromptLoader(data, batch_size=4, seed=3), seed=5)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint stores it
+    ahead = [running.next() for _ in range(7)]  # across an epoch boundary, too
+    assert [resumed.next() for _ in range(7)] == ahead
+    assert [group_id for group_id, _, _ in taken + ahead] == [f"g{i}" for i in range(13)]
+    # The groups of one batch share the batch's seed, mixed with each prompt's row, as in the synchronous loop.
+    first_batch = [(example.index, seed) for _, example, seed in taken[:4]]
+    assert [seed for _, seed in first_batch] == [request_seed(5 * 100_003, index) for index, _ in first_batch]
