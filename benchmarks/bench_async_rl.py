@@ -17,7 +17,8 @@ tokens per second of engine time, held-out exact match after the last step (gree
 prompts, with its binomial standard error) and the ratios to ``sync`` (APRIL to ``async_eta1``).
 Prints a table, writes JSON and a PNG of train reward against wall time under ``benchmarks/results/``.
 
-    python benchmarks/bench_async_rl.py                    # all modes, ~15 minutes on 2 cores
+    python benchmarks/bench_async_rl.py                    # all modes, ~7 minutes on 2 cores
+    python benchmarks/bench_async_rl.py --max-num-seqs 4 --steps 24 --tag cpu_seqs4
     python benchmarks/bench_async_rl.py --modes sync async_eta2 --steps 6 --sft-steps 20 --eval 50
 """
 
@@ -144,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-num-seqs",
         type=int,
         default=16,
-        help="the engine's batch of sequences: 16 of a step's 64 samples makes generation about as long "
-        "as training here, as on GPUs where it takes most of a step",
+        help="the engine's batch of sequences; fewer make generation a larger share of a step (here "
+        "16: ~25%%, 4: ~40%% of a synchronous step; 70-90%% on GPUs)",
     )
     parser.add_argument("--sft-steps", type=int, default=60)
     parser.add_argument("--eval", type=int, default=200, help="held-out prompts")
