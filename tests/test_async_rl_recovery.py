@@ -119,6 +119,10 @@ def test_driver_killed_mid_run_resumes_and_trains_each_trajectory_once(ray_clust
     code, err = finish(resumed)
     assert code == 0, err[-3000:]
     check_exactly_once(output_dir, redis_url, "kill-driver")
+    # Resuming from an older checkpoint than the stream's commits stops with what to do, not a hang.
+    stale = start_driver(config, f"resume_from={os.path.join(output_dir, 'checkpoints', 'step_3')}")
+    code, err = finish(stale)
+    assert code != 0 and "resume from the latest checkpoint" in err, err[-3000:]
 
 
 @pytest.mark.parametrize("outage", ["within_reconnect_s", "beyond_reconnect_s"])

@@ -167,11 +167,15 @@ class AsyncRLJob(RLJob):
         self._thread = threading.Thread(target=self._rollout_loop, name="raylane-rollout", daemon=True)
         self._thread.start()
 
-    def _admit(self) -> list[GroupRequest]:
-        """The groups the bound lets start now (called with _state held)."""
+    def _admissible(self) -> int:
+        """How many groups may start now (called with _state held)."""
         version = self._admission_version - self._base_version
         limit = self.config.steps * self.bound.batch_groups - self.admission.started
-        count = min(self.bound.admission_capacity(version, self.admission.started), limit)
+        return min(self.bound.admission_capacity(version, self.admission.started), limit)
+
+    def _admit(self) -> list[GroupRequest]:
+        """The groups the bound lets start now (called with _state held)."""
+        count = self._admissible()
         requests = []
         for _ in range(count):
             group_id, example, seed = self.admission.next()
@@ -230,11 +234,21 @@ class AsyncRLJob(RLJob):
     # ---- the trainer -------------------------------------------------------------------------------
 
     def _take(self, entries: list[StreamEntry]) -> None:
+        skipped, self.stream.skipped_group_ids = self.stream.skipped_group_ids, []
         with self._state:
             for entry in entries:
                 self._generating.pop(entry.group.group_id, None)
                 self._seen.add(entry.group.group_id)
                 self._ready.append(entry)
+            lost = sorted(set(skipped) & self._generating.keys(), key=_group_number)
+        if lost:
+            # Skipped with no copy read by this run: their uids were committed as trained by a step
+            # that is not in the checkpoint this run resumed from, so the stream and the job disagree.
+            raise RuntimeError(
+                f"groups {lost} were generated again but the stream records them as trained already: the "
+                "stream holds commits from a later point than this job resumed from; resume from the latest "
+                "checkpoint, or give the job a fresh async_rl.stream.stream_key"
+            )
 
     def _next_batch(self) -> list[StreamEntry]:
         """Wait for the batch the bound allows at the current version; returns its entries in
@@ -249,8 +263,16 @@ class AsyncRLJob(RLJob):
                     [entry.group.start_version - self._base_version for entry in self._ready],
                     [start - self._base_version for start in self._generating.values()],
                 )
+                # Every admitted group read back and none may start: a batch is ready unless some were lost.
+                stalled = chosen is None and not self._generating and self._admissible() <= 0
             if chosen is not None:
                 break
+            if stalled:
+                raise RuntimeError(
+                    f"{len(self._ready)} groups are ready, none is generating and none may start, but a "
+                    f"batch needs {self.bound.batch_groups}: the rest were committed as trained by a step "
+                    "that is not in the checkpoint this run resumed from; resume from the latest checkpoint"
+                )
             self._take(self.stream.get(self.bound.batch_groups * _READ_BATCHES, block_s=_READ_BLOCK_S))
         batch = [self._ready[i] for i in chosen]
         self._ready = [entry for i, entry in enumerate(self._ready) if i not in set(chosen)]
