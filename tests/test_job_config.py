@@ -69,3 +69,16 @@ def test_a_local_cluster_goes_on_without_missing_dashboard_packages(monkeypatch,
         assert _include_dashboard(config) is False
     assert "without its dashboard" in caplog.text
     assert _include_dashboard(config.model_copy(update={"ray_address": "ray://elsewhere:10001"})) is None
+
+
+def test_async_job_loads_and_says_what_it_needs(caplog):
+    config = load_config(JobConfig, "examples/grpo_async.yaml", ["async_rl.max_staleness=4"])
+    assert config.async_rl.max_staleness == 4 and config.async_rl.partial_rollout == "abort_resume"
+    assert config.actor.loss.off_policy_correction == "decoupled"
+    with pytest.raises(ConfigError, match=r"placement\.mode=disaggregated with one rollout replica"):
+        load_config(JobConfig, "examples/grpo_async.yaml", ["placement.mode=colocated"])
+    with pytest.raises(ConfigError, match=r"not task\.reward_model"):
+        load_config(JobConfig, "examples/grpo_async.yaml", ["task.reward_model=/some/model"])
+    with caplog.at_level(logging.WARNING):
+        load_config(JobConfig, "examples/grpo_async.yaml", ["actor.loss.off_policy_correction=none"])
+    assert "set actor.loss.off_policy_correction=decoupled" in caplog.text

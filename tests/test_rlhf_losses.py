@@ -14,6 +14,7 @@ from raylane.rlhf import (
     kl_loss,
     kl_penalty,
     ppo_policy_loss,
+    truncated_importance_weights,
     value_loss,
 )
 
@@ -49,6 +50,20 @@ def test_ppo_clipped_loss_token_mean():
     loss.backward()
     # Clipped tokens get no gradient; the others d(-A r)/d log r = -A r, over 5 tokens.
     assert_close(log_probs.grad, [[0.0, -0.5 / 5, 1.5 / 5, 0.0], [0.0, 4.0 / 5, 0.0, 0.0]])
+
+
+def test_decoupled_ppo_weighs_each_token_by_its_truncated_behaviour_ratio():
+    # Proximal log-probs 0 (the trainer's), behaviour ones log(1/w): weights w, truncated at 2.
+    behaviour = -torch.tensor([[0.5, 1.0, 3.0, 1.0], [1.0, 0.25, 1.0, 1.0]]).log()
+    weights = truncated_importance_weights(torch.zeros(2, 4), behaviour, cap=2.0)
+    assert_close(weights, [[0.5, 1.0, 2.0, 1.0], [1.0, 0.25, 1.0, 1.0]])
+    log_probs, loss, _ = policy_loss(importance_weights=weights)
+    # The PPO losses of the table above, each times its weight.
+    assert loss.item() == pytest.approx((-1.2 * 0.5 - 0.5 + 1.5 * 2.0 + 0.8 + 4.0 * 0.25) / 5)
+    loss.backward()
+    assert_close(log_probs.grad, [[0.0, -0.5 / 5, 3.0 / 5, 0.0], [0.0, 1.0 / 5, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        truncated_importance_weights(torch.zeros(1), torch.zeros(1), cap=0.0)
 
 
 def test_ppo_dual_clip_caps_negative_advantage_tokens():

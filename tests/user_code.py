@@ -19,3 +19,8 @@ def _count_up(i: int) -> tuple[str, str]:
 
 
 COUNT_UP = ToyTask("count_up", "the next number: '41:' -> '42'", num_problems=100, problem=_count_up)
+
+
+def first_character(response_text: str, ground_truth: str, **extra: object) -> float:
+    """A graded score of the response's first character, so the samples of one prompt differ."""
+    return (ord(response_text[0]) % 10) / 10 if response_text else 0.0

@@ -1,7 +1,10 @@
-"""Single controllers on the driver: the RL job's config and dataflow, its metrics and loggers, and weight-sync planning."""
+"""Single controllers on the driver: the RL job's config and dataflow (synchronous or streaming
+asynchronous), its metrics and loggers, and weight-sync planning."""
 
+from raylane.controllers.async_rl import AsyncRLJob
 from raylane.controllers.config import (
     AlgorithmConfig,
+    AsyncRLConfig,
     JobConfig,
     LoggersConfig,
     ModelSpec,
@@ -16,6 +19,8 @@ from raylane.controllers.weight_sync import SyncReport, WeightSync
 
 __all__ = [
     "AlgorithmConfig",
+    "AsyncRLConfig",
+    "AsyncRLJob",
     "JobConfig",
     "LoggersConfig",
     "MetricsTracker",

@@ -6,6 +6,7 @@ Every default runs on a laptop CPU: a tiny model learning the ``reverse`` toy ta
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any, Literal
@@ -18,6 +19,9 @@ from raylane.rlhf import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, REWARD_FUNCTIONS, 
 from raylane.roles import ActorConfig, CriticConfig, OptimConfig, RolloutConfig, TrainConfig
 from raylane.runner import EngineOptions
 from raylane.serving.weights import WeightPublishConfig
+from raylane.streaming import StreamConfig
+
+logger = logging.getLogger(__name__)
 
 AlgorithmName = ADVANTAGE_ESTIMATORS.name_field()
 KLEstimatorName = KL_ESTIMATORS.name_field()
@@ -135,6 +139,37 @@ class LoggersConfig(StrictConfig):
     )
 
 
+class AsyncRLConfig(StrictConfig):
+    """Streaming asynchronous RL: the engines generate without pause into a rollout stream and the
+    trainer takes each batch as soon as one is complete (see ``raylane.rlhf.staleness``)."""
+
+    max_staleness: int = Field(
+        1,
+        ge=0,
+        description="η: no sample is trained more than this many policy versions after its generation "
+        "started (0: the synchronous loop's curve)",
+    )
+    partial_rollout: Literal["abort_resume", "keep"] = Field(
+        "abort_resume",
+        description="samples in flight at a weight update: abort_resume continues them from their tokens "
+        "with the prefix recomputed by the new weights; keep continues on the old weights' KV cache",
+    )
+    oversample: float = Field(
+        0.0,
+        ge=0,
+        description="APRIL: generate this fraction of a batch more groups than the bound alone admits; "
+        "a batch closes when enough groups finish and the rest continue into later ones. Each started "
+        "batch of them adds one version of staleness",
+    )
+    engine_steps_per_call: int = Field(
+        8, ge=1, description="engine steps per rollout call; new weights land between calls"
+    )
+    stream: StreamConfig = StreamConfig()
+    consumer: str = Field(
+        "trainer", min_length=1, description="the trainer's consumer name in the stream; keep it to resume"
+    )
+
+
 class JobConfig(StrictConfig):
     """An RL job: ``raylane train CONFIG.yaml key=value ...``."""
 
@@ -168,6 +203,9 @@ class JobConfig(StrictConfig):
         None, description="also publish each new policy version to a running `raylane serve` app"
     )
     loggers: LoggersConfig = LoggersConfig()
+    async_rl: AsyncRLConfig | None = Field(
+        None, description="stream rollouts to the trainer asynchronously; None: the synchronous loop"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
@@ -190,7 +228,28 @@ class JobConfig(StrictConfig):
                 f"placement.rollout_tp ({self.placement.rollout_tp}) must divide the rollout ranks ({ranks})"
             )
         self._check_batch_split(ranks // self.placement.rollout_tp)
+        if self.async_rl is not None:
+            self._check_async(ranks // self.placement.rollout_tp)
         return self
+
+    def _check_async(self, rollout_replicas: int) -> None:
+        if self.placement.mode != "disaggregated" or rollout_replicas != 1:
+            raise ValueError(
+                "async_rl generates while the trainer trains: set placement.mode=disaggregated with one "
+                f"rollout replica (placement.rollout_ranks = placement.rollout_tp); got mode "
+                f"{self.placement.mode!r} and {rollout_replicas} replicas"
+            )
+        if self.task.reward_model is not None:
+            raise ValueError(
+                "async_rl scores each group on the rollout worker with a verifier: use task.reward_fn, "
+                "not task.reward_model"
+            )
+        if self.async_rl.max_staleness > 0 and self.actor.loss.off_policy_correction == "none":
+            logger.warning(
+                "async_rl.max_staleness=%d trains on samples of older policies without correction: set "
+                "actor.loss.off_policy_correction=decoupled",
+                self.async_rl.max_staleness,
+            )
 
     def _check_batch_split(self, rollout_replicas: int) -> None:
         """Every step's batch must split evenly over the ranks and into mini-batches: reject it here

@@ -29,9 +29,20 @@ _DASHBOARD = {
     "eval_exact_match": "raylane_sft_eval_exact_match",
     "rm/loss": "raylane_rm_loss",
     "eval_pair_accuracy": "raylane_rm_eval_pair_accuracy",
+    "actor/pg_clipfrac": "raylane_actor_clip_fraction",
+    "actor/importance_weight_mean": "raylane_actor_importance_weight_mean",
+    "rollout/staleness_max": "raylane_rollout_staleness_max",
+    "rollout/staleness_mean": "raylane_rollout_staleness_mean",
+    "rollout/samples_in_flight": "raylane_rollout_samples_in_flight",
+    "rollout/engine_busy_fraction": "raylane_rollout_engine_busy_fraction",
+    "stream/depth": "raylane_stream_depth",
+    "trainer/idle_fraction": "raylane_trainer_idle_fraction",
 }
 # Each step phase's seconds ("timing/<phase>_s") go to one gauge tagged with the phase.
 _PHASE_PREFIX, _PHASE_SUFFIX = "timing/", "_s"
+# The staleness histogram of a step's groups ("rollout/staleness_groups_<versions>"): one gauge
+# tagged with the number of versions.
+_STALENESS_PREFIX = "rollout/staleness_groups_"
 
 
 class MetricsTracker:
@@ -51,6 +62,11 @@ class MetricsTracker:
             description="Seconds of one phase of the last step",
             tag_keys=("job", "phase"),
         )
+        self._staleness_groups = ray_metrics.Gauge(
+            "raylane_rollout_staleness_groups",
+            description="Groups of the last batch by staleness (policy versions since they started)",
+            tag_keys=("job", "staleness"),
+        )
         self._tags = {"job": job_name}
         self.loggers = list(loggers)
 
@@ -62,10 +78,13 @@ class MetricsTracker:
         for key, gauge in self._gauges.items():
             if key in record:
                 gauge.set(record[key], tags=self._tags)
-        for key, seconds in record.items():
+        for key, value in record.items():
             if key.startswith(_PHASE_PREFIX) and key.endswith(_PHASE_SUFFIX) and key not in _DASHBOARD:
                 phase = key[len(_PHASE_PREFIX) : -len(_PHASE_SUFFIX)]
-                self._phase_seconds.set(seconds, tags={**self._tags, "phase": phase})
+                self._phase_seconds.set(value, tags={**self._tags, "phase": phase})
+            elif key.startswith(_STALENESS_PREFIX):
+                staleness = key[len(_STALENESS_PREFIX) :]
+                self._staleness_groups.set(value, tags={**self._tags, "staleness": staleness})
         for step_logger in self.loggers:
             step_logger.log(step, {k: v for k, v in record.items() if k != "step"})
 

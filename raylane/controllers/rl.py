@@ -263,18 +263,10 @@ class RLJob:
         if self.config.publish is not None:
             self.config.publish.publish(self.actor.full_weights()[0], self.version)
 
-    def rl_step(self, step: int) -> dict[str, float]:
+    def train_batch(self, batch: Batch, phase: PhaseTimer) -> dict[str, float]:
+        """Train on a generated and scored batch (old and reference log-probs, values, advantages,
+        the updates), then sync the new weights to the engines; returns the step's metrics."""
         cfg = self.config
-        phase = PhaseTimer(self._memory_probes)
-        start = time.perf_counter()
-        prompts = self.prompt_batch(self.loader.next_batch(), seed=cfg.seed * 100_003 + step)
-        with phase("generate"):
-            batch = self.rollout.generate(prompts)
-        if self._sleeps:
-            with phase("sleep"):
-                self.rollout.sleep()
-        with phase("reward"):
-            batch = batch.union(self.reward.compute_rewards(batch))
         with phase("log_probs"):
             batch = batch.union(self.actor.compute_log_probs(batch))
             if self.ref is not None:
@@ -302,7 +294,6 @@ class RLJob:
                 "response_length": response_tokens / len(batch),
                 "rollout/staleness": float(self.version - 1 - int(batch["weight_version"].min())),
                 **log_prob_gap_metrics(batch["rollout_log_probs"], batch["old_log_probs"], mask),
-                "throughput/tokens_per_s": response_tokens / max(phase.seconds["generate"], 1e-9),
                 "throughput/train_tokens": float(batch["attention_mask"].sum()),
             }
         )
@@ -312,6 +303,23 @@ class RLJob:
             * cfg.actor.ppo_epochs
             / max(phase.seconds["update_actor"], 1e-9)
         )
+        return metrics
+
+    def rl_step(self, step: int) -> dict[str, float]:
+        cfg = self.config
+        phase = PhaseTimer(self._memory_probes)
+        start = time.perf_counter()
+        prompts = self.prompt_batch(self.loader.next_batch(), seed=cfg.seed * 100_003 + step)
+        with phase("generate"):
+            batch = self.rollout.generate(prompts)
+        if self._sleeps:
+            with phase("sleep"):
+                self.rollout.sleep()
+        with phase("reward"):
+            batch = batch.union(self.reward.compute_rewards(batch))
+        metrics = self.train_batch(batch, phase)
+        response_tokens = int(batch["response_mask"].sum())
+        metrics["throughput/tokens_per_s"] = response_tokens / max(phase.seconds["generate"], 1e-9)
         metrics.update({f"timing/{name}_s": seconds for name, seconds in phase.seconds.items()})
         metrics.update({f"memory/{name}_peak_gib": peak / 2**30 for name, peak in phase.peak_bytes.items()})
         metrics["timing/step_s"] = time.perf_counter() - start
@@ -343,13 +351,20 @@ class RLJob:
         self.actor.end_warm_start()
         self.sync_weights()
 
+    def driver_state(self) -> dict:
+        """What the driver saves with a checkpoint besides step, version and metrics: the data position."""
+        return {"loader": self.loader.state_dict()}
+
+    def load_driver_state(self, extra: dict) -> None:
+        self.loader.load_state_dict(extra["loader"])
+
     def checkpoint(self, step: int) -> str:
         path = os.path.join(self.config.output_dir, "checkpoints", f"step_{step}")
         extra = {
             "step": step,
             "version": self.version,
-            "loader": self.loader.state_dict(),
             "history": self.metrics.history,
+            **self.driver_state(),
         }
         self.actor.save_checkpoint(os.path.join(path, "actor"), extra)
         if self.critic is not None:
@@ -360,7 +375,7 @@ class RLJob:
         extra = self.actor.load_checkpoint(os.path.join(path, "actor"))[0]
         if self.critic is not None:
             self.critic.load_checkpoint(os.path.join(path, "critic"))
-        self.loader.load_state_dict(extra["loader"])
+        self.load_driver_state(extra)
         self.metrics.restore(extra["history"])
         self.start_step = extra["step"]
         self.version = extra["version"] - 1
@@ -409,7 +424,10 @@ def run_job(config: JobConfig) -> list[dict[str, float]]:
         ray.init(
             address=config.ray_address, include_dashboard=_include_dashboard(config), log_to_driver=False
         )
-    return RLJob(config).run()
+    # Imported here: the asynchronous job builds on this module.
+    from raylane.controllers.async_rl import AsyncRLJob
+
+    return (RLJob if config.async_rl is None else AsyncRLJob)(config).run()
 
 
 def _include_dashboard(config: JobConfig) -> bool | None:

@@ -16,7 +16,13 @@ from raylane.rlhf.advantages import (
 from raylane.rlhf.data import DatasetError, PromptDataset, PromptExample, PromptLoader, read_jsonl
 from raylane.rlhf.kl import KL_ESTIMATORS, AdaptiveKLController, apply_kl_penalty, kl_loss, kl_penalty
 from raylane.rlhf.logprobs import entropy_from_logits, log_probs_from_logits
-from raylane.rlhf.losses import LOSS_AGGREGATIONS, aggregate_loss, ppo_policy_loss, value_loss
+from raylane.rlhf.losses import (
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    ppo_policy_loss,
+    truncated_importance_weights,
+    value_loss,
+)
 from raylane.rlhf.masks import masked_mean, masked_sum, masked_var, masked_whiten, scores_to_token_rewards
 from raylane.rlhf.rewards import (
     REWARD_FUNCTIONS,
@@ -27,7 +33,7 @@ from raylane.rlhf.rewards import (
 )
 from raylane.rlhf.staleness import StalenessBound
 from raylane.rlhf.tasks import TOY_TASKS, ToyTask, ToyTaskFiles, make_toy_task, register_toy_task
-from raylane.rlhf.trajectory import Trajectory, TrajectoryGroup
+from raylane.rlhf.trajectory import Trajectory, TrajectoryGroup, groups_to_batch, sample_tensors
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -55,6 +61,7 @@ __all__ = [
     "entropy_from_logits",
     "extract_final_number",
     "get_reward_fn",
+    "groups_to_batch",
     "grpo_advantages",
     "kl_loss",
     "kl_penalty",
@@ -70,6 +77,8 @@ __all__ = [
     "register_reward",
     "register_toy_task",
     "rloo_advantages",
+    "sample_tensors",
     "scores_to_token_rewards",
+    "truncated_importance_weights",
     "value_loss",
 ]

@@ -66,8 +66,9 @@ def ppo_policy_loss(
     clip_ratio_high: float = 0.2,
     clip_ratio_c: float | None = None,
     loss_agg_mode: str = "token-mean",
+    importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate loss, optionally dual-clipped.
+    """PPO clipped surrogate loss, optionally dual-clipped, optionally decoupled.
 
     Per token, with ``r = exp(log_probs - old_log_probs)`` and advantage ``A``:
     ``loss = max(-A * r, -A * clip(r, 1 - clip_ratio_low, 1 + clip_ratio_high))``.
@@ -84,6 +85,10 @@ def ppo_policy_loss(
             ``high`` is DAPO's "clip-higher".
         clip_ratio_c: dual-clip bound, > 1, or None for no dual clip.
         loss_agg_mode: see :func:`aggregate_loss`.
+        importance_weights: ``[B, T]`` detached weights of each token's loss, or None. Decoupled
+            PPO (Hilton et al. 2021; AReaL) passes ``old_log_probs`` of the *proximal* policy (the
+            trainer's current one, which the clip keeps the update near) and the truncated ratio
+            ``min(pi_prox / pi_behav, cap)`` here, correcting for the older policy that sampled.
 
     Returns:
         ``(loss, metrics)`` with metrics ``pg_clipfrac`` (fraction of tokens where the clipped
@@ -91,6 +96,8 @@ def ppo_policy_loss(
         is active) and ``ppo_kl`` (mean of ``old_log_probs - log_probs``, a KL estimate).
     """
     check_same_shape(response_mask, log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages)
+    if importance_weights is not None:
+        check_same_shape(response_mask, importance_weights=importance_weights)
     if clip_ratio_c is not None and clip_ratio_c <= 1.0:
         raise ValueError(
             f"clip_ratio_c must be > 1.0 for the dual clip to bound anything, got {clip_ratio_c}"
@@ -106,6 +113,8 @@ def ppo_policy_loss(
         bound = -advantages * clip_ratio_c
         dual_active = (advantages < 0) & (losses > bound)
         losses = torch.where(dual_active, bound, losses)
+    if importance_weights is not None:
+        losses = losses * importance_weights
     loss = aggregate_loss(losses, response_mask, loss_agg_mode)
     metrics = {
         "pg_clipfrac": masked_mean(clip_active.float(), response_mask).detach(),
@@ -113,6 +122,16 @@ def ppo_policy_loss(
         "ppo_kl": masked_mean(-log_ratio, response_mask).detach(),
     }
     return loss, metrics
+
+
+def truncated_importance_weights(
+    proximal_log_probs: torch.Tensor, behaviour_log_probs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """``min(pi_prox / pi_behav, cap)`` per token, detached: the off-policy weight of decoupled PPO."""
+    if cap <= 0:
+        raise ValueError(f"the importance-weight cap must be > 0, got {cap}")
+    log_ratio = (proximal_log_probs - behaviour_log_probs).detach().clamp(max=_MAX_LOG_RATIO)
+    return log_ratio.exp().clamp(max=cap)
 
 
 def value_loss(

@@ -10,7 +10,12 @@ prompt form a group (GRPO normalises within it), and a group is the unit the str
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+
+import torch
+
+from raylane.batch import Batch
 
 
 @dataclass(frozen=True)
@@ -87,3 +92,57 @@ class TrajectoryGroup:
             for t in raw["trajectories"]
         )
         return cls(group_id=raw["group_id"], prompt_index=raw["prompt_index"], trajectories=trajectories)
+
+
+def sample_tensors(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    log_probs: Sequence[Sequence[float]],
+    pad_token_id: int,
+) -> dict[str, torch.Tensor]:
+    """The trainer's layout of sampled rows: prompts left-padded and responses right-padded to the
+    longest of each, ``attention_mask``, ``response_mask`` and the sampled ``rollout_log_probs``."""
+    prompt_len = max(map(len, prompt_ids))
+    response_len = max(1, max(map(len, response_ids)))
+    pad = pad_token_id
+    # Rows are built as lists and turned into tensors once: a thousand small tensor writes per
+    # batch cost more than the engine's own work on short responses.
+    prompts, responses, attention, response_mask, padded_log_probs = [], [], [], [], []
+    for ids, out, lp in zip(prompt_ids, response_ids, log_probs):
+        ids, out = list(ids), list(out)
+        left, right = prompt_len - len(ids), response_len - len(out)
+        prompts.append([pad] * left + ids)
+        responses.append(out + [pad] * right)
+        attention.append([0] * left + [1] * (len(ids) + len(out)) + [0] * right)
+        response_mask.append([1.0] * len(out) + [0.0] * right)
+        padded_log_probs.append(list(lp) + [0.0] * right)
+    return {
+        "prompts": torch.tensor(prompts, dtype=torch.long),
+        "responses": torch.tensor(responses, dtype=torch.long),
+        "attention_mask": torch.tensor(attention, dtype=torch.long),
+        "response_mask": torch.tensor(response_mask),
+        "rollout_log_probs": torch.tensor(padded_log_probs),
+    }
+
+
+def groups_to_batch(groups: Sequence[TrajectoryGroup], pad_token_id: int) -> Batch:
+    """The rows of ``groups`` (group-major) in the trainer's layout (see :func:`sample_tensors`),
+    with ``scores``, ``uid`` (the group id: GRPO normalises within it), ``trajectory_uid``,
+    ``weight_version`` (the oldest of each row's tokens) and ``start_version``."""
+    rows = [t for group in groups for t in group.trajectories]
+    tensors = sample_tensors(
+        [t.prompt_ids for t in rows],
+        [t.response_ids for t in rows],
+        [t.behaviour_log_probs for t in rows],
+        pad_token_id,
+    )
+    return Batch.from_dict(
+        {
+            **tensors,
+            "scores": torch.tensor([t.score for t in rows]),
+            "weight_version": torch.tensor([min(t.weight_versions, default=t.start_version) for t in rows]),
+            "start_version": torch.tensor([t.start_version for t in rows]),
+            "uid": [group.group_id for group in groups for _ in group.trajectories],
+            "trajectory_uid": [t.uid for t in rows],
+        }
+    )

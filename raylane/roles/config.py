@@ -38,6 +38,13 @@ class PolicyLossConfig(StrictConfig):
     entropy_coef: float = Field(0.0, ge=0)
     kl_loss_coef: float = Field(0.0, ge=0, description="KL-to-reference term in the loss (GRPO style)")
     kl_loss_type: KLEstimatorName = "k3"
+    off_policy_correction: Literal["none", "decoupled"] = Field(
+        "none",
+        description="decoupled: PPO's ratio against the trainer's own (proximal) log-probs, each token "
+        "weighted by min(pi_prox / pi_behaviour, importance_weight_cap) with the runner's sampled "
+        "log-probs; for asynchronous RL, where the sampling policy is versions older",
+    )
+    importance_weight_cap: float = Field(2.0, gt=0, description="truncation of decoupled PPO's weights")
 
 
 class TrainConfig(StrictConfig):

@@ -14,7 +14,8 @@ from raylane.fault_tolerance.checkpoint import save_hf_checkpoint
 from raylane.models import load_model
 from raylane.rlhf.kl import kl_loss
 from raylane.rlhf.logprobs import entropy_from_logits
-from raylane.rlhf.losses import aggregate_loss, ppo_policy_loss
+from raylane.rlhf.losses import aggregate_loss, ppo_policy_loss, truncated_importance_weights
+from raylane.rlhf.masks import masked_mean
 from raylane.roles.config import ActorConfig, TrainConfig
 from raylane.roles.training import (
     CheckpointedTrainer,
@@ -86,7 +87,8 @@ class PolicyTrainer(_PolicyModel, CheckpointedTrainer, WeightSyncSource):
 
     @register(Dispatch.DP_SHARD, pad=True)
     def update_actor(self, batch: Batch) -> Batch:
-        """A PPO/GRPO update from ``old_log_probs``, ``advantages`` (and ``ref_log_probs`` for a KL loss).
+        """A PPO/GRPO update from ``old_log_probs``, ``advantages`` (and ``ref_log_probs`` for a KL loss;
+        ``rollout_log_probs``, the behaviour policy's, for decoupled PPO).
 
         ``config.ppo_epochs`` passes over the batch, one optimizer step per ``config.mini_batch_size`` rows.
         """
@@ -96,17 +98,29 @@ class PolicyTrainer(_PolicyModel, CheckpointedTrainer, WeightSyncSource):
         def loss_fn(micro: Batch):
             mask = micro["response_mask"].to(self.device)
             log_probs, logits = policy_log_probs(self.model, micro, temperature, self.device)
+            old_log_probs = micro["old_log_probs"].to(self.device)
+            weights = None
+            if loss_cfg.off_policy_correction == "decoupled":
+                weights = truncated_importance_weights(
+                    old_log_probs, micro["rollout_log_probs"].to(self.device), loss_cfg.importance_weight_cap
+                )
             loss, stats = ppo_policy_loss(
                 log_probs,
-                micro["old_log_probs"].to(self.device),
+                old_log_probs,
                 micro["advantages"].to(self.device),
                 mask,
                 clip_ratio_low=loss_cfg.clip_ratio_low,
                 clip_ratio_high=loss_cfg.clip_ratio_high,
                 clip_ratio_c=loss_cfg.clip_ratio_c,
                 loss_agg_mode=loss_cfg.loss_agg_mode,
+                importance_weights=weights,
             )
             metrics = {f"actor/{k}": float(v) for k, v in stats.items()}
+            if weights is not None:
+                metrics["actor/importance_weight_mean"] = float(masked_mean(weights, mask))
+                metrics["actor/importance_weight_max"] = float((weights * mask).max())
+                capped = (weights >= loss_cfg.importance_weight_cap).float()
+                metrics["actor/importance_weight_capped"] = float(masked_mean(capped, mask))
             metrics["actor/pg_loss"] = float(loss)
             if loss_cfg.entropy_coef > 0:
                 entropy = aggregate_loss(

@@ -7,18 +7,33 @@ are identical after the row-parallel all-reduce, so every rank samples the same 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
 import torch
 
 from raylane.actors.dispatch import Dispatch, register
 from raylane.batch import Batch
 from raylane.models import ModelConfig, TensorParallelGroup, load_model
+from raylane.rlhf.trajectory import TrajectoryGroup, sample_tensors
 from raylane.roles.config import RolloutConfig
-from raylane.runner import EngineConfig, LLMEngine, SamplingParams
+from raylane.roles.partial_rollout import GroupRequest, PartialRolloutMode, PartialRollouts, request_seed
+from raylane.runner import EngineConfig, LLMEngine, RequestOutput, SamplingParams
 from raylane.runner.engine import resolve_dtype
+from raylane.streaming import RolloutStream
 from raylane.weight_transfer import WeightSyncTarget
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamReport:
+    """What one :meth:`Rollout.stream_generate` call did."""
+
+    finished: tuple[tuple[str, int], ...]  # (group id, start version) of each group put in the stream
+    engine_seconds: float  # inside engine steps
+    samples_in_flight: int
+    resumed_samples: int  # continuations started so far (abort_resume)
 
 
 class Rollout(WeightSyncTarget):
@@ -34,15 +49,32 @@ class Rollout(WeightSyncTarget):
         tp = TensorParallelGroup(self.tp_size, self.tp_rank, self.tp_group if self.tp_size > 1 else None)
         self.engine = LLMEngine(engine_config, model=load_model(model, dtype, self.device, tp))
         self.pad_token_id = self.engine.tokenizer.pad_token_id or 0
+        self.partial: PartialRollouts | None = None
+        self._stream: RolloutStream | None = None
+
+    def _encode(self, prompt: str | None, messages: list | None) -> list[int]:
+        text = self.engine.tokenizer.apply_chat_template(messages) if messages else prompt
+        return self.engine.tokenizer.encode(text)
 
     def _prompt_ids(self, batch: Batch, row: int) -> list[int]:
         if "prompt_token_ids" in batch:
             return list(batch["prompt_token_ids"][row])
-        if "messages" in batch and batch["messages"][row]:
-            text = self.engine.tokenizer.apply_chat_template(batch["messages"][row])
-        else:
-            text = batch["prompt"][row]
-        return self.engine.tokenizer.encode(text)
+        messages = batch["messages"][row] if "messages" in batch else None
+        return self._encode(batch["prompt"][row] if "prompt" in batch else None, messages)
+
+    def _step(self) -> list[RequestOutput]:
+        """One engine step; the finished requests of streamed groups go to their tracker, the
+        other finished ones are returned."""
+        if self.partial is None:
+            return self.engine.step(return_unfinished=False)
+        self.partial.before_step()
+        outputs = []
+        for out in self.engine.step(return_unfinished=False):
+            if self.partial.owns(out.request_id):
+                self.partial.take(out)
+            else:
+                outputs.append(out)
+        return outputs
 
     @register(Dispatch.DP_SHARD)
     def generate(self, batch: Batch) -> Batch:
@@ -64,43 +96,31 @@ class Rollout(WeightSyncTarget):
                 top_p=cfg.top_p,
                 top_k=cfg.top_k,
                 max_tokens=int(meta.get("max_tokens", cfg.max_tokens)),
-                seed=None if seed is None else (int(seed) * 1_000_003 + int(batch["uid"][row])) % 2**62,
+                seed=None if seed is None else request_seed(seed, batch["uid"][row]),
                 logprobs=True,
             )
             self.engine.add_request(str(row), prompt_token_ids=ids, sampling_params=params)
         finished = {}
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    finished[int(out.request_id)] = out
+        # Groups generating for the stream, if any, progress meanwhile.
+        while len(finished) < len(batch):
+            for out in self._step():
+                finished[int(out.request_id)] = out
         samples = [(row, c) for row in range(len(batch)) for c in finished[row].outputs]
         return self._to_batch(batch, prompt_ids, samples, n)
 
     def _to_batch(self, batch: Batch, prompt_ids: list[list[int]], samples: list, n: int) -> Batch:
-        prompt_len = max(len(prompt_ids[row]) for row, _ in samples)
-        response_len = max(1, max(len(c.token_ids) for _, c in samples))
-        pad = self.pad_token_id
-        # Rows are built as lists and turned into tensors once: a thousand small tensor writes per
-        # batch cost more than the engine's own work on short responses.
-        prompts, responses, attention, response_mask, log_probs = [], [], [], [], []
-        for row, completion in samples:
-            ids, out = prompt_ids[row], completion.token_ids
-            left, right = prompt_len - len(ids), response_len - len(out)
-            prompts.append([pad] * left + ids)
-            responses.append(out + [pad] * right)
-            attention.append([0] * left + [1] * (len(ids) + len(out)) + [0] * right)
-            response_mask.append([1.0] * len(out) + [0.0] * right)
-            log_probs.append(list(completion.logprobs) + [0.0] * right)
         rows = [row for row, _ in samples]
+        tensors = sample_tensors(
+            [prompt_ids[row] for row in rows],
+            [c.token_ids for _, c in samples],
+            [c.logprobs for _, c in samples],
+            self.pad_token_id,
+        )
         carried = {key: [column[row] for row in rows] for key, column in batch.non_tensors.items()}
         return Batch.from_dict(
             {
                 **carried,
-                "prompts": torch.tensor(prompts, dtype=torch.long),
-                "responses": torch.tensor(responses, dtype=torch.long),
-                "attention_mask": torch.tensor(attention, dtype=torch.long),
-                "response_mask": torch.tensor(response_mask),
-                "rollout_log_probs": torch.tensor(log_probs),
+                **tensors,
                 "weight_version": torch.tensor(
                     [min(c.weight_versions, default=self.engine.weight_version) for _, c in samples]
                 ),
@@ -108,6 +128,38 @@ class Rollout(WeightSyncTarget):
                 "sample_index": [c.index for _, c in samples],
             },
             meta={**batch.meta, "n": n},
+        )
+
+    @register(Dispatch.ONE_TO_ALL)
+    def open_stream(self, stream: RolloutStream, mode: PartialRolloutMode) -> None:
+        """Generate groups for ``stream`` from now on, carrying samples across weight updates by ``mode``.
+        Only the first rank of a tensor-parallel group puts (they all generate the same tokens)."""
+        self.partial = PartialRollouts(self.engine, self.config, mode)
+        self._stream = stream if self.tp_rank == 0 else None
+
+    @register(Dispatch.ONE_TO_ALL)
+    def stream_generate(self, requests: list[GroupRequest], max_steps: int) -> StreamReport:
+        """Admit ``requests``, run up to ``max_steps`` engine steps (fewer once nothing is left to
+        generate), put the groups that finished into the stream and report."""
+        if self.partial is None:
+            raise RuntimeError("call open_stream before stream_generate")
+        for request in requests:
+            self.partial.admit(request, self._encode(request.prompt, request.messages))
+        started = time.perf_counter()
+        for _ in range(max_steps):
+            if not self.engine.has_unfinished_requests():
+                break
+            self._step()
+        engine_seconds = time.perf_counter() - started
+        finished: list[TrajectoryGroup] = self.partial.pop_finished()
+        if self._stream is not None:
+            for group in finished:
+                self._stream.put(group)
+        return StreamReport(
+            finished=tuple((group.group_id, group.start_version) for group in finished),
+            engine_seconds=engine_seconds,
+            samples_in_flight=self.partial.samples_in_flight,
+            resumed_samples=self.partial.resumed_samples,
         )
 
     @register(Dispatch.ONE_TO_ALL)

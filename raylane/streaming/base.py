@@ -63,6 +63,8 @@ class RolloutStream(ABC):
         self.consumer = consumer
         self.claim_idle_s = claim_idle_s
         self._held: dict[str, StreamEntry] = {}
+        # Group ids of entries get skipped as already trained or held, until the caller takes them.
+        self.skipped_group_ids: list[str] = []
         # A restarted consumer first walks the entries it held before the restart.
         self._pending_cursor: str | None = "0"
 
@@ -115,6 +117,7 @@ class RolloutStream(ABC):
         for entry in entries:
             if any(trained[uid] or uid in held_uids for uid in entry.group.uids):
                 duplicates.append(entry.entry_id)
+                self.skipped_group_ids.append(entry.group.group_id)
                 continue
             held_uids.update(entry.group.uids)
             self._held[entry.entry_id] = entry

@@ -24,6 +24,9 @@ class StreamConfig(StrictConfig):
         description="a held entry idle this long is taken over by another trainer; keep it above the "
         "longest time a live trainer goes without calling get",
     )
+    reconnect_s: float = Field(
+        30.0, gt=0, description="Redis only: how long a lost connection is retried before the job stops"
+    )
 
 
 def open_rollout_stream(config: StreamConfig, consumer: str) -> RolloutStream:
@@ -35,5 +38,6 @@ def open_rollout_stream(config: StreamConfig, consumer: str) -> RolloutStream:
             stream_key=config.stream_key,
             consumer_group=config.consumer_group,
             claim_idle_s=config.claim_idle_s,
+            reconnect_s=config.reconnect_s,
         )
     return InMemoryRolloutStream(consumer, stream_key=config.stream_key, claim_idle_s=config.claim_idle_s)

@@ -6,21 +6,36 @@ to a live one. Commit is one MULTI/EXEC transaction: XACK, XDEL (committed group
 stream) and SADD of their uids to the trained set ``<stream_key>:trained``. Durability across a
 server crash is Redis's own: run it with ``--appendonly yes`` (``appendfsync everysec`` loses at
 most a second of writes; ``always`` none).
+
+A lost connection is retried for ``reconnect_s`` (a restarting server): every command is safe to
+repeat, as a duplicate entry is skipped by uid, a commit is idempotent and an entry delivered in a
+lost reply stays pending for this consumer until it is claimed again. After that,
+:class:`StreamUnavailableError` says what to do.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
-from raylane.streaming.base import RawEntry, RolloutStream
+from raylane.rlhf.trajectory import TrajectoryGroup
+from raylane.streaming.base import RawEntry, Receipt, RolloutStream, StreamEntry
 
 logger = logging.getLogger(__name__)
 
 _FIELD = b"group"
+_BACKOFF_CAP_S = 0.5
+
+
+class StreamUnavailableError(ConnectionError):
+    """Redis stayed unreachable longer than ``reconnect_s``."""
+
 
 # XCLAIM alone would take an entry back from a consumer that claimed it in the meantime; the
 # script renews only the entries still pending for this consumer, in one atomic step.
@@ -54,13 +69,16 @@ class RedisRolloutStream(RolloutStream):
         stream_key: str = "raylane:rollouts",
         consumer_group: str = "trainers",
         claim_idle_s: float = 60.0,
+        reconnect_s: float = 30.0,
     ) -> None:
         super().__init__(consumer, claim_idle_s)
         self.url = url
         self.stream_key = stream_key
         self.consumer_group = consumer_group
+        self.reconnect_s = reconnect_s
         self._trained_key = f"{stream_key}:trained"
-        self._redis = redis.Redis.from_url(url)
+        # A server that is not there at all fails at once; one that goes away later is waited for.
+        self._redis = redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(), 0))
         self._renew_owned = self._redis.register_script(_RENEW_OWNED)
         try:
             self._redis.xgroup_create(stream_key, consumer_group, id="0", mkstream=True)
@@ -72,6 +90,12 @@ class RedisRolloutStream(RolloutStream):
         except redis.ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
+        backoff = ExponentialBackoff(cap=_BACKOFF_CAP_S)
+        retries, waited = 0, 0.0
+        while waited < reconnect_s:
+            retries += 1
+            waited += backoff.compute(retries)
+        self._redis.set_retry(Retry(backoff, retries))
 
     def __reduce__(self):
         # Sent to another process (a rollout worker that puts), a handle reconnects and holds nothing.
@@ -81,12 +105,37 @@ class RedisRolloutStream(RolloutStream):
                 stream_key=self.stream_key,
                 consumer_group=self.consumer_group,
                 claim_idle_s=self.claim_idle_s,
+                reconnect_s=self.reconnect_s,
             ),
             (self.url, self.consumer),
         )
 
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        try:
+            yield
+        except redis.ConnectionError as err:
+            raise StreamUnavailableError(
+                f"lost the rollout stream's Redis at {self.url} for more than reconnect_s={self.reconnect_s} s "
+                f"({err}): restart redis-server there (with --appendonly yes, so the stream survives), then "
+                "resume the job from its last checkpoint (resume_from=...); nothing accepted is lost"
+            ) from err
+
+    def put(self, group: TrajectoryGroup) -> str:
+        with self._reachable():
+            return super().put(group)
+
+    def get(self, max_groups: int, block_s: float = 0.0) -> list[StreamEntry]:
+        with self._reachable():
+            return super().get(max_groups, block_s)
+
+    def commit(self, receipts: Iterable[Receipt]) -> None:
+        with self._reachable():
+            super().commit(receipts)
+
     def depth(self) -> int:
-        return int(self._redis.xlen(self.stream_key))
+        with self._reachable():
+            return int(self._redis.xlen(self.stream_key))
 
     def _append(self, payload: bytes) -> str:
         return self._redis.xadd(self.stream_key, {_FIELD: payload}).decode()
