@@ -1,0 +1,367 @@
+"""The detector's rules: C4's fault classes read from the ranks' collective records.
+
+Collectives are periodic and homogeneous: every rank of a group runs the same sequence of them,
+so the k-th collective of a group is comparable across its ranks, and a fault shows up as an
+asymmetry between them.
+
+- **crash**: a rank's actor is dead (asked once its heartbeat went quiet for ``silence_s``), or its
+  heartbeat stayed silent for ``2 * hang_s`` with no hang explaining it. Heartbeats and records
+  are stamped with the rank host's clock: hosts are assumed synchronised (NTP) to well within
+  ``silence_s``.
+- **non-communication hang**: some ranks of a group entered collective k ``hang_s`` ago, none
+  left, and one never arrived: that one is the culprit.
+- **communication hang**: every rank entered collective k, the last ``hang_s`` ago, and none
+  left. The group and its nodes are named; a rank among them whose heartbeat is silent is the
+  culprit (with none silent, the verdict waits ``silence_s`` more for one to go quiet).
+- **non-communication slow**: in most of the last ``straggler_window`` complete collectives of one
+  op of a group the same rank arrived last, by a margin several times the spread of the others. Arrival
+  order comes from durations (everyone leaves a collective together, so the last to arrive waits
+  least), which needs no clock shared between hosts.
+- **communication slow**: a matrix of point-to-point transfers (the weight sync's sends and
+  receives), one cell per (sender, receiver): the seconds per byte a receiver stayed blocked in
+  ``wait`` for that sender's data (a receive waited on after its data landed counts ~0, so waiting
+  on several receives in turn blames none of them wrongly). A cell several times the fastest half
+  of the cells is hot; a hot row names the sender, a hot column the receiver, a lone cell the link.
+
+:class:`Detector` is plain Python (``ingest`` batches, ``check`` at a time); the detector actor
+runs it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from raylane.fault_tolerance.config import DetectorConfig
+from raylane.fault_tolerance.events import FaultEvent
+from raylane.fault_tolerance.probes import ProbeBatch, RankIdentity
+
+__all__ = ["Detector"]
+
+RankKey = tuple[str, int]
+
+# Complete collectives kept per group beyond the straggler window (older ones are dropped).
+_KEPT_SEQS = 64
+
+
+@dataclass
+class _Arrival:
+    rank: RankKey
+    t_enter: float
+    t_exit: float | None = None
+    ok: bool = True
+
+
+@dataclass
+class _Group:
+    size: int
+    members: dict[int, RankKey] = field(default_factory=dict)
+    seqs: dict[int, dict[int, _Arrival]] = field(default_factory=dict)
+    ops: dict[int, str] = field(default_factory=dict)
+    # Complete collectives by op: like is compared with like (a rank late to the all-reduce after
+    # its compute is on time for the all-gather right after it).
+    complete: dict[str, deque] = field(default_factory=dict)
+
+
+@dataclass
+class _RankState:
+    identity: RankIdentity
+    last_seen: float
+    last_phase: str = ""
+
+
+class Detector:
+    """Turns probe batches into :class:`FaultEvent` s; each fault is reported once."""
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or DetectorConfig()
+        self.ranks: dict[RankKey, _RankState] = {}
+        self._groups: dict[str, _Group] = {}
+        self._collective_ops: dict[tuple[RankKey, int], tuple[str, int, int]] = {}
+        self._p2p_ops: dict[tuple[RankKey, int], tuple] = {}
+        self._links: dict[tuple[str, int, RankKey], deque] = {}
+        self._blamed: dict[RankKey, str] = {}
+        self._reported: set[tuple] = set()
+        self.collectives_seen = 0
+        self._early_exits: dict[tuple[RankKey, int], list] = {}
+
+    # -- ingest ---------------------------------------------------------------------------
+
+    def ingest(self, batch: ProbeBatch) -> None:
+        key = batch.identity.key
+        state = self.ranks.get(key)
+        if state is None or state.identity != batch.identity:
+            state = self.ranks[key] = _RankState(batch.identity, batch.sent_at)
+        # Stamped by the rank: a batch that took long on the way is no sign of life now.
+        state.last_seen = max(state.last_seen, batch.sent_at)
+        for enter in batch.enters:
+            self._enter(key, *enter)
+        for op_id, *exit_ in batch.exits:
+            if (key, op_id) in self._collective_ops or (key, op_id) in self._p2p_ops:
+                self._exit(key, op_id, *exit_)
+            else:  # its entry is in a batch still on its way (Ray may deliver batches out of order)
+                self._early_exits[(key, op_id)] = exit_
+        if batch.phases:
+            state.last_phase = batch.phases[-1][0]
+
+    @property
+    def orphan_exits(self) -> int:
+        """Exits whose entry has not come (yet)."""
+        return len(self._early_exits)
+
+    def _enter(
+        self,
+        key: RankKey,
+        op_id: int,
+        label: str,
+        op: str,
+        seq: int,
+        nbytes: int,
+        peer: int,
+        group_rank: int,
+        group_size: int,
+        t_enter: float,
+    ) -> None:
+        group = self._groups.get(label)
+        if group is None or group.size != group_size:
+            group = self._groups[label] = _Group(group_size)
+        group.members[group_rank] = key
+        if peer >= 0:
+            self._p2p_ops[(key, op_id)] = (label, op, peer, nbytes)
+        else:
+            group.seqs.setdefault(seq, {})[group_rank] = _Arrival(key, t_enter)
+            group.ops[seq] = op
+            self.collectives_seen += 1
+            self._collective_ops[(key, op_id)] = (label, seq, group_rank)
+        early = self._early_exits.pop((key, op_id), None)
+        if early is not None:
+            self._exit(key, op_id, *early)
+
+    def _exit(self, key: RankKey, op_id: int, t_exit: float, ok: bool, t_wait: float) -> None:
+        if (key, op_id) in self._collective_ops:
+            label, seq, group_rank = self._collective_ops.pop((key, op_id))
+            self._exit_collective(label, seq, group_rank, t_exit, ok)
+        else:
+            label, op, peer, nbytes = self._p2p_ops.pop((key, op_id))
+            if op == "recv":
+                self._received(label, peer, key, nbytes, t_exit - t_wait)
+
+    def _exit_collective(self, label: str, seq: int, group_rank: int, t_exit: float, ok: bool) -> None:
+        group = self._groups.get(label)
+        arrivals = group.seqs.get(seq) if group else None
+        if arrivals is None or group_rank not in arrivals:
+            return
+        arrival = arrivals[group_rank]
+        arrival.t_exit, arrival.ok = t_exit, ok
+        if len(arrivals) == group.size and all(a.t_exit is not None for a in arrivals.values()):
+            del group.seqs[seq]
+            op = group.ops.pop(seq)
+            if all(a.ok for a in arrivals.values()):
+                group.complete.setdefault(op, deque(maxlen=_KEPT_SEQS)).append(arrivals)
+
+    def _received(self, label: str, sender: int, receiver: RankKey, nbytes: int, blocked_s: float) -> None:
+        """A receive's wait: how long the receiver was blocked on this sender's data."""
+        # The sender is kept as its group rank: its own records may not have come yet.
+        link = (label, sender, receiver)
+        if link not in self._links:
+            self._links[link] = deque(maxlen=self.config.link_window)
+        self._links[link].append((max(blocked_s, 0.0), nbytes))
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def check(self, now: float, dead: Iterable[RankKey] = ()) -> list[FaultEvent]:
+        """New events at time ``now``; ``dead`` are ranks whose actor is known dead."""
+        events = [self._crash(key, now, "actor died") for key in dead if key not in self._blamed]
+        for label, group in self._groups.items():
+            events += self._hangs(label, group, now)
+            events += self._stragglers(label, group, now)
+        events += self._slow_links(now)
+        for key in self.silent(now, 2 * self.config.hang_s):
+            if key not in self._blamed:
+                age = now - self.ranks[key].last_seen
+                events.append(self._crash(key, now, f"heartbeat silent for {age:.1f} s"))
+        return events
+
+    def silent(self, now: float, after_s: float | None = None) -> list[RankKey]:
+        """Ranks whose last shipment is older than ``after_s`` (default ``silence_s``)."""
+        limit = self.config.silence_s if after_s is None else after_s
+        return [key for key, state in self.ranks.items() if now - state.last_seen > limit]
+
+    def _event(self, kind: str, key: RankKey | None, label: str, nodes, evidence: dict, now: float):
+        identity = self.ranks[key].identity if key is not None else None
+        event = FaultEvent(
+            kind=kind,
+            worker_group=identity.group if identity else label.split("/")[0],
+            rank=identity.rank if identity else -1,
+            role=identity.role if identity else "",
+            node_ip=identity.node_ip if identity else "",
+            node_id=identity.node_id if identity else "",
+            collective_group=label,
+            nodes=tuple(sorted(set(nodes))),
+            evidence=evidence,
+            detected_at=now,
+        )
+        if key is not None:
+            self._blamed[key] = kind
+        return event
+
+    def _crash(self, key: RankKey, now: float, reason: str) -> FaultEvent:
+        state = self.ranks[key]
+        evidence = {"reason": reason, "last_seen_s_ago": round(now - state.last_seen, 3)}
+        if state.last_phase:
+            evidence["last_phase"] = state.last_phase
+        return self._event("crash", key, "", [state.identity.node_ip], evidence, now)
+
+    def _node(self, key: RankKey) -> str:
+        return self.ranks[key].identity.node_ip if key in self.ranks else ""
+
+    def _hangs(self, label: str, group: _Group, now: float) -> list[FaultEvent]:
+        # A collective that some rank has left is done (a rank's records of it may still be on
+        # their way, or lost with a process that stopped); the first one nobody left is the open one.
+        left = [seq for seq, arrivals in group.seqs.items() if any(a.t_exit for a in arrivals.values())]
+        if left:
+            for seq in [s for s in left if s < max(left) - _KEPT_SEQS]:
+                del group.seqs[seq]
+                group.ops.pop(seq, None)
+        open_seqs = sorted(seq for seq in group.seqs if seq not in set(left))
+        if not open_seqs:
+            return []
+        seq = open_seqs[0]
+        arrivals = group.seqs[seq]
+        if ("hang", label, seq) in self._reported:
+            return []
+        nodes = [self._node(k) for k in group.members.values()]
+        if len(arrivals) < group.size:
+            waited = now - min(a.t_enter for a in arrivals.values())
+            missing = [r for r in range(group.size) if r not in arrivals]
+            culprits = [group.members[r] for r in missing if r in group.members]
+            if waited < self.config.hang_s or (culprits and all(c in self._blamed for c in culprits)):
+                return []
+            self._reported.add(("hang", label, seq))
+            evidence = {
+                "seq": seq,
+                "waited_s": round(waited, 3),
+                "arrived": sorted(arrivals),
+                "missing_group_ranks": missing,
+            }
+            if not culprits:
+                return [self._event("noncomm_hang", None, label, nodes, evidence, now)]
+            return [
+                self._event("noncomm_hang", c, label, nodes, {**evidence, **self._phase_of(c)}, now)
+                for c in culprits
+            ]
+        waited = now - max(a.t_enter for a in arrivals.values())
+        if waited < self.config.hang_s:
+            return []
+        stuck = [a.rank for a in arrivals.values()]
+        silent = [k for k in self.silent(now) if k in stuck]
+        if silent and all(k in self._blamed for k in silent):
+            return []
+        if not silent and waited < self.config.hang_s + self.config.silence_s:
+            return []  # one more silence window, so that a stopped rank among them can be named
+        self._reported.add(("hang", label, seq))
+        evidence = {
+            "seq": seq,
+            "waited_s": round(waited, 3),
+            "not_left": sorted(k[1] for k in stuck),
+            "heartbeat_age_s": {
+                k[1]: round(now - self.ranks[k].last_seen, 3) for k in stuck if k in self.ranks
+            },
+        }
+        if silent:
+            evidence["silent_ranks"] = sorted(k[1] for k in silent)
+            return [self._event("comm_hang", k, label, nodes, evidence, now) for k in silent]
+        return [self._event("comm_hang", None, label, nodes, evidence, now)]
+
+    def _phase_of(self, key: RankKey) -> dict:
+        phase = self.ranks[key].last_phase if key in self.ranks else ""
+        return {"last_phase": phase} if phase else {}
+
+    def _stragglers(self, label: str, group: _Group, now: float) -> list[FaultEvent]:
+        if group.size < 2:
+            return []
+        events = []
+        for op, complete in group.complete.items():
+            event = self._straggler(label, group, op, complete, now)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _straggler(self, label: str, group: _Group, op: str, complete: deque, now: float):
+        window = self.config.straggler_window
+        if len(complete) < window:
+            return None
+        last_counts: dict[RankKey, int] = defaultdict(int)
+        margins: dict[RankKey, list[float]] = defaultdict(list)
+        spreads = []
+        for arrivals in list(complete)[-window:]:
+            waits = sorted((a.t_exit - a.t_enter, a.rank) for a in arrivals.values())
+            last = waits[0][1]
+            last_counts[last] += 1
+            margins[last].append(waits[1][0] - waits[0][0])
+            spreads.append(waits[-1][0] - waits[1][0])
+        rank, count = max(last_counts.items(), key=lambda item: item[1])
+        if count < self.config.straggler_fraction * window or ("slow", label, rank) in self._reported:
+            return None
+        margin = statistics.median(margins[rank])
+        spread = statistics.median(spreads)
+        if margin < max(self.config.straggler_min_margin_s, self.config.straggler_margin_ratio * spread):
+            return None
+        self._reported.add(("slow", label, rank))
+        evidence = {
+            "op": op,
+            "last_in": f"{count}/{window}",
+            "median_margin_s": round(margin, 4),
+            "median_spread_of_others_s": round(spread, 4),
+        }
+        nodes = [self._node(k) for k in group.members.values()]
+        return self._event("noncomm_slow", rank, label, nodes, evidence, now)
+
+    def _slow_links(self, now: float) -> list[FaultEvent]:
+        cells = {
+            (label, self._groups[label].members[sender], receiver): samples
+            for (label, sender, receiver), samples in self._links.items()
+            if len(samples) >= self.config.link_min_transfers and sender in self._groups[label].members
+        }
+        seconds = {link: statistics.median(s for s, _ in samples) for link, samples in cells.items()}
+        cells = {
+            link: statistics.median(s / max(n, 1) for s, n in samples) for link, samples in cells.items()
+        }
+        if len(cells) < 2:
+            return []
+        # The baseline is the fastest half of the cells: a hot row or column can be half of them.
+        ordered = sorted(cells.values())
+        baseline = statistics.median(ordered[: max(1, len(ordered) // 2)])
+        threshold = self.config.link_slow_ratio * baseline
+        hot = {
+            link
+            for link, value in cells.items()
+            if value > threshold and seconds[link] >= self.config.link_min_seconds
+        }
+        events = []
+        for label, sender, receiver in sorted(hot):
+            row = [link for link in cells if link[0] == label and link[1] == sender]
+            column = [link for link in cells if link[0] == label and link[2] == receiver]
+            if len(row) > 1 and all(link in hot for link in row):
+                culprit, side = sender, "sender"
+            elif len(column) > 1 and all(link in hot for link in column):
+                culprit, side = receiver, "receiver"
+            else:
+                culprit, side = None, "link"
+            report_key = ("link", label, culprit if culprit else (sender, receiver))
+            if report_key in self._reported:
+                continue
+            self._reported.add(report_key)
+            evidence = {
+                "culprit": side,
+                "sender": list(sender),
+                "receiver": list(receiver),
+                "seconds_per_mb": round(cells[(label, sender, receiver)] * 1e6, 4),
+                "median_blocked_s": round(seconds[(label, sender, receiver)], 4),
+                "baseline_seconds_per_mb": round(baseline * 1e6, 4),
+            }
+            nodes = [self._node(sender), self._node(receiver)]
+            events.append(self._event("comm_slow", culprit, label, nodes, evidence, now))
+        return events
