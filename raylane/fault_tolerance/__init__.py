@@ -5,6 +5,7 @@ training checkpoints that a job resumes from at any DP size (with the Hugging Fa
     group.start_probes(detector)              # a role that mixes in ProbedWorker
     ...
     ray.get(detector.events.remote())         # FaultEvent: kind, rank, node, role, group, evidence
+    RankReplacer(group, detector).replace(event, pending_call)   # kill, replace, re-form, re-probe
 """
 
 from raylane.fault_tolerance.checkpoint import (
@@ -19,6 +20,7 @@ from raylane.fault_tolerance.detector_actor import DetectorActor, start_detector
 from raylane.fault_tolerance.events import FAULT_KINDS, FaultEvent
 from raylane.fault_tolerance.faults import InRankFault, kill_process, remove_node, signal_process
 from raylane.fault_tolerance.probes import CollectiveProbe, ProbeBatch, RankIdentity, active_probe, phase
+from raylane.fault_tolerance.recovery import RankReplacer, Replacement, RetriesExhaustedError
 from raylane.fault_tolerance.worker import ProbedWorker
 
 __all__ = [
@@ -34,6 +36,9 @@ __all__ = [
     "ProbeConfig",
     "ProbedWorker",
     "RankIdentity",
+    "RankReplacer",
+    "Replacement",
+    "RetriesExhaustedError",
     "active_probe",
     "kill_process",
     "load_train_state",

@@ -89,6 +89,20 @@ class Detector:
 
     # -- ingest ---------------------------------------------------------------------------
 
+    def register(self, identity: RankIdentity, now: float) -> None:
+        """A probe started on ``identity``'s rank (its first heartbeat)."""
+        self.ranks[identity.key] = _RankState(identity, now)
+
+    def _member(self, label: str, group: _Group, group_rank: int) -> RankKey | None:
+        """Who is ``group_rank`` of ``label``: known from its records, or, for the default group of a
+        worker group (every registered rank of it in the group), the worker-group rank itself."""
+        if group_rank in group.members:
+            return group.members[group_rank]
+        worker_group = label.rsplit("/", 1)[0]
+        ranks = [key for key in self.ranks if key[0] == worker_group]
+        key = (worker_group, group_rank)
+        return key if len(ranks) == group.size and key in self.ranks else None
+
     def ingest(self, batch: ProbeBatch) -> None:
         key = batch.identity.key
         state = self.ranks.get(key)
@@ -169,6 +183,22 @@ class Detector:
             self._links[link] = deque(maxlen=self.config.link_window)
         self._links[link].append((max(blocked_s, 0.0), nbytes))
 
+    def forget_group(self, worker_group: str) -> None:
+        """Forget the ranks of ``worker_group`` and the collective groups they ran (numbered afresh
+        once their process group is re-formed)."""
+        gone = {key for key in self.ranks if key[0] == worker_group}
+        for key in gone:
+            del self.ranks[key]
+            self._blamed.pop(key, None)
+        for label in [label for label, group in self._groups.items() if set(group.members.values()) & gone]:
+            del self._groups[label]
+            self._reported = {r for r in self._reported if len(r) < 2 or r[1] != label}
+        for table in (self._collective_ops, self._p2p_ops, self._early_exits):
+            for op_key in [op_key for op_key in table if op_key[0] in gone]:
+                del table[op_key]
+        for link in [link for link in self._links if link[2] in gone]:
+            del self._links[link]
+
     # -- rules ----------------------------------------------------------------------------
 
     def check(self, now: float, dead: Iterable[RankKey] = ()) -> list[FaultEvent]:
@@ -236,7 +266,7 @@ class Detector:
         if len(arrivals) < group.size:
             waited = now - min(a.t_enter for a in arrivals.values())
             missing = [r for r in range(group.size) if r not in arrivals]
-            culprits = [group.members[r] for r in missing if r in group.members]
+            culprits = [k for k in (self._member(label, group, r) for r in missing) if k is not None]
             if waited < self.config.hang_s or (culprits and all(c in self._blamed for c in culprits)):
                 return []
             self._reported.add(("hang", label, seq))

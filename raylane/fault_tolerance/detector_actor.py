@@ -55,6 +55,7 @@ class DetectorActor:
     def register(self, identity: RankIdentity, handle: ActorHandle | None) -> None:
         """A probe's rank, with its actor (asked whether it is alive once the rank goes quiet)."""
         with self._lock:
+            self._detector.register(identity, time.time())
             if handle is not None:
                 self._handles[identity.key] = handle
             self._pings.pop(identity.key, None)
@@ -79,13 +80,15 @@ class DetectorActor:
                 "orphan_exits": self._detector.orphan_exits,
             }
 
-    def forget(self, worker_group: str, rank: int) -> None:
-        """Stop expecting a rank (it was replaced or its group shut down)."""
+    def forget_group(self, worker_group: str) -> None:
+        """Drop what is known of ``worker_group`` (its process group was re-formed): its ranks and their
+        groups start afresh with the probes started next, and the same rank may be blamed again."""
         with self._lock:
-            key = (worker_group, rank)
-            self._detector.ranks.pop(key, None)
-            self._handles.pop(key, None)
-            self._pings.pop(key, None)
+            self._detector.forget_group(worker_group)
+            for key in [k for k in self._handles if k[0] == worker_group]:
+                self._handles.pop(key, None)
+                self._pings.pop(key, None)
+                self._dead.discard(key)
 
     def check_now(self) -> list[FaultEvent]:
         """Run the rules once (the background thread also does, every ``check_interval_s``)."""

@@ -116,6 +116,8 @@ def _nbytes(value: object) -> int:
     return 0
 
 
+_REGISTER_TIMEOUT_S = 60.0
+
 _originals: dict[str, object] = {}
 _active: CollectiveProbe | None = None
 
@@ -201,15 +203,16 @@ class CollectiveProbe:
     # -- lifetime -------------------------------------------------------------------------
 
     def install(self) -> CollectiveProbe:
-        """Wrap the ProcessGroup methods (once per process) and start shipping; replaces an older probe."""
+        """Wrap the ProcessGroup methods (once per process), register with the detector and start
+        shipping; replaces an older probe."""
         global _active
         if not _originals:
             for op in (*COLLECTIVE_OPS, *P2P_OPS):
-                if not hasattr(ProcessGroup, op):  # an older torch
+                if op not in ProcessGroup.__dict__:  # an older torch
                     continue
-                original = getattr(ProcessGroup, op)
-                _originals[op] = original
-                setattr(ProcessGroup, op, _wrap(op, original))
+                # The class attribute itself (pybind's instancemethod) is what uninstall puts back.
+                _originals[op] = ProcessGroup.__dict__[op]
+                setattr(ProcessGroup, op, _wrap(op, getattr(ProcessGroup, op)))
         if _active is not None and _active is not self:
             _active.close()
         _active = self
@@ -217,7 +220,8 @@ class CollectiveProbe:
         if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
             handle = ray.get_runtime_context().current_actor
         # Elsewhere (a driver script, a plain process) liveness comes from heartbeats alone.
-        self._sink.register.remote(self.identity, handle)
+        # Waited for: from here on the detector expects this rank (and the route to it is open).
+        ray.get(self._sink.register.remote(self.identity, handle), timeout=_REGISTER_TIMEOUT_S)
         self._start_shipping()
         logger.info("collective probe on rank %d of %r", self.identity.rank, self.identity.group)
         return self
@@ -290,7 +294,7 @@ class CollectiveProbe:
             return
         # Quiet from here on, as a frozen process is; but the detector must have every record so far.
         self._stop_shipping()
-        self.flush(wait_s=5.0)
+        self.flush(wait_s=_REGISTER_TIMEOUT_S)
         os.kill(os.getpid(), signal.SIGSTOP if fault.action == "stop" else signal.SIGKILL)
         self._start_shipping()  # continued (SIGCONT)
 
