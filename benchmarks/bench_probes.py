@@ -116,7 +116,9 @@ def main() -> None:
         events = ray.get(detector.events.remote())
 
     # Per rank and "on" block: the training steps' collectives, then the tiny all-reduces and a barrier.
-    ops_per_step = (shipped["collectives"] / RANKS - args.blocks * (args.tiny_ops + 1)) / (args.blocks * args.steps)
+    ops_per_step = (shipped["collectives"] / RANKS - args.blocks * (args.tiny_ops + 1)) / (
+        args.blocks * args.steps
+    )
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     tiny_off, tiny_on = statistics.median(tiny["off"]), statistics.median(tiny["on"])
     result = {

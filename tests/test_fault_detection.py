@@ -19,6 +19,8 @@ from raylane.fault_tolerance import (
     FaultEvent,
     InRankFault,
     ProbedWorker,
+    RankReplacer,
+    RetriesExhaustedError,
     phase,
     signal_process,
     start_detector,
@@ -195,3 +197,37 @@ def test_slow_sender_is_a_hot_row_of_the_link_matrix(shared_group):
         event = wait_for_event(detector, 5)
     assert (event.kind, event.rank, event.evidence["culprit"]) == ("comm_slow", 0, "sender"), event
     assert event.evidence["median_blocked_s"] >= 0.02
+
+
+def test_hung_rank_is_replaced_and_training_goes_on_then_retries_run_out(doomed):
+    group, detector = doomed
+    replacer = RankReplacer(group, detector, max_replacements=1)
+    group.on_ranks([2]).arm_fault(InRankFault("stop", at_seq=20))
+    stalled = group.train.remote(100_000)
+    event = wait_for_event(detector, 15)
+    assert (event.kind, event.rank) == ("noncomm_hang", 2), event
+    old_pid = group.nodes[2].pid
+
+    replacement = replacer.replace(event, stalled)
+
+    assert replacement.ranks[0] == 2 and replacement.old_pid == old_pid != replacement.new_pid
+    assert replacement.new_pid == group.nodes[2].pid
+    assert group.train(20) == [20] * 4  # the re-formed process group trains on
+    assert ray.get(detector.events.remote()) == [event]  # killing the stuck ranks raised no event
+    # The new rank is watched like the old one: a second fault on it is named too, and is one too many.
+    group.on_ranks([2]).arm_fault(InRankFault("kill", at_seq=45))  # train(20) ran seqs 0-39
+    stalled = group.train.remote(100_000)
+    second = wait_for_event_after(detector, 1, 15)
+    assert (second.kind, second.rank) == ("crash", 2), second
+    with pytest.raises(RetriesExhaustedError, match="max_replacements=1"):
+        replacer.replace(second, stalled)
+
+
+def wait_for_event_after(detector, seen: int, timeout_s: float) -> FaultEvent:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = ray.get(detector.events.remote())
+        if len(events) > seen:
+            return events[seen]
+        time.sleep(0.05)
+    raise AssertionError(f"no new event within {timeout_s} s")

@@ -107,7 +107,7 @@ class Detector:
         key = batch.identity.key
         state = self.ranks.get(key)
         if state is None or state.identity != batch.identity:
-            state = self.ranks[key] = _RankState(batch.identity, batch.sent_at)
+            return  # not registered, or from a process the rank's registered one replaced
         # Stamped by the rank: a batch that took long on the way is no sign of life now.
         state.last_seen = max(state.last_seen, batch.sent_at)
         for enter in batch.enters:

@@ -81,8 +81,9 @@ class DetectorActor:
             }
 
     def forget_group(self, worker_group: str) -> None:
-        """Drop what is known of ``worker_group`` (its process group was re-formed): its ranks and their
-        groups start afresh with the probes started next, and the same rank may be blamed again."""
+        """Drop what is known of ``worker_group`` (its process group is being re-formed): its batches
+        are ignored until its ranks' probes register again, then everything starts afresh (and the
+        same rank may be blamed again)."""
         with self._lock:
             self._detector.forget_group(worker_group)
             for key in [k for k in self._handles if k[0] == worker_group]:
