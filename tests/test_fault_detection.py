@@ -13,6 +13,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from raylane import cli
 from raylane.actors import DistConfig, ResourcePool, WorkerGroup, WorkerGroupConfig, register
 from raylane.fault_tolerance import (
     DetectorConfig,
@@ -231,3 +232,17 @@ def wait_for_event_after(detector, seen: int, timeout_s: float) -> FaultEvent:
             return events[seen]
         time.sleep(0.05)
     raise AssertionError(f"no new event within {timeout_s} s")
+
+
+def test_cli_stops_continues_and_kills_a_rank_of_a_running_group(doomed):
+    group, detector = doomed
+    running = group.train.remote(400, 0.01)
+    wait_for_records(detector)
+    assert cli.main(["fault", "stop", "--group", "trainer", "--rank", "1"]) == 0
+    hang = wait_for_event(detector, 15)
+    assert (hang.kind, hang.rank) == ("noncomm_hang", 1), hang
+    assert cli.main(["fault", "cont", "--group", "trainer", "--rank", "1"]) == 0
+    assert running.get(timeout_s=60) == [400] * 4  # continued, the job goes on
+    assert cli.main(["fault", "kill", "--group", "trainer", "--rank", "3"]) == 0
+    assert group.check_alive() == [3]
+    assert cli.main(["fault", "kill", "--group", "trainer", "--rank", "7"]) == 2  # no such rank: an error

@@ -18,13 +18,22 @@ from raylane.fault_tolerance.config import DetectorConfig, ProbeConfig
 from raylane.fault_tolerance.detector import Detector
 from raylane.fault_tolerance.detector_actor import DetectorActor, start_detector
 from raylane.fault_tolerance.events import FAULT_KINDS, FaultEvent
-from raylane.fault_tolerance.faults import InRankFault, kill_process, remove_node, signal_process
+from raylane.fault_tolerance.faults import (
+    SIGNALS,
+    InRankFault,
+    find_rank,
+    kill_process,
+    remove_node,
+    signal_process,
+    signal_rank,
+)
 from raylane.fault_tolerance.probes import CollectiveProbe, ProbeBatch, RankIdentity, active_probe, phase
 from raylane.fault_tolerance.recovery import RankReplacer, Replacement, RetriesExhaustedError
 from raylane.fault_tolerance.worker import ProbedWorker
 
 __all__ = [
     "FAULT_KINDS",
+    "SIGNALS",
     "CheckpointLoadError",
     "CollectiveProbe",
     "Detector",
@@ -40,6 +49,7 @@ __all__ = [
     "Replacement",
     "RetriesExhaustedError",
     "active_probe",
+    "find_rank",
     "kill_process",
     "load_train_state",
     "phase",
@@ -47,5 +57,6 @@ __all__ = [
     "save_hf_checkpoint",
     "save_train_state",
     "signal_process",
+    "signal_rank",
     "start_detector",
 ]

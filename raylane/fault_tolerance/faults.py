@@ -20,7 +20,19 @@ from typing import Literal
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-__all__ = ["InRankFault", "kill_process", "remove_node", "signal_process"]
+from raylane.actors import NodeInfo
+
+__all__ = [
+    "SIGNALS",
+    "InRankFault",
+    "find_rank",
+    "kill_process",
+    "remove_node",
+    "signal_process",
+    "signal_rank",
+]
+
+SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT}
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +86,43 @@ def signal_process(node_id: str, pid: int, signum: int, timeout_s: float = 30.0)
         "fault injected: signal %s to pid %d on node %s", signal.Signals(signum).name, pid, node_id
     )
     return sent_at
+
+
+def find_rank(group: str, rank: int) -> NodeInfo:
+    """Where rank ``rank`` of the running worker group ``group`` lives, from Ray's actor table.
+
+    A group's rank actors are named ``<group>-<id>-rank<r>`` (``.<generation>`` once replaced); the
+    newest live one is taken. The actor itself is not asked, so a stopped rank is found too.
+    """
+    prefix = f"{group}-"
+    found = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        head, _, tail = entry["name"].rpartition(f"-rank{rank}")
+        if head.startswith(prefix) and head.count("-") == group.count("-") + 1 and tail[:1] in ("", "."):
+            found.append((int(tail[1:]) if tail else 0, entry["name"], entry["namespace"]))
+    for _, name, namespace in sorted(found, reverse=True):
+        try:
+            actor_id = ray.get_actor(name, namespace=namespace)._actor_id.hex()
+        except ValueError:
+            continue  # gone since it was listed
+        # The GCS actor table (Ray's public state API needs the dashboard, which may be off).
+        info = ray._private.state.actors(actor_id)
+        if info.get("State") == "ALIVE":
+            address = info["Address"]
+            return NodeInfo(address["NodeID"], address["IPAddress"], "", info["Pid"], ())
+    raise ValueError(
+        f"no live rank {rank} of a worker group {group!r} in this Ray cluster; "
+        "check the group name (the WorkerGroup's name) and the rank"
+    )
+
+
+def signal_rank(group: str, rank: int, action: str) -> NodeInfo:
+    """``kill``, ``stop`` or ``cont`` (continue) the process of a running group's rank; returns where it ran."""
+    if action not in SIGNALS:
+        raise ValueError(f"action must be one of {sorted(SIGNALS)}, got {action!r}")
+    node = find_rank(group, rank)
+    signal_process(node.node_id, node.pid, SIGNALS[action])
+    return node
 
 
 def kill_process(pid: int) -> None:
