@@ -93,6 +93,12 @@ class Detector:
         """A probe started on ``identity``'s rank (its first heartbeat)."""
         self.ranks[identity.key] = _RankState(identity, now)
 
+    def unregister(self, identity: RankIdentity) -> None:
+        """``identity``'s probe closed (a newer process of the same rank stays registered)."""
+        state = self.ranks.get(identity.key)
+        if state is not None and state.identity == identity:
+            del self.ranks[identity.key]
+
     def _member(self, label: str, group: _Group, group_rank: int) -> RankKey | None:
         """Who is ``group_rank`` of ``label``: known from its records, or, for the default group of a
         worker group (every registered rank of it in the group), the worker-group rank itself."""

@@ -61,6 +61,14 @@ class DetectorActor:
             self._pings.pop(identity.key, None)
             self._dead.discard(identity.key)
 
+    @ray.method(concurrency_group="reports")  # after the probe's last report
+    def unregister(self, identity: RankIdentity) -> None:
+        """A probe closed: its rank is no longer expected to ship."""
+        with self._lock:
+            self._detector.unregister(identity)
+            self._handles.pop(identity.key, None)
+            self._pings.pop(identity.key, None)
+
     # One thread for reports: a rank's batches are then ingested in the order it shipped them.
     @ray.method(concurrency_group="reports")
     def report(self, batch: ProbeBatch) -> None:

@@ -214,7 +214,7 @@ class CollectiveProbe:
                 _originals[op] = ProcessGroup.__dict__[op]
                 setattr(ProcessGroup, op, _wrap(op, getattr(ProcessGroup, op)))
         if _active is not None and _active is not self:
-            _active.close()
+            _active.close(unregister=False)  # this process stays registered, under the new probe
         _active = self
         handle = None
         if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
@@ -226,11 +226,14 @@ class CollectiveProbe:
         logger.info("collective probe on rank %d of %r", self.identity.rank, self.identity.group)
         return self
 
-    def close(self) -> None:
-        """Ship what is left and stop; the wrappers pass calls straight through afterwards."""
+    def close(self, unregister: bool = True) -> None:
+        """Ship what is left and stop (and tell the detector, unless ``unregister`` is false); the
+        wrappers pass calls straight through afterwards."""
         global _active
         self._stop_shipping()
         self.flush()
+        if unregister:  # a probe closed on purpose is no silent rank
+            self._sink.unregister.remote(self.identity)
         if _active is self:
             _active = None
 
