@@ -4,8 +4,10 @@ Two gloo ranks (Ray actors) train a small raylane decoder with FSDP2 (per-layer 
 forward and backward, reduce-scatters of the gradients). Blocks of steps alternate between
 probes off (the ProcessGroup methods as torch ships them) and probes on (wrapped, shipping to a
 detector actor), so drift of a shared machine hits both alike. Reported: median step seconds of
-each, the overhead in percent of step time (target < 2 %), collectives per step, and the cost of
-one probed collective measured on a one-element all-reduce (the bound for much shorter steps).
+each, the overhead in percent of step time (target < 2 %; also as the median of each "on" block
+against the "off" block before it), collectives per step, and the cost of one probed collective
+measured on a one-element all-reduce (times collectives per step: the overhead without the noise
+of whole steps).
 
     python benchmarks/bench_probes.py [--blocks 6] [--steps 10]
 """
@@ -102,12 +104,15 @@ def main() -> None:
     ):
         group.steps(3)  # warm-up
         times: dict[str, list[float]] = {"off": [], "on": []}
+        block_medians: dict[str, list[float]] = {"off": [], "on": []}
         tiny: dict[str, list[float]] = {"off": [], "on": []}
         for block in range(2 * args.blocks):
             setting = "on" if block % 2 else "off"
             if setting == "on":
                 group.start_probes(detector)
-            times[setting] += group.steps(args.steps)[0]
+            block = group.steps(args.steps)[0]
+            times[setting] += block
+            block_medians[setting].append(statistics.median(block))
             tiny[setting].append(group.tiny_all_reduces(args.tiny_ops)[0])
             if setting == "on":
                 group.probes_off()
@@ -120,6 +125,9 @@ def main() -> None:
         args.blocks * args.steps
     )
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
+    # Each "on" block against the "off" block just before it: drift of a shared machine cancels.
+    ratios = [100 * (b_on / b_off - 1) for b_off, b_on in zip(block_medians["off"], block_medians["on"])]
+    paired = statistics.median(ratios)
     tiny_off, tiny_on = statistics.median(tiny["off"]), statistics.median(tiny["on"])
     result = {
         "benchmark": "bench_probes",
@@ -133,17 +141,20 @@ def main() -> None:
         "step_s_probes_off": off,
         "step_s_probes_on": on,
         "overhead_pct": 100 * (on - off) / off,
+        "paired_overhead_pct": paired,
+        "paired_overhead_pct_per_block": ratios,
         "collectives_per_step_per_rank": ops_per_step,
         "tiny_all_reduce_us_off": 1e6 * tiny_off,
         "tiny_all_reduce_us_on": 1e6 * tiny_on,
         "probe_cost_per_collective_us": 1e6 * (tiny_on - tiny_off),
-        "detector_events": len(events),
+        "detector_events": [event.to_dict() for event in events],
     }
     print(f"{'setting':<12}{'median step s':>16}{'tiny all-reduce us':>22}")
     print(f"{'probes off':<12}{off:>16.4f}{1e6 * tiny_off:>22.1f}")
     print(f"{'probes on':<12}{on:>16.4f}{1e6 * tiny_on:>22.1f}")
     print(
-        f"overhead {result['overhead_pct']:+.2f} % of step time (ratio {on / off:.4f}); "
+        f"overhead {result['overhead_pct']:+.2f} % of step time (ratio {on / off:.4f}), paired by block "
+        f"{paired:+.2f} % (blocks from {min(ratios):+.1f} to {max(ratios):+.1f} %); "
         f"{ops_per_step:.0f} collectives per step per rank; "
         f"{result['probe_cost_per_collective_us']:.1f} us per probed collective; "
         f"{len(events)} detector events"

@@ -22,6 +22,7 @@ from raylane.fault_tolerance import (
     ProbedWorker,
     RankReplacer,
     RetriesExhaustedError,
+    find_rank,
     phase,
     signal_process,
     start_detector,
@@ -65,10 +66,10 @@ class Trainer(ProbedWorker):
         return rounds
 
 
-def start_group(name: str) -> tuple[ResourcePool, WorkerGroup]:
-    pool = ResourcePool([4], num_cpus_per_bundle=0.25, name=name)
+def start_group(pool_name: str, name: str = "trainer") -> tuple[ResourcePool, WorkerGroup]:
+    pool = ResourcePool([4], num_cpus_per_bundle=0.25, name=pool_name)
     try:
-        return pool, WorkerGroup(pool, Trainer, name="trainer", config=GROUP_CONFIG)
+        return pool, WorkerGroup(pool, Trainer, name=name, config=GROUP_CONFIG)
     except BaseException:
         pool.release()
         raise
@@ -77,7 +78,7 @@ def start_group(name: str) -> tuple[ResourcePool, WorkerGroup]:
 @pytest.fixture(scope="module")
 def shared_group(ray_cluster):
     """Four probed gloo ranks for the tests that leave them healthy."""
-    pool, group = start_group("probed-shared")
+    pool, group = start_group("probed-shared", name="shared")
     yield group
     group.shutdown()
     pool.release()
@@ -246,3 +247,11 @@ def test_cli_stops_continues_and_kills_a_rank_of_a_running_group(doomed):
     assert cli.main(["fault", "kill", "--group", "trainer", "--rank", "3"]) == 0
     assert group.check_alive() == [3]
     assert cli.main(["fault", "kill", "--group", "trainer", "--rank", "7"]) == 2  # no such rank: an error
+    pool, twin = start_group("probed-twin")  # a second group named "trainer"
+    try:
+        with pytest.raises(ValueError, match="several worker groups named 'trainer'"):
+            find_rank("trainer", 0)
+        assert find_rank(f"trainer-{twin._uid}", 0).pid == twin.nodes[0].pid
+    finally:
+        twin.shutdown()
+        pool.release()

@@ -30,7 +30,9 @@ class DetectorConfig(StrictConfig):
       everyone for the collective to finish) before it is a hang; a silent rank that no hang
       explains is reported as a crash (silent heartbeat) after the same time.
     - ``straggler_window``: the last w complete collectives of a group that the straggler rule
-      reads; ``straggler_fraction``: the share of them a rank must arrive last in;
+      reads; ``straggler_alpha``: a rank must arrive last in so many of them that chance (each of the
+      group's n ranks last with probability 1/n) would do it with probability below this, e.g. 9 of
+      12 with 4 ranks, all 12 with 2;
       ``straggler_min_margin_s`` and ``straggler_margin_ratio``: how much later than the next one
       it must arrive, in seconds and as a multiple of the median spread of the other ranks.
     - ``link_window``: point-to-point transfers kept per (sender, receiver) pair;
@@ -42,7 +44,7 @@ class DetectorConfig(StrictConfig):
     silence_s: float = Field(1.0, gt=0)
     hang_s: float = Field(4.0, gt=0)
     straggler_window: int = Field(12, ge=3)
-    straggler_fraction: float = Field(0.75, gt=0.5, le=1.0)
+    straggler_alpha: float = Field(1e-3, gt=0, lt=1)
     straggler_min_margin_s: float = Field(0.02, ge=0)
     straggler_margin_ratio: float = Field(4.0, ge=1.0)
     link_window: int = Field(8, ge=2)

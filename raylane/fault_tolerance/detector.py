@@ -13,8 +13,8 @@ asymmetry between them.
 - **communication hang**: every rank entered collective k, the last ``hang_s`` ago, and none
   left. The group and its nodes are named; a rank among them whose heartbeat is silent is the
   culprit (with none silent, the verdict waits ``silence_s`` more for one to go quiet).
-- **non-communication slow**: in most of the last ``straggler_window`` complete collectives of one
-  op of a group the same rank arrived last, by a margin several times the spread of the others. Arrival
+- **non-communication slow**: in the last ``straggler_window`` complete collectives of one op of a
+  group the same rank arrived last more often than chance explains (a binomial test), by a margin several times the spread of the others. Arrival
   order comes from durations (everyone leaves a collective together, so the last to arrive waits
   least), which needs no clock shared between hosts.
 - **communication slow**: a matrix of point-to-point transfers (the weight sync's sends and
@@ -29,6 +29,7 @@ runs it.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict, deque
 from collections.abc import Iterable
@@ -44,6 +45,18 @@ RankKey = tuple[str, int]
 
 # Complete collectives kept per group beyond the straggler window (older ones are dropped).
 _KEPT_SEQS = 64
+
+
+def _needed_last(window: int, size: int, alpha: float) -> int:
+    """The fewest times out of ``window`` a rank must be last for chance (1/size each time) to
+    explain it with probability below ``alpha`` (one-sided binomial test)."""
+    p = 1.0 / size
+    tail = 0.0
+    for count in range(window, -1, -1):
+        tail += math.comb(window, count) * p**count * (1 - p) ** (window - count)
+        if tail >= alpha:
+            return count + 1
+    return 0
 
 
 @dataclass
@@ -339,7 +352,9 @@ class Detector:
             margins[last].append(waits[1][0] - waits[0][0])
             spreads.append(waits[-1][0] - waits[1][0])
         rank, count = max(last_counts.items(), key=lambda item: item[1])
-        if count < self.config.straggler_fraction * window or ("slow", label, rank) in self._reported:
+        if count < _needed_last(window, group.size, self.config.straggler_alpha) or (
+            ("slow", label, rank) in self._reported
+        ):
             return None
         margin = statistics.median(margins[rank])
         spread = statistics.median(spreads)
@@ -356,11 +371,14 @@ class Detector:
         return self._event("noncomm_slow", rank, label, nodes, evidence, now)
 
     def _slow_links(self, now: float) -> list[FaultEvent]:
-        cells = {
+        every = {
             (label, self._groups[label].members[sender], receiver): samples
             for (label, sender, receiver), samples in self._links.items()
-            if len(samples) >= self.config.link_min_transfers and sender in self._groups[label].members
+            if sender in self._groups[label].members
         }
+        # Cells still short of samples: a verdict on their row or column waits for them.
+        young = {link for link, samples in every.items() if len(samples) < self.config.link_min_transfers}
+        cells = {link: samples for link, samples in every.items() if link not in young}
         seconds = {link: statistics.median(s for s, _ in samples) for link, samples in cells.items()}
         cells = {
             link: statistics.median(s / max(n, 1) for s, n in samples) for link, samples in cells.items()
@@ -378,8 +396,10 @@ class Detector:
         }
         events = []
         for label, sender, receiver in sorted(hot):
-            row = [link for link in cells if link[0] == label and link[1] == sender]
-            column = [link for link in cells if link[0] == label and link[2] == receiver]
+            row = [link for link in every if link[0] == label and link[1] == sender]
+            column = [link for link in every if link[0] == label and link[2] == receiver]
+            if young & {*row, *column}:
+                continue
             if len(row) > 1 and all(link in hot for link in row):
                 culprit, side = sender, "sender"
             elif len(column) > 1 and all(link in hot for link in column):

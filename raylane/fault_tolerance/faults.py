@@ -92,15 +92,19 @@ def find_rank(group: str, rank: int) -> NodeInfo:
     """Where rank ``rank`` of the running worker group ``group`` lives, from Ray's actor table.
 
     A group's rank actors are named ``<group>-<id>-rank<r>`` (``.<generation>`` once replaced); the
-    newest live one is taken. The actor itself is not asked, so a stopped rank is found too.
+    newest live one is taken. ``group`` is the group's name, or ``<group>-<id>`` when several groups
+    of that name run. The actor itself is not asked, so a stopped rank is found too.
     """
-    prefix = f"{group}-"
     found = []
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        head, _, tail = entry["name"].rpartition(f"-rank{rank}")
-        if head.startswith(prefix) and head.count("-") == group.count("-") + 1 and tail[:1] in ("", "."):
-            found.append((int(tail[1:]) if tail else 0, entry["name"], entry["namespace"]))
-    for _, name, namespace in sorted(found, reverse=True):
+        tenant, _, tail = entry["name"].rpartition(f"-rank{rank}")
+        name, _, _ = tenant.rpartition("-")
+        if group in (name, tenant) and tail[:1] in ("", "."):
+            found.append((int(tail[1:]) if tail else 0, entry["name"], entry["namespace"], tenant))
+    tenants = sorted({tenant for *_, tenant in found})
+    if len(tenants) > 1:
+        raise ValueError(f"several worker groups named {group!r} are running ({tenants}); name one of these")
+    for _, name, namespace, _ in sorted(found, reverse=True):
         try:
             actor_id = ray.get_actor(name, namespace=namespace)._actor_id.hex()
         except ValueError:
