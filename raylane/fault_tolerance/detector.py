@@ -12,7 +12,7 @@ asymmetry between them.
   left, and one never arrived: that one is the culprit.
 - **communication hang**: every rank entered collective k, the last ``hang_s`` ago, and none
   left. The group and its nodes are named; a rank among them whose heartbeat is silent is the
-  culprit (with none silent, the verdict waits ``silence_s`` more for one to go quiet).
+  culprit.
 - **non-communication slow**: in the last ``straggler_window`` complete collectives of one op of a
   group the same rank arrived last more often than chance explains (a binomial test), by a margin several times the spread of the others. Arrival
   order comes from durations (everyone leaves a collective together, so the last to arrive waits
@@ -308,8 +308,6 @@ class Detector:
         silent = [k for k in self.silent(now) if k in stuck]
         if silent and all(k in self._blamed for k in silent):
             return []
-        if not silent and waited < self.config.hang_s + self.config.silence_s:
-            return []  # one more silence window, so that a stopped rank among them can be named
         self._reported.add(("hang", label, seq))
         evidence = {
             "seq": seq,
