@@ -241,7 +241,8 @@ def test_cli_stops_continues_and_kills_a_rank_of_a_running_group(doomed):
     wait_for_records(detector)
     assert cli.main(["fault", "stop", "--group", "trainer", "--rank", "1"]) == 0
     hang = wait_for_event(detector, 15)
-    assert (hang.kind, hang.rank) == ("noncomm_hang", 1), hang
+    # Stopped from outside at any moment: in its compute, or inside a collective.
+    assert hang.kind in ("noncomm_hang", "comm_hang") and hang.rank == 1, hang
     assert cli.main(["fault", "cont", "--group", "trainer", "--rank", "1"]) == 0
     assert running.get(timeout_s=60) == [400] * 4  # continued, the job goes on
     assert cli.main(["fault", "kill", "--group", "trainer", "--rank", "3"]) == 0

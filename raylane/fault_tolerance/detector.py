@@ -8,11 +8,11 @@ asymmetry between them.
   heartbeat stayed silent for ``2 * hang_s`` with no hang explaining it. Heartbeats and records
   are stamped with the rank host's clock: hosts are assumed synchronised (NTP) to well within
   ``silence_s``.
-- **non-communication hang**: some ranks of a group entered collective k ``hang_s`` ago, none
-  left, and one never arrived: that one is the culprit.
-- **communication hang**: every rank entered collective k, the last ``hang_s`` ago, and none
-  left. The group and its nodes are named; a rank among them whose heartbeat is silent is the
-  culprit.
+- **hangs**: a rank has been inside collective k for ``hang_s``. If some rank of the group never
+  arrived at k it is a **non-communication hang**, else (all entered, some never left) a
+  **communication hang**, which names the group and its nodes. The culprit is a rank of the group
+  whose heartbeat went silent (a stopped process, wherever it stopped), else the ranks that never
+  arrived.
 - **non-communication slow**: in the last ``straggler_window`` complete collectives of one op of a
   group the same rank arrived last more often than chance explains (a binomial test), by a margin several times the spread of the others. Arrival
   order comes from durations (everyone leaves a collective together, so the last to arrive waits
@@ -123,6 +123,7 @@ class Detector:
         return key if len(ranks) == group.size and key in self.ranks else None
 
     def ingest(self, batch: ProbeBatch) -> None:
+        """Take one probe batch (ignored unless its rank's process is the one registered)."""
         key = batch.identity.key
         state = self.ranks.get(key)
         if state is None or state.identity != batch.identity:
@@ -267,60 +268,48 @@ class Detector:
         return self.ranks[key].identity.node_ip if key in self.ranks else ""
 
     def _hangs(self, label: str, group: _Group, now: float) -> list[FaultEvent]:
-        # A collective that some rank has left is done (a rank's records of it may still be on
-        # their way, or lost with a process that stopped); the first one nobody left is the open one.
-        left = [seq for seq, arrivals in group.seqs.items() if any(a.t_exit for a in arrivals.values())]
-        if left:
-            for seq in [s for s in left if s < max(left) - _KEPT_SEQS]:
-                del group.seqs[seq]
-                group.ops.pop(seq, None)
-        open_seqs = sorted(seq for seq in group.seqs if seq not in set(left))
-        if not open_seqs:
+        # A collective is open while a rank is still in it: gloo lets some ranks leave collective k
+        # and go on to k+1 while others still wait in k for a stopped peer.
+        seqs = sorted(group.seqs)
+        for seq in seqs[:-_KEPT_SEQS]:  # partial records of long ago (e.g. lost with a process)
+            del group.seqs[seq]
+            group.ops.pop(seq, None)
+        seq = next(
+            (
+                s
+                for s in seqs[-_KEPT_SEQS:]
+                if any(
+                    a.t_exit is None and now - a.t_enter >= self.config.hang_s for a in group.seqs[s].values()
+                )
+            ),
+            None,
+        )
+        if seq is None or ("hang", label, seq) in self._reported:
             return []
-        seq = open_seqs[0]
         arrivals = group.seqs[seq]
-        if ("hang", label, seq) in self._reported:
-            return []
-        nodes = [self._node(k) for k in group.members.values()]
-        if len(arrivals) < group.size:
-            waited = now - min(a.t_enter for a in arrivals.values())
-            missing = [r for r in range(group.size) if r not in arrivals]
-            culprits = [k for k in (self._member(label, group, r) for r in missing) if k is not None]
-            if waited < self.config.hang_s or (culprits and all(c in self._blamed for c in culprits)):
-                return []
-            self._reported.add(("hang", label, seq))
-            evidence = {
-                "seq": seq,
-                "waited_s": round(waited, 3),
-                "arrived": sorted(arrivals),
-                "missing_group_ranks": missing,
-            }
-            if not culprits:
-                return [self._event("noncomm_hang", None, label, nodes, evidence, now)]
-            return [
-                self._event("noncomm_hang", c, label, nodes, {**evidence, **self._phase_of(c)}, now)
-                for c in culprits
-            ]
-        waited = now - max(a.t_enter for a in arrivals.values())
-        if waited < self.config.hang_s:
-            return []
-        stuck = [a.rank for a in arrivals.values()]
-        silent = [k for k in self.silent(now) if k in stuck]
-        if silent and all(k in self._blamed for k in silent):
+        members = {r: self._member(label, group, r) for r in range(group.size)}
+        quiet = set(self.silent(now))
+        # A rank gone silent is the culprit wherever it stopped; else the ones that never arrived.
+        silent = [k for k in members.values() if k in quiet]
+        missing = [r for r in range(group.size) if r not in arrivals]
+        culprits = silent or [members[r] for r in missing if members[r] is not None]
+        if culprits and all(c in self._blamed for c in culprits):
             return []
         self._reported.add(("hang", label, seq))
+        kind = "noncomm_hang" if missing else "comm_hang"
+        inside = [a for a in arrivals.values() if a.t_exit is None]
         evidence = {
             "seq": seq,
-            "waited_s": round(waited, 3),
-            "not_left": sorted(k[1] for k in stuck),
-            "heartbeat_age_s": {
-                k[1]: round(now - self.ranks[k].last_seen, 3) for k in stuck if k in self.ranks
-            },
+            "waited_s": round(now - min(a.t_enter for a in inside), 3),
+            "arrived": sorted(arrivals),
+            "missing_group_ranks": missing,
+            "not_left": sorted(r for r, a in arrivals.items() if a.t_exit is None),
+            "silent_ranks": sorted(k[1] for k in silent),
         }
-        if silent:
-            evidence["silent_ranks"] = sorted(k[1] for k in silent)
-            return [self._event("comm_hang", k, label, nodes, evidence, now) for k in silent]
-        return [self._event("comm_hang", None, label, nodes, evidence, now)]
+        nodes = [self._node(k) for k in group.members.values()]
+        if not culprits:
+            return [self._event(kind, None, label, nodes, evidence, now)]
+        return [self._event(kind, c, label, nodes, {**evidence, **self._phase_of(c)}, now) for c in culprits]
 
     def _phase_of(self, key: RankKey) -> dict:
         phase = self.ranks[key].last_phase if key in self.ranks else ""
