@@ -166,6 +166,21 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fault(args: argparse.Namespace) -> int:
+    import ray
+
+    from raylane.fault_tolerance import signal_rank
+
+    if not ray.is_initialized():
+        ray.init(address=args.address, log_to_driver=False)
+    node = signal_rank(args.group, args.rank, args.action)
+    print(
+        f"{args.action}: rank {args.rank} of {args.group!r} (pid {node.pid} on {node.node_ip})",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylane", description="LLM post-training on Ray.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
@@ -209,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     rm.set_defaults(func=cmd_train_rm)
 
     add_serve_parser(commands)
+
+    fault = commands.add_parser(
+        "fault", help="inject a fault into a running job: kill, stop or continue one rank's process"
+    )
+    fault.add_argument("action", choices=["kill", "stop", "cont"], help="SIGKILL, SIGSTOP or SIGCONT")
+    fault.add_argument("--group", required=True, help="the worker group's name (e.g. actor, rollout)")
+    fault.add_argument("--rank", type=int, required=True)
+    fault.add_argument("--address", default="auto", help="the Ray cluster to join (default: auto)")
+    fault.set_defaults(func=cmd_fault)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random checkpoint for trying things out")
     tiny.add_argument("output_dir")

@@ -314,19 +314,29 @@ class WorkerGroup:
         and re-join a fresh process group with fresh meshes (anything a role built on the
         old ones, e.g. an FSDP-wrapped model, must be rebuilt); the new rank constructs its
         roles afresh (state such as weights must be restored by the caller, e.g. from a
-        checkpoint). Survivors must not be blocked in a collective (gloo fails those once a
-        peer dies; NCCL communicators need aborting first).
+        checkpoint). Survivors must not be blocked in a collective: a gloo collective fails
+        once a peer it waits on dies, but a rank waiting on a live peer waits until the
+        timeout (replace it too, with :meth:`replace_ranks`); NCCL communicators need aborting.
         """
-        if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank {rank} is outside group {self.name!r} of {self.world_size} ranks")
-        ray.kill(self._hosts[rank], no_restart=True)
-        del self._nodes[rank]
-        self._generation[rank] += 1
-        self._hosts[rank] = self._spawn(rank)
-        node = self._host_call("node_info", [rank], (), self.config.start_timeout_s)[0]
-        self._nodes[rank] = node
+        self.replace_ranks([rank])
+
+    def replace_ranks(self, ranks: Sequence[int]) -> None:
+        """:meth:`replace_rank` for several ranks at once (one re-formed process group)."""
+        ranks = sorted(set(ranks))
+        bad = [r for r in ranks if not 0 <= r < self.world_size]
+        if bad or not ranks:
+            raise ValueError(
+                f"ranks {bad or ranks} are not ranks of group {self.name!r} of {self.world_size}"
+            )
+        for rank in ranks:
+            ray.kill(self._hosts[rank], no_restart=True)
+            del self._nodes[rank]
+            self._generation[rank] += 1
+            self._hosts[rank] = self._spawn(rank)
+        infos = self._host_call("node_info", ranks, (), self.config.start_timeout_s)
+        self._nodes.update(zip(ranks, infos))
         self._setup()
-        logger.info("group %r: rank %d replaced on node %s", self.name, rank, node.node_ip)
+        logger.info("group %r: ranks %s replaced on nodes %s", self.name, ranks, [n.node_ip for n in infos])
 
     def reform_process_group(self) -> None:
         """Tear down and re-form the process group (and role meshes) on every rank."""

@@ -1,5 +1,11 @@
-"""Fault tolerance: distributed training checkpoints that a job resumes from at any DP size, and the
-Hugging Face export of a trained model. The trained roles call these verbs; nothing else lives here yet.
+"""Fault tolerance: collective probes, the C4-style fault detector, fault injection, and distributed
+training checkpoints that a job resumes from at any DP size (with the Hugging Face export).
+
+    detector = start_detector(DetectorConfig(), output_dir="out/run")
+    group.start_probes(detector)              # a role that mixes in ProbedWorker
+    ...
+    ray.get(detector.events.remote())         # FaultEvent: kind, rank, node, role, group, evidence
+    RankReplacer(group, detector).replace(event, pending_call)   # kill, replace, re-form, re-probe
 """
 
 from raylane.fault_tolerance.checkpoint import (
@@ -8,5 +14,49 @@ from raylane.fault_tolerance.checkpoint import (
     save_hf_checkpoint,
     save_train_state,
 )
+from raylane.fault_tolerance.config import DetectorConfig, ProbeConfig
+from raylane.fault_tolerance.detector import Detector
+from raylane.fault_tolerance.detector_actor import DetectorActor, start_detector
+from raylane.fault_tolerance.events import FAULT_KINDS, FaultEvent
+from raylane.fault_tolerance.faults import (
+    SIGNALS,
+    InRankFault,
+    find_rank,
+    kill_process,
+    remove_node,
+    signal_process,
+    signal_rank,
+)
+from raylane.fault_tolerance.probes import CollectiveProbe, ProbeBatch, RankIdentity, active_probe, phase
+from raylane.fault_tolerance.recovery import RankReplacer, Replacement, RetriesExhaustedError
+from raylane.fault_tolerance.worker import ProbedWorker
 
-__all__ = ["CheckpointLoadError", "load_train_state", "save_hf_checkpoint", "save_train_state"]
+__all__ = [
+    "FAULT_KINDS",
+    "SIGNALS",
+    "CheckpointLoadError",
+    "CollectiveProbe",
+    "Detector",
+    "DetectorActor",
+    "DetectorConfig",
+    "FaultEvent",
+    "InRankFault",
+    "ProbeBatch",
+    "ProbeConfig",
+    "ProbedWorker",
+    "RankIdentity",
+    "RankReplacer",
+    "Replacement",
+    "RetriesExhaustedError",
+    "active_probe",
+    "find_rank",
+    "kill_process",
+    "load_train_state",
+    "phase",
+    "remove_node",
+    "save_hf_checkpoint",
+    "save_train_state",
+    "signal_process",
+    "signal_rank",
+    "start_detector",
+]

@@ -1,0 +1,233 @@
+"""The fault matrix on CPU: each fault injected into a rank of a gloo training group, several trials each.
+
+For every trial the detector must name the fault: detection latency, whether the culprit rank and
+the class are right, and for crashes and hangs the time `RankReplacer` takes until the group trains
+again. A fault-free run as long as all trials together counts false alarms.
+
+Faults (rotating over the ranks of a 4-rank group):
+  crash         SIGKILL from outside (a task on the rank's node), latency from the signal
+  hang_outside  SIGSTOP from outside at a random moment (in compute: a non-communication hang; in a
+                collective: a communication hang), latency from the signal
+  hang_inside   SIGSTOP inside collective k (armed on the rank's probe), latency from the rank's
+                entry into k as the detector records it
+  straggler     every all-reduce of the rank 50 ms late, latency in training steps
+
+Only trainer ranks are covered; the rollout, reward and whole-node cells, steps and rollouts lost
+(no checkpointing in this synthetic job) and the goodput comparison are not measured yet.
+
+    python benchmarks/bench_faults.py [--trials 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import ray
+import torch
+import torch.distributed as dist
+
+from raylane.actors import DistConfig, ResourcePool, WorkerGroup, WorkerGroupConfig, register
+from raylane.fault_tolerance import (
+    DetectorConfig,
+    InRankFault,
+    ProbedWorker,
+    RankReplacer,
+    phase,
+    signal_process,
+    start_detector,
+)
+
+RESULT = Path(__file__).parent / "results" / "bench_faults.json"
+RANKS = 4
+STEP_COMPUTE_S = 0.02
+TARGETS = {"crash": 2.0, "hang_outside": 10.0, "hang_inside": 10.0, "straggler_steps": 5}
+
+
+class SyntheticStep(ProbedWorker):
+    """A data-parallel step without a model: compute (a sleep), a gradient all-reduce, a parameter all-gather."""
+
+    def __init__(self) -> None:
+        self.grads = torch.ones(1 << 14)
+        self.params = torch.empty((1 << 14) * self.world_size)
+
+    @register
+    def train(self, steps: int) -> float:
+        start = time.perf_counter()
+        for step in range(steps):
+            with phase("compute", step):
+                time.sleep(STEP_COMPUTE_S)
+            with phase("update", step):
+                dist.all_reduce(self.grads)
+                dist.all_gather_into_tensor(self.params, self.grads)
+                self.grads.fill_(1.0)
+        return (time.perf_counter() - start) / steps
+
+
+def wait_events(detector, seen: int, timeout_s: float) -> list:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = ray.get(detector.events.remote())
+        if len(events) > seen:
+            return events[seen:]
+        time.sleep(0.02)
+    return []
+
+
+def run_trial(group, detector, replacer, fault: str, victim: int, seen: int) -> dict:
+    """One injected fault; returns the trial's record (the group is healthy again afterwards)."""
+    # An outside SIGSTOP lands at a random moment: in a collective (comm hang) or in compute.
+    expected = {
+        "crash": {"crash"},
+        "hang_outside": {"noncomm_hang", "comm_hang"},
+        "hang_inside": {"comm_hang"},
+        "straggler": {"noncomm_slow"},
+    }[fault]
+    if fault == "straggler":
+        group.on_ranks([victim]).arm_fault(InRankFault("delay", delay_s=0.05, ops=("allreduce",)))
+        start = time.time()
+        step_s = group.train(40)[0]
+        events = wait_events(detector, seen, 5.0)
+        group.arm_fault(None)
+        first = events[0] if events else None
+        record = {
+            "latency_steps": (first.detected_at - start) / step_s if first else None,
+            "step_s": step_s,
+        }
+    else:
+        if fault == "hang_inside":
+            group.on_ranks([victim]).arm_fault(InRankFault("stop", at_seq=40, inside=True))
+        pending = group.train.remote(100_000)
+        time.sleep(1.0)
+        fault_at = None
+        if fault == "crash":
+            node = group.nodes[victim]
+            fault_at = signal_process(node.node_id, node.pid, signal.SIGKILL)
+        elif fault == "hang_outside":
+            node = group.nodes[victim]
+            fault_at = signal_process(node.node_id, node.pid, signal.SIGSTOP)
+        events = wait_events(detector, seen, 30.0)
+        first = events[0] if events else None
+        if first is not None and fault == "hang_inside":
+            fault_at = first.detected_at - first.evidence.get("waited_s", 0.0)
+        record = {"latency_s": first.detected_at - fault_at if first and fault_at else None}
+        if first is not None and first.rank >= 0:
+            replacement = replacer.replace(first, pending)
+            check = time.monotonic()
+            group.train(5)
+            record["recovery_s"] = replacement.seconds + (time.monotonic() - check)
+            record["replaced_ranks"] = list(replacement.ranks)
+    record.update(
+        fault=fault,
+        victim=victim,
+        event=first.to_dict() if first else None,
+        culprit_correct=bool(first and first.rank == victim),
+        class_correct=bool(first and first.kind in expected),
+        events=len(events),
+    )
+    return record
+
+
+def summarize(records: list[dict]) -> dict:
+    latencies = [r.get("latency_s") for r in records if r.get("latency_s") is not None]
+    steps = [r.get("latency_steps") for r in records if r.get("latency_steps") is not None]
+    recoveries = [r["recovery_s"] for r in records if "recovery_s" in r]
+    out = {
+        "trials": len(records),
+        "culprit_correct_pct": 100.0 * sum(r["culprit_correct"] for r in records) / len(records),
+        "class_correct_pct": 100.0 * sum(r["class_correct"] for r in records) / len(records),
+    }
+    if latencies:
+        out |= {"latency_s_p50": statistics.median(latencies), "latency_s_max": max(latencies)}
+    if steps:
+        out |= {"latency_steps_p50": statistics.median(steps), "latency_steps_max": max(steps)}
+    if recoveries:
+        out |= {"recovery_s_p50": statistics.median(recoveries), "recovery_s_max": max(recoveries)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--faults", nargs="*", default=["crash", "hang_outside", "hang_inside", "straggler"])
+    args = parser.parse_args()
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    config = DetectorConfig()
+    detector = start_detector(config)
+    group_config = WorkerGroupConfig(dist=DistConfig(backend="gloo", timeout_s=120), start_timeout_s=300)
+    started = time.monotonic()
+    with (
+        ResourcePool([RANKS], num_cpus_per_bundle=0.25) as pool,
+        WorkerGroup(pool, SyntheticStep, name="trainer", config=group_config) as group,
+    ):
+        group.start_probes(detector)
+        replacer = RankReplacer(group, detector, max_replacements=10_000)
+        records = []
+        for fault in args.faults:
+            for trial in range(args.trials):
+                seen = len(ray.get(detector.events.remote()))
+                record = run_trial(
+                    group, detector, replacer, fault, victim=1 + trial % (RANKS - 1), seen=seen
+                )
+                records.append(record)
+                print(
+                    f"{fault:<13} trial {trial}: victim {record['victim']}, "
+                    f"event {record['event']['event'] if record['event'] else None} "
+                    f"rank {record['event']['rank'] if record['event'] else None}, "
+                    f"latency {record.get('latency_s') or record.get('latency_steps')}, "
+                    f"recovery {record.get('recovery_s')}",
+                    flush=True,
+                )
+                ray.get(detector.forget_group.remote(group.name))  # fresh sequence numbers per trial
+                group.start_probes(detector)
+        faulty_s = time.monotonic() - started
+        # A fault-free run as long as the faulty ones, on a fresh detector.
+        clean = start_detector(config)
+        group.start_probes(clean)
+        step_s = group.train(3)[0]
+        group.train(max(1, int(faulty_s / step_s)))
+        time.sleep(2 * config.hang_s)
+        false_alarms = [e.to_dict() for e in ray.get(clean.events.remote())]
+
+    cells = {fault: summarize([r for r in records if r["fault"] == fault]) for fault in args.faults}
+    print(
+        f"\n{'fault':<14}{'trials':>7}{'culprit %':>10}{'p50':>9}{'max':>9}{'unit':>7}{'recovery p50 s':>16}"
+    )
+    for fault, cell in cells.items():
+        unit = "steps" if fault == "straggler" else "s"
+        p50 = cell.get("latency_steps_p50" if unit == "steps" else "latency_s_p50", float("nan"))
+        worst = cell.get("latency_steps_max" if unit == "steps" else "latency_s_max", float("nan"))
+        recovery = cell.get("recovery_s_p50", float("nan"))
+        print(
+            f"{fault:<14}{cell['trials']:>7}{cell['culprit_correct_pct']:>10.0f}{p50:>9.2f}{worst:>9.2f}"
+            f"{unit:>7}{recovery:>16.2f}"
+        )
+    print(f"false alarms in a fault-free run of {faulty_s:.0f} s: {len(false_alarms)}")
+    result = {
+        "benchmark": "bench_faults",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "ranks": RANKS,
+        "detector": config.model_dump(),
+        "targets": TARGETS,
+        "cells": cells,
+        "fault_free_seconds": faulty_s,
+        "false_alarms": false_alarms,
+        "trials": records,
+    }
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Typed knobs of fault detection: the probes on every rank and the detector that reads them."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from raylane.config import StrictConfig
+
+__all__ = ["DetectorConfig", "ProbeConfig"]
+
+
+class ProbeConfig(StrictConfig):
+    """How a rank ships its collective records and heartbeat to the detector.
+
+    Records are appended in the calling thread (a few microseconds per collective) and shipped
+    by a background thread every ``flush_interval_s``; that shipment is also the heartbeat.
+    ``max_batch`` caps one shipment (the rest waits for the next one).
+    """
+
+    flush_interval_s: float = Field(0.2, gt=0)
+    max_batch: int = Field(20_000, gt=0)
+
+
+class DetectorConfig(StrictConfig):
+    """Thresholds of the detector's rules (C4's classes); none is a fixed per-rank timeout on a step.
+
+    - ``silence_s``: a rank whose heartbeat is older than this is asked whether it is alive; a
+      dead actor is a crash at once.
+    - ``hang_s``: how long the first rank of a group may wait in a collective for the others (or
+      everyone for the collective to finish) before it is a hang; a silent rank that no hang
+      explains is reported as a crash (silent heartbeat) after the same time.
+    - ``straggler_window``: the last w complete collectives of a group that the straggler rule
+      reads; ``straggler_alpha``: a rank must arrive last in so many of them that chance (each of the
+      group's n ranks last with probability 1/n) would do it with probability below this, e.g. 9 of
+      12 with 4 ranks, all 12 with 2;
+      ``straggler_min_margin_s`` and ``straggler_margin_ratio``: how much later than the next one
+      it must arrive, in seconds and as a multiple of the median spread of the other ranks.
+    - ``link_window``: point-to-point transfers kept per (sender, receiver) pair;
+      ``link_slow_ratio``: how many times the seconds-per-byte of the fastest half of the pairs makes
+      a cell hot, if its median transfer also takes ``link_min_seconds`` (below that it is noise).
+    """
+
+    check_interval_s: float = Field(0.2, gt=0)
+    silence_s: float = Field(1.0, gt=0)
+    hang_s: float = Field(4.0, gt=0)
+    straggler_window: int = Field(12, ge=3)
+    straggler_alpha: float = Field(1e-3, gt=0, lt=1)
+    straggler_min_margin_s: float = Field(0.02, ge=0)
+    straggler_margin_ratio: float = Field(4.0, ge=1.0)
+    link_window: int = Field(8, ge=2)
+    link_slow_ratio: float = Field(4.0, gt=1.0)
+    link_min_transfers: int = Field(3, ge=1)
+    link_min_seconds: float = Field(0.005, ge=0)
