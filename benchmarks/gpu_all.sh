@@ -50,6 +50,9 @@ fi
 step bench_serving_gpu 420 python3 benchmarks/bench_serving.py --model "$serving_model" --device cuda \
   --gpu-memory-utilization 0.3 --max-model-len 128 --prompt-len 24 --output-len 24 --num-requests 200 \
   --request-rate 8 32 128 --output "$results/bench_serving_cuda.json"
+# Issue 14's in-job rollout gap: the job at one and at eight CPUs per bundle (Ray sets an actor's torch
+# threads from its CPU share) against the standalone runner with all its threads and with one.
+step bench_rollout_in_job 420 python3 benchmarks/bench_rollout_in_job.py --cpus 1 8 --output "$results"
 step bench_runner 420 python3 benchmarks/bench_runner.py --preset llama-1b --device cuda \
   --batch-sizes 1 16 64 256 --output "$results/bench_runner_cuda_llama-1b.json"
 # Issue 20, both model shapes in one run (one JSON, one copy-bandwidth measurement, roofline share per
