@@ -54,6 +54,9 @@ def test_colocated_grpo_runs_and_exports(ray_cluster, tmp_path):
     assert "eval_reward_mean" in history[0] and "eval_reward_mean" in history[-1]
     for key in ("reward_mean", "actor/pg_loss", "timing/generate_s", "timing/sync_weights_s"):
         assert key in history[-1], key
+    # The engine's share of the generate phase: most of it, never all of it (dispatch is not free).
+    steps = [r for r in history if "timing/generate_s" in r]
+    assert steps and all(0.2 < r["rollout/engine_busy_fraction"] < 1.0 for r in steps), steps
     assert os.path.isfile(os.path.join(config.output_dir, "reward_curve.png"))
     # The exported policy loads in raylane's runner and in transformers, with the same weights.
     exported = os.path.join(config.output_dir, "final_model")

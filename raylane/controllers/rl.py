@@ -320,6 +320,11 @@ class RLJob:
         metrics = self.train_batch(batch, phase)
         response_tokens = int(batch["response_mask"].sum())
         metrics["throughput/tokens_per_s"] = response_tokens / max(phase.seconds["generate"], 1e-9)
+        # The first rollout rank's time in engine steps: the rest of the phase is dispatch, tokenizing
+        # and building the batch, the in-job cost the standalone runner does not pay.
+        metrics["rollout/engine_busy_fraction"] = min(
+            1.0, batch.meta["engine_seconds"] / max(phase.seconds["generate"], 1e-9)
+        )
         metrics.update({f"timing/{name}_s": seconds for name, seconds in phase.seconds.items()})
         metrics.update({f"memory/{name}_peak_gib": peak / 2**30 for name, peak in phase.peak_bytes.items()})
         metrics["timing/step_s"] = time.perf_counter() - start

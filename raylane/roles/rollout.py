@@ -83,7 +83,8 @@ class Rollout(WeightSyncTarget):
         ``batch.meta`` may override ``temperature``, ``n``, ``max_tokens`` and give a ``seed``. Returns
         ``n`` rows per prompt (sample-major within a prompt) with ``prompts``, ``responses``,
         ``attention_mask``, ``response_mask``, ``rollout_log_probs``, ``weight_version``, ``response_text``
-        and the input's non-tensor columns repeated.
+        and the input's non-tensor columns repeated; its meta adds ``engine_seconds``, the time spent
+        in engine steps (the rest of the call is tokenizing, queueing and building the batch).
         """
         cfg, meta = self.config, batch.meta
         n = int(meta.get("n", cfg.n))
@@ -101,14 +102,18 @@ class Rollout(WeightSyncTarget):
             )
             self.engine.add_request(str(row), prompt_token_ids=ids, sampling_params=params)
         finished = {}
+        started = time.perf_counter()
         # Groups generating for the stream, if any, progress meanwhile.
         while len(finished) < len(batch):
             for out in self._step():
                 finished[int(out.request_id)] = out
+        engine_seconds = time.perf_counter() - started
         samples = [(row, c) for row in range(len(batch)) for c in finished[row].outputs]
-        return self._to_batch(batch, prompt_ids, samples, n)
+        return self._to_batch(batch, prompt_ids, samples, n, engine_seconds)
 
-    def _to_batch(self, batch: Batch, prompt_ids: list[list[int]], samples: list, n: int) -> Batch:
+    def _to_batch(
+        self, batch: Batch, prompt_ids: list[list[int]], samples: list, n: int, engine_seconds: float
+    ) -> Batch:
         rows = [row for row, _ in samples]
         tensors = sample_tensors(
             [prompt_ids[row] for row in rows],
@@ -127,7 +132,7 @@ class Rollout(WeightSyncTarget):
                 "response_text": [c.text for _, c in samples],
                 "sample_index": [c.index for _, c in samples],
             },
-            meta={**batch.meta, "n": n},
+            meta={**batch.meta, "n": n, "engine_seconds": engine_seconds},
         )
 
     @register(Dispatch.ONE_TO_ALL)
