@@ -115,7 +115,11 @@ class PlacementConfig(StrictConfig):
         1, ge=1, description="rollout ranks (disaggregated); colocated uses trainer_ranks"
     )
     rollout_tp: int = Field(1, ge=1, description="tensor-parallel size of each rollout replica")
-    cpus_per_bundle: float = Field(1.0, gt=0)
+    cpus_per_bundle: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs of each bundle; Ray sets the torch threads of the actors in it to this share",
+    )
     gpus_per_bundle: float = Field(0.0, ge=0)
 
 
