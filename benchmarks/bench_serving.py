@@ -215,6 +215,8 @@ def run_serve(
         include_dashboard=False,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
     )
+    # Serve's proxy keeps the port it first started with: every layout uses it.
+    port = free_port()
     results, startups = {}, {}
     try:
         for layout in ingress:
@@ -223,7 +225,7 @@ def run_serve(
                 models=[
                     ModelDeploymentConfig(name="bench-model", engine=engine_config, max_waiting_seqs=None)
                 ],
-                port=free_port(),
+                port=port,
                 grpc_port=None,
                 ingress=layout,
             )
