@@ -9,44 +9,40 @@ living in the ingress's replica, so a chunk crosses only the proxy's hop.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
 if TYPE_CHECKING:
     from raylane.serving.deployment import ModelServer
 
 
-class ModelStream(Protocol):
-    """The items of a streaming `ModelServer` method; `close` stops it (aborting its engine request)."""
+class ModelStream:
+    """The items of a streaming `ModelServer` method; `close` stops it, which aborts its engine request."""
 
-    def __aiter__(self) -> AsyncIterator[Any]: ...
+    def __init__(self, items: AsyncIterator[Any], stop: Callable[[], Awaitable[None] | None]) -> None:
+        self._items = items
+        self._stop = stop
 
-    async def __anext__(self) -> Any: ...
-
-    async def close(self) -> None: ...
-
-
-class ModelRoute(Protocol):
-    async def call(self, method: str, *args: Any) -> Any: ...
-
-    def stream(self, method: str, request: Any) -> ModelStream: ...
-
-
-class _HandleStream:
-    def __init__(self, stream: DeploymentResponseGenerator) -> None:
-        self._stream = stream
-
-    def __aiter__(self) -> _HandleStream:
+    def __aiter__(self) -> ModelStream:
         return self
 
     async def __anext__(self) -> Any:
-        return await self._stream.__anext__()
+        return await self._items.__anext__()
 
     async def close(self) -> None:
-        # Serve propagates the cancel to the replica, where it aborts the engine request.
-        self._stream.cancel()
+        stopped = self._stop()
+        if stopped is not None:
+            await stopped
+
+
+class ModelRoute(Protocol):
+    """Calls and streams of one model's `ModelServer`, wherever it runs."""
+
+    async def call(self, method: str, *args: Any) -> Any: ...
+
+    def stream(self, method: str, request: Any) -> ModelStream: ...
 
 
 class HandleRoute:
@@ -59,22 +55,9 @@ class HandleRoute:
         return await getattr(self.handle, method).remote(*args)
 
     def stream(self, method: str, request: Any) -> ModelStream:
-        return _HandleStream(getattr(self.handle.options(stream=True), method).remote(request))
-
-
-class _GeneratorStream:
-    def __init__(self, items: AsyncIterator[Any]) -> None:
-        self._items = items
-
-    def __aiter__(self) -> _GeneratorStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        return await self._items.__anext__()
-
-    async def close(self) -> None:
-        # Runs the generator's cleanup, which aborts the engine request.
-        await self._items.aclose()  # type: ignore[attr-defined]
+        items = getattr(self.handle.options(stream=True), method).remote(request)
+        # Serve propagates the cancel to the replica, where it aborts the engine request.
+        return ModelStream(items, items.cancel)
 
 
 class InProcessRoute:
@@ -88,4 +71,6 @@ class InProcessRoute:
         return await result if inspect.isawaitable(result) else result
 
     def stream(self, method: str, request: Any) -> ModelStream:
-        return _GeneratorStream(getattr(self.server, method)(request))
+        items = getattr(self.server, method)(request)
+        # Closing the generator runs its cleanup, which aborts the engine request.
+        return ModelStream(items, items.aclose)
