@@ -211,7 +211,9 @@ def run_serve(
 
     from raylane.serving import ModelDeploymentConfig, ServingConfig, deploy, undeploy
 
+    # A cluster of its own: a plain init would join another Ray instance running on this machine.
     ray.init(
+        address="local",
         include_dashboard=False,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
     )
