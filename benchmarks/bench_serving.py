@@ -2,14 +2,16 @@
 
 A seeded load generator sends streaming completion requests with Poisson arrivals and random
 prompt/output lengths (``ignore_eos``, so every request produces exactly its output length),
-first over HTTP to a raylane Ray Serve application on a local Ray cluster, then in-process to an
-`AsyncLLMEngine` with the same engine configuration; several request rates give one load each,
-on the same application and engine. It reports time to first token
-(TTFT), time per output token after the first (TPOT), inter-token latency between streamed
-chunks (ITL), at p50 and p99, and request and token throughput; the Serve/engine ratios give
-the cost of the HTTP + Serve path. Prints a table and writes JSON under ``benchmarks/results/``:
+first over HTTP to a raylane Ray Serve application on a local Ray cluster, once per ingress layout
+(``--ingress``: the ingress in a deployment of its own, two Ray hops per streamed chunk, and in the
+model's replica, one hop), then in-process to an `AsyncLLMEngine` with the same engine
+configuration; several request rates give one load each, on the same application and engine. It
+reports time to first token (TTFT), time per output token after the first (TPOT), inter-token
+latency between streamed chunks (ITL), at p50 and p99, and request and token throughput; the
+Serve/engine ratios give the cost of the HTTP + Serve path. Prints a table and writes JSON under
+``benchmarks/results/``:
 
-    python benchmarks/bench_serving.py                          # tiny model, ~1-2 min on 2 cores
+    python benchmarks/bench_serving.py                          # tiny model, ~2-3 min on 2 cores
     python benchmarks/bench_serving.py --model DIR --num-requests 500 --request-rate 8 32 128 --device cuda
 """
 
@@ -202,52 +204,83 @@ def free_port() -> int:
 
 
 def run_serve(
-    engine_config: EngineConfig, workloads: list[list[Request]], threads: int
-) -> tuple[list[dict], float]:
+    engine_config: EngineConfig, workloads: list[list[Request]], threads: int, ingress: list[str]
+) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """The loads through a Serve application with each ingress layout in turn, on one local cluster."""
     import ray
 
     from raylane.serving import ModelDeploymentConfig, ServingConfig, deploy, undeploy
 
+    # A cluster of its own: a plain init would join another Ray instance running on this machine.
     ray.init(
+        address="local",
         include_dashboard=False,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
     )
-    config = ServingConfig(
-        app_name="bench",
-        models=[ModelDeploymentConfig(name="bench-model", engine=engine_config, max_waiting_seqs=None)],
-        port=free_port(),
-        grpc_port=None,
-    )
-    start = time.perf_counter()
-    deploy(config)
-    startup = time.perf_counter() - start
+    # Serve's proxy keeps the port it first started with: every layout uses it.
+    port = free_port()
+    results, startups = {}, {}
     try:
-        result = asyncio.run(run_http(f"http://127.0.0.1:{config.port}", "bench-model", workloads))
+        for layout in ingress:
+            config = ServingConfig(
+                app_name="bench",
+                models=[
+                    ModelDeploymentConfig(name="bench-model", engine=engine_config, max_waiting_seqs=None)
+                ],
+                port=port,
+                grpc_port=None,
+                ingress=layout,
+            )
+            print(f"ingress {layout}...", flush=True)
+            start = time.perf_counter()
+            deploy(config)
+            startups[layout] = time.perf_counter() - start
+            try:
+                results[layout] = asyncio.run(
+                    run_http(f"http://127.0.0.1:{config.port}", "bench-model", workloads)
+                )
+            finally:
+                undeploy(config)
     finally:
-        undeploy(config)
         ray.shutdown()
-    return result, startup
+    return results, startups
 
 
-def print_table(rate: float, engine: dict, serve: dict, ratios: dict) -> None:
-    rows = [
-        ("TTFT p50 (ms)", "ttft_ms", "p50"),
-        ("TTFT p99 (ms)", "ttft_ms", "p99"),
-        ("TPOT p50 (ms)", "tpot_ms", "p50"),
-        ("TPOT p99 (ms)", "tpot_ms", "p99"),
-        ("ITL p50 (ms)", "itl_ms", "p50"),
-        ("ITL p99 (ms)", "itl_ms", "p99"),
-        ("requests/s", "request_throughput_per_s", None),
-        ("output tokens/s", "output_token_throughput_per_s", None),
-        ("total tokens/s", "total_token_throughput_per_s", None),
-    ]
-    print(f"\n{rate:g} requests/s offered")
-    print(f"{'metric':<18}{'engine':>12}{'serve':>12}{'serve/engine':>14}")
-    for label, key, sub in rows:
-        e = engine[key][sub] if sub else engine[key]
-        s = serve[key][sub] if sub else serve[key]
-        ratio = ratios[f"{key}.{sub}" if sub else key]
-        print(f"{label:<18}{e:>12.2f}{s:>12.2f}{ratio:>14.2f}")
+TABLE_ROWS = [
+    ("TTFT p50 (ms)", "ttft_ms", "p50"),
+    ("TTFT p99 (ms)", "ttft_ms", "p99"),
+    ("TPOT p50 (ms)", "tpot_ms", "p50"),
+    ("TPOT p99 (ms)", "tpot_ms", "p99"),
+    ("ITL p50 (ms)", "itl_ms", "p50"),
+    ("ITL p99 (ms)", "itl_ms", "p99"),
+    ("requests/s", "request_throughput_per_s", None),
+    ("output tokens/s", "output_token_throughput_per_s", None),
+    ("total tokens/s", "total_token_throughput_per_s", None),
+]
+
+
+def serve_over_engine(engine: dict, serve: dict) -> dict[str, float]:
+    ratios = {}
+    for key in ("ttft_ms", "tpot_ms", "itl_ms"):
+        for sub in ("p50", "p99", "mean"):
+            ratios[f"{key}.{sub}"] = serve[key][sub] / engine[key][sub]
+    for key in ("request_throughput_per_s", "output_token_throughput_per_s", "total_token_throughput_per_s"):
+        ratios[key] = serve[key] / engine[key]
+    return ratios
+
+
+def print_table(rate: float, engine: dict, serves: dict[str, dict], ratios: dict[str, dict]) -> None:
+    print(f"\n{rate:g} requests/s offered (ratio: serve/engine)")
+    header = f"{'metric':<18}{'engine':>10}"
+    for layout in serves:
+        header += f"{'serve ' + layout:>22}{'ratio':>8}"
+    print(header)
+    for label, key, sub in TABLE_ROWS:
+        line = f"{label:<18}{engine[key][sub] if sub else engine[key]:>10.2f}"
+        for layout, serve in serves.items():
+            value = serve[key][sub] if sub else serve[key]
+            line += f"{value:>22.2f}{ratios[layout][f'{key}.{sub}' if sub else key]:>8.2f}"
+        print(line)
 
 
 def main() -> int:
@@ -278,6 +311,13 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads of the engine, in-process and in the replica"
     )
+    parser.add_argument(
+        "--ingress",
+        nargs="+",
+        choices=["separate", "with_model"],
+        default=["separate", "with_model"],
+        help="ingress layouts of the Serve application to measure, each against the same engine runs",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--output", default=os.path.join(os.path.dirname(__file__), "results", "bench_serving.json")
@@ -303,25 +343,22 @@ def main() -> int:
     # Serve first: its replica's process, and so its GPU memory, is gone when Ray shuts down, while
     # an engine in this process could keep its share of the GPU and starve the replica.
     print(f"{args.num_requests} requests at each of {args.request_rate}/s; through Ray Serve...", flush=True)
-    serve_runs, startup = run_serve(engine_config, workloads, args.threads)
+    serve_runs, startups = run_serve(engine_config, workloads, args.threads, args.ingress)
     print("same loads on the engine in-process...", flush=True)
     engine_runs = asyncio.run(run_engine(engine_config, workloads))
 
     runs = []
-    for rate, engine, serve in zip(args.request_rate, engine_runs, serve_runs, strict=True):
-        ratios = {}
-        for key in ("ttft_ms", "tpot_ms", "itl_ms"):
-            for sub in ("p50", "p99", "mean"):
-                ratios[f"{key}.{sub}"] = serve[key][sub] / engine[key][sub]
-        for key in (
-            "request_throughput_per_s",
-            "output_token_throughput_per_s",
-            "total_token_throughput_per_s",
-        ):
-            ratios[key] = serve[key] / engine[key]
-        print_table(rate, engine, serve, ratios)
+    for i, (rate, engine) in enumerate(zip(args.request_rate, engine_runs, strict=True)):
+        serves = {layout: serve_runs[layout][i] for layout in args.ingress}
+        ratios = {layout: serve_over_engine(engine, serve) for layout, serve in serves.items()}
+        print_table(rate, engine, serves, ratios)
         runs.append(
-            {"request_rate_per_s": rate, "engine": engine, "serve": serve, "serve_over_engine": ratios}
+            {
+                "request_rate_per_s": rate,
+                "engine": engine,
+                "serve": serves,
+                "serve_over_engine": ratios,
+            }
         )
 
     result = {
@@ -339,7 +376,8 @@ def main() -> int:
             "length_dist": args.length_dist,
             "seed": args.seed,
         },
-        "serve_startup_s": startup,
+        "ingress": args.ingress,
+        "serve_startup_s": startups,
         "runs": runs,
     }
     os.makedirs(os.path.dirname(args.output), exist_ok=True)

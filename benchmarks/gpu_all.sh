@@ -37,8 +37,10 @@ step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_runner_gp
   tests/test_runner_compile.py tests/test_training.py
 step bench_rl_gpu 560 python3 benchmarks/bench_rl_gpu.py --output "$results" --fp32-trainer
 # The model that job trained, served from the GPU: `raylane serve` scored on the job's held-out prompts
-# through the official openai client, then Serve against the in-process engine at a few request rates
-# (the engine and the replica each take 0.3 of the GPU, since the driver's engine may keep its share).
+# through the official openai client, then Serve against the in-process engine at a few request rates,
+# with the ingress in its own deployment (two Ray hops per streamed chunk) and in the model's replica
+# (one hop, the default for one model), one after the other (the engine and the replica each take
+# 0.3 of the GPU, since the driver's engine may keep its share).
 trained=outputs/bench-rl-gpu/grpo
 step serve_trained 300 bash benchmarks/serve_trained.sh "$trained" "$results/serve_trained_gpu.json" 8 --device cuda
 serving_model=$trained/final_model
@@ -49,7 +51,7 @@ if [ ! -f "$serving_model/config.json" ] && { [ -z "${ONLY:-}" ] || [[ ",$ONLY,"
 fi
 step bench_serving_gpu 420 python3 benchmarks/bench_serving.py --model "$serving_model" --device cuda \
   --gpu-memory-utilization 0.3 --max-model-len 128 --prompt-len 24 --output-len 24 --num-requests 200 \
-  --request-rate 8 32 128 --output "$results/bench_serving_cuda.json"
+  --request-rate 8 32 128 --ingress separate with_model --output "$results/bench_serving_cuda.json"
 # Issue 14's in-job rollout gap: the job at one and at eight CPUs per bundle (Ray sets an actor's torch
 # threads from its CPU share) against the standalone runner with all its threads and with one.
 step bench_rollout_in_job 420 python3 benchmarks/bench_rollout_in_job.py --cpus 1 8 --output "$results"

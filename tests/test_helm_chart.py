@@ -252,7 +252,9 @@ def test_serve_config_builds_raylanes_application(case, monkeypatch):
     assert app.import_path == IMPORT_PATH
     built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
     models = {m["name"] for m in case_values(case).get("rayService", {}).get("models", [{"name": "policy"}])}
-    assert {d.name for d in _deployments(built)} == {"OpenAIIngress", *(f"LLMServer-{m}" for m in models)}
+    # One model: the ingress runs in the model's own deployment; several: one deployment routes to theirs.
+    ingress = set() if len(models) == 1 else {"OpenAIIngress"}
+    assert {d.name for d in _deployments(built)} == {*ingress, *(f"LLMServer-{m}" for m in models)}
 
 
 def _deployments(app: Any) -> list[Any]:

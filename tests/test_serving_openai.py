@@ -22,10 +22,17 @@ def model_dir(tmp_path_factory):
     return make_tiny_model(str(tmp_path_factory.mktemp("openai") / "m"), std=0.3)
 
 
-def _events(lines: list[str]) -> list[dict]:
-    assert lines[-1] == SSE_DONE and all(
-        line.startswith("data: ") and line.endswith("\n\n") for line in lines
-    )
+def _split(chunk: str) -> list[str]:
+    """The server-sent events of one streamed chunk, which must hold whole events only."""
+    assert chunk.endswith("\n\n"), chunk
+    events = [event + "\n\n" for event in chunk.removesuffix("\n\n").split("\n\n")]
+    assert all(event.startswith("data: ") for event in events), chunk
+    return events
+
+
+def _events(chunks: list[str]) -> list[dict]:
+    lines = [event for chunk in chunks for event in _split(chunk)]
+    assert lines[-1] == SSE_DONE and SSE_DONE not in lines[:-1]
     return [json.loads(line[6:]) for line in lines[:-1]]
 
 
@@ -108,3 +115,57 @@ def test_engine_rejections_become_bad_requests(model_dir):
         assert info.value.code == "context_length_exceeded"
 
     asyncio.run(_serve(model_dir, calls))
+
+
+def test_a_lagging_reader_gets_the_tokens_coalesced_in_order_and_the_stream_closed_with_them(model_dir):
+    body = {"model": "m", "prompt": ["one", "two"], "n": 2, "max_tokens": 24, "ignore_eos": True, "seed": 5}
+    request = CompletionRequest.model_validate({**body, "logprobs": 0})
+    stream_request = CompletionRequest.model_validate(
+        {**body, "logprobs": 0, "stream": True, "stream_options": {"include_usage": True}}
+    )
+
+    async def calls(serving: OpenAIServing):
+        whole = await serving.create_completion(request)
+        chunks = []
+        async for chunk in await serving.stream_completion(stream_request):
+            chunks.append(chunk)
+            await asyncio.sleep(0.05)  # the reader lags: the engine runs ahead meanwhile
+        return whole, chunks
+
+    whole, chunks = asyncio.run(_serve(model_dir, calls))
+    # 4 completions of 24 tokens each, yet a handful of chunks: each carries all that was ready.
+    assert len(chunks) < 24
+    events = _events(chunks)
+    text = {i: "" for i in range(4)}
+    tokens: dict[int, list[str]] = {i: [] for i in range(4)}
+    token_logprobs: dict[int, list[float]] = {i: [] for i in range(4)}
+    for event in events[:-1]:
+        (choice,) = event["choices"]
+        i = choice["index"]
+        # Offsets continue where the previous delta of the same completion ended.
+        assert choice["logprobs"]["text_offset"][:1] in ([], [len(text[i])])
+        text[i] += choice["text"]
+        tokens[i] += choice["logprobs"]["tokens"]
+        token_logprobs[i] += choice["logprobs"]["token_logprobs"]
+    for choice in whole.choices:
+        assert text[choice.index] == choice.text
+        assert tokens[choice.index] == choice.logprobs.tokens
+        assert token_logprobs[choice.index] == pytest.approx(choice.logprobs.token_logprobs, abs=1e-5)
+    # The last tokens, the usage and [DONE] travel as one chunk, not three.
+    last = [json.loads(e[6:]) for e in _split(chunks[-1])[:-1]]
+    assert last[-1]["usage"]["completion_tokens"] == 96 and last[0]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_reader_keeping_up_gets_the_first_tokens_before_the_request_ends(model_dir):
+    request = CompletionRequest.model_validate(
+        {"model": "m", "prompt": "go", "max_tokens": 120, "ignore_eos": True, "stream": True}
+    )
+
+    async def calls(serving: OpenAIServing):
+        return [chunk async for chunk in await serving.stream_completion(request)]
+
+    chunks = asyncio.run(_serve(model_dir, calls))
+    # Nothing waits for more tokens: the stream starts with a chunk of its first token(s) alone.
+    first = json.loads(_split(chunks[0])[0][6:])
+    assert len(_split(chunks[0])) == 1 and "finish_reason" not in first["choices"][0]
+    assert len(chunks) > 1 and "".join(chunks).count("data: ") == len(chunks) + 1  # only the end doubles up

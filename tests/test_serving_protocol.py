@@ -163,6 +163,33 @@ def test_a_cuda_engine_reserves_a_gpu_for_its_replica(tmp_path):
     assert cli.models[0].replica_gpus == 1
 
 
+def _deployments(config: ServingConfig) -> tuple[dict[str, object], str]:
+    """The deployments of the application `build_app` makes, by name, and the name of its ingress."""
+    from ray.serve._private.build_app import build_app as build_deployments
+
+    from raylane.serving import build_app
+
+    built = build_deployments(build_app(config), name=config.app_name)
+    return {d.name: d for d in built.deployments}, built.ingress_deployment_name
+
+
+def test_one_model_runs_the_ingress_in_its_replicas_unless_told_otherwise(tmp_path):
+    one = ModelDeploymentConfig.from_path(str(tmp_path / "a"), num_gpus=0.5, max_ongoing_requests=64)
+    other = ModelDeploymentConfig.from_path(str(tmp_path / "b"))
+    alone, ingress = _deployments(ServingConfig(models=[one]))
+    # The model's deployment, with the model's sizing, is the ingress.
+    assert set(alone) == {"LLMServer-a"} and ingress == "LLMServer-a"
+    assert alone[ingress].ray_actor_options["num_gpus"] == 0.5 and alone[ingress].max_ongoing_requests == 64
+    routed, ingress = _deployments(ServingConfig(models=[one], ingress="separate"))
+    assert set(routed) == {"OpenAIIngress", "LLMServer-a"} and ingress == "OpenAIIngress"
+    several, ingress = _deployments(ServingConfig(models=[one, other]))
+    assert set(several) == {"OpenAIIngress", "LLMServer-a", "LLMServer-b"} and ingress == "OpenAIIngress"
+    with pytest.raises(ValueError, match="set ingress to 'separate'"):
+        ServingConfig(models=[one, other], ingress="with_model")
+    flags = config_from_args(_parse(["--model", str(tmp_path / "a"), "--ingress", "separate"]))
+    assert flags.ingress == "separate" and not flags.ingress_with_model
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers(dest="command"))

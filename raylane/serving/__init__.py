@@ -1,8 +1,10 @@
 """Ray Serve deployments of the runner: OpenAI-compatible HTTP, gRPC, autoscaling, weight hot-swap.
 
 An application is an `OpenAIIngress` (HTTP `/v1/completions`, `/v1/chat/completions`,
-`/v1/models`; gRPC `raylane.serving.v1.LLMService`) routing by model name to one `LLMServer`
-deployment per model, each replica holding an `AsyncLLMEngine`::
+`/v1/models`; gRPC `raylane.serving.v1.LLMService`) routing by model name to each model's
+`ModelServer`, which holds an `AsyncLLMEngine`: for one model, in the ingress's own replicas
+(one deployment, ``LLMServer-<model>``), else in one `LLMServer` deployment per model
+(`ServingConfig.ingress`)::
 
     RAYLANE_API_KEY=secret raylane serve --model outputs/tiny-model --port 8000 --grpc-port 9000 --max-replicas 4
 
@@ -30,6 +32,7 @@ _EXPORTS = {
     "LLMServer": "raylane.serving.deployment",
     "ModelDeploymentConfig": "raylane.serving.config",
     "ModelNotFoundError": "raylane.serving.errors",
+    "ModelServer": "raylane.serving.deployment",
     "OpenAIIngress": "raylane.serving.ingress",
     "OverloadedError": "raylane.serving.errors",
     "PayloadTooLargeError": "raylane.serving.errors",
@@ -56,6 +59,7 @@ __all__ = [
     "LLMServer",
     "ModelDeploymentConfig",
     "ModelNotFoundError",
+    "ModelServer",
     "OpenAIIngress",
     "OverloadedError",
     "PayloadTooLargeError",

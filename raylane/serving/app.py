@@ -25,15 +25,21 @@ GRPC_LISTEN_HOST = "[::]"
 
 
 def build_app(config: ServingConfig, api_key: str | None = None) -> serve.Application:
-    """The Serve application: an `OpenAIIngress` routing to one `LLMServer` deployment per model.
+    """The Serve application: an `OpenAIIngress` routing to one `LLMServer` deployment per model, or,
+    with the ingress in the model's replicas (`ServingConfig.ingress`), one deployment that is both,
+    named and sized as the model's.
 
     With ``api_key``, generation requests must bring it; only its digest enters the application.
     """
+    digest = key_digest(api_key) if api_key is not None else None
+    if config.ingress_with_model:
+        (model,) = config.models
+        ingress = OpenAIIngress.options(**model.deployment_options())
+        return ingress.bind({model.name: model}, config.app_name, digest, config.max_request_bytes)
     models = {
         m.name: LLMServer.options(**m.deployment_options()).bind(m, config.app_name) for m in config.models
     }
-    digest = key_digest(api_key) if api_key is not None else None
-    return OpenAIIngress.bind(models, digest, config.max_request_bytes)
+    return OpenAIIngress.bind(models, config.app_name, digest, config.max_request_bytes)
 
 
 def check_grpc_exposure(config: ServingConfig, api_key: str | None) -> None:

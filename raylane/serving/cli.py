@@ -57,6 +57,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--api-key-file", help="file holding the API key (wins over --api-key-env)")
     parser.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+    parser.add_argument(
+        "--ingress",
+        choices=["auto", "with_model", "separate"],
+        help="where the HTTP/gRPC ingress runs: with_model (in the model's replicas, one model only), "
+        "separate (its own deployment); default auto: with_model for one model",
+    )
     scaling = parser.add_argument_group("scaling (per model)")
     scaling.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
     scaling.add_argument("--min-replicas", type=int, help="enable autoscaling with this minimum")
@@ -108,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
         "grpc_without_api_key",
         "api_key_env",
         "api_key_file",
+        "ingress",
     ):
         if getattr(args, field) is not None:
             base[field] = getattr(args, field)

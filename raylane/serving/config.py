@@ -8,7 +8,7 @@ concurrent requests, not the handful Ray Serve assumes for a request-at-a-time m
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -157,6 +157,12 @@ class ServingConfig(StrictConfig):
     max_request_bytes: int = Field(
         2 * 2**20, ge=1, description="largest HTTP body or gRPC message accepted; beyond: 413"
     )
+    ingress: Literal["auto", "with_model", "separate"] = Field(
+        "auto",
+        description="where the HTTP/gRPC ingress runs: 'with_model' in the model's own replicas (one "
+        "model only; a streamed chunk crosses one Ray hop, the proxy's), 'separate' in a deployment of "
+        "its own that routes to one deployment per model (two hops); auto: with_model for one model",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> ServingConfig:
@@ -165,6 +171,20 @@ class ServingConfig(StrictConfig):
         if len(set(names)) != len(names) or len(deployments) != len(names):
             raise ValueError(f"model names must be unique (after mapping to deployment names), got {names}")
         return self
+
+    @model_validator(mode="after")
+    def _ingress_fits_the_models(self) -> ServingConfig:
+        if self.ingress == "with_model" and len(self.models) > 1:
+            raise ValueError(
+                f"ingress 'with_model' serves one model, this application has {len(self.models)}: "
+                "set ingress to 'separate' or 'auto', or serve one model"
+            )
+        return self
+
+    @property
+    def ingress_with_model(self) -> bool:
+        """Whether the ingress runs in the model's replicas (see ``ingress``)."""
+        return self.ingress == "with_model" or (self.ingress == "auto" and len(self.models) == 1)
 
 
 def deployment_name_for(model_name: str) -> str:

@@ -1,9 +1,11 @@
-"""`LLMServer`: the Ray Serve deployment that holds one model's engine (one replica = one engine).
+"""`ModelServer`: one model's engine and its request mappings; `LLMServer`: its Ray Serve deployment.
 
-The ingress (`raylane.serving.ingress`) parses requests and routes them here by model name;
-this replica turns them into engine requests. Streaming methods first yield `STREAM_ACCEPTED`
-once the engine admitted the request (or the `ServingError` that refused it), so the ingress
-can still answer a rejected request with an error status before it starts a 200 event stream.
+The ingress (`raylane.serving.ingress`) parses requests and routes them by model name to a
+`ModelServer`: through a Serve handle to an `LLMServer` replica (one replica = one engine), or,
+when the application serves one model, to a `ModelServer` inside the ingress's own replica.
+Streaming methods first yield `STREAM_ACCEPTED` once the engine admitted the request (or the
+`ServingError` that refused it), so the ingress can still answer a rejected request with an
+error status before it starts a 200 event stream.
 """
 
 from __future__ import annotations
@@ -64,34 +66,40 @@ async def _admitted_stream(start: Awaitable[AsyncIterator[T]]) -> AsyncIterator[
         yield item
 
 
-@serve.deployment
-class LLMServer:
-    """One replica of a served model: an `AsyncLLMEngine` plus the OpenAI and gRPC request mappings.
+async def load_engine(config: ModelDeploymentConfig, app_name: str) -> tuple[AsyncLLMEngine, WeightFollower]:
+    """Load the model's checkpoint, then the latest weights published for it (if any)."""
+    engine = LLMEngine(config.engine)
+    replica_id = serve.get_replica_context().replica_id.unique_id
+    weights = WeightFollower(app_name, config.name, replica_id)
+    latest = await weights.latest()
+    if latest is not None:
+        # A replica started after a publication must not serve the stale checkpoint.
+        version, tensors = latest
+        engine.update_weights(tensors, version)
+        await weights.report(version)
+    return AsyncLLMEngine(engine, max_waiting_seqs=config.max_waiting_seqs), weights
 
-    On start it loads the checkpoint, then the latest weights published for the model (if any),
-    and follows later publications (see `raylane.serving.weights`).
+
+class ModelServer:
+    """One served model: an `AsyncLLMEngine` plus the OpenAI and gRPC request mappings.
+
+    It follows the weight versions published for the model (see `raylane.serving.weights`).
+    Build one in a Serve replica with ``ModelServer(config, *await load_engine(config, app_name))``.
     """
 
-    async def __init__(self, config: ModelDeploymentConfig, app_name: str) -> None:
+    def __init__(
+        self, config: ModelDeploymentConfig, engine: AsyncLLMEngine, weights: WeightFollower
+    ) -> None:
         self.config = config
-        engine = LLMEngine(config.engine)
-        replica_id = serve.get_replica_context().replica_id.unique_id
-        self._weights = WeightFollower(app_name, config.name, replica_id)
-        latest = await self._weights.latest()
-        if latest is not None:
-            # A replica started after a publication must not serve the stale checkpoint.
-            version, tensors = latest
-            engine.update_weights(tensors, version)
-            await self._weights.report(version)
-        self.engine = AsyncLLMEngine(engine, max_waiting_seqs=config.max_waiting_seqs)
-        admission = Admission(config.limits, self.engine)
-        self.openai = OpenAIServing(self.engine, config.name, admission)
-        self.grpc = GrpcServing(self.engine, config.name, admission)
+        self.engine = engine
+        admission = Admission(config.limits, engine)
+        self.openai = OpenAIServing(engine, config.name, admission)
+        self.grpc = GrpcServing(engine, config.name, admission)
         self._follower = asyncio.create_task(
-            self._weights.follow(lambda: self.engine.weight_version, self.update_weights)
+            weights.follow(lambda: self.engine.weight_version, self.update_weights)
         )
         logger.info(
-            "replica %s serves %s (weight version %d)", replica_id, config.name, self.engine.weight_version
+            "replica %s serves %s (weight version %d)", weights.replica_id, config.name, engine.weight_version
         )
 
     # Client errors come back as values, not exceptions: raising would make Serve log a traceback
@@ -162,3 +170,11 @@ class LLMServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+@serve.deployment
+class LLMServer(ModelServer):
+    """A replica of one served model, which an `OpenAIIngress` in its own deployment routes to."""
+
+    async def __init__(self, config: ModelDeploymentConfig, app_name: str) -> None:
+        super().__init__(config, *await load_engine(config, app_name))

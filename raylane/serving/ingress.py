@@ -1,26 +1,31 @@
 """`OpenAIIngress`: the application's entry point for HTTP (OpenAI API) and gRPC (`LLMService`).
 
 It parses and validates requests, answers errors in OpenAI's shape, and routes each request
-by its ``model`` to that model's `LLMServer` deployment through a Serve handle, so one address
-serves several models and each model scales on its own. Client disconnects cancel the handle
-call, which Serve propagates to the replica, where it aborts the engine request.
+by its ``model`` to that model's `ModelServer` (`raylane.serving.routes`): either through a
+Serve handle to the model's own `LLMServer` deployment, so one address serves several models
+and each model scales on its own, or, in an application of one model, to a `ModelServer` in
+this replica, which saves a Ray hop per streamed chunk; the replicas of this deployment then
+are the model's replicas. Client disconnects stop the model's stream, which aborts the engine
+request.
 
 Before anything is parsed, a request must bring the API key (when one is set) and stay under
 ``max_request_bytes``; health and model listing stay open. Every error, expected or not, is
-answered in OpenAI's JSON shape (HTTP) or as a gRPC status, never as a plain-text page.
+answered in OpenAI's JSON shape (HTTP) or as a gRPC status, never as a plain-text page; only
+a request that Serve's proxy refuses before it reaches this deployment (its queue is full, see
+`ModelDeploymentConfig.max_queued_requests`) gets Serve's own 503.
 """
 
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
 from raylane.serving.auth import ApiKeyCheck
 from raylane.serving.errors import (
@@ -33,6 +38,11 @@ from raylane.serving.errors import (
 from raylane.serving.metrics import CountHttpRequests, count_grpc_request
 from raylane.serving.proto import llm_pb2
 from raylane.serving.protocol import ChatCompletionRequest, CompletionRequest, ModelList, parse_request
+from raylane.serving.routes import HandleRoute, InProcessRoute, ModelRoute, ModelStream
+
+if TYPE_CHECKING:
+    from raylane.serving.config import ModelDeploymentConfig
+    from raylane.serving.deployment import ModelServer
 
 logger = logging.getLogger(__name__)
 
@@ -85,27 +95,50 @@ async def _json_body(request: Request, max_bytes: int) -> Any:
         raise BadRequestError(f"the request body is not valid JSON: {exc}") from None
 
 
-async def _events(stream: DeploymentResponseGenerator) -> AsyncIterator[str]:
+async def _events(stream: ModelStream) -> AsyncIterator[str]:
     try:
         async for event in stream:
             yield event
     finally:
-        # Reached on client disconnect too: cancel the replica's generator (aborts the engine request).
-        stream.cancel()
+        # Reached on client disconnect too: stop the model's stream (aborts the engine request).
+        await stream.close()
+
+
+async def _route_to(
+    app_name: str, target: "DeploymentHandle | ModelDeploymentConfig"
+) -> "tuple[ModelRoute, ModelServer | None]":
+    """The route to a model given by its deployment's handle, or by its config to serve it in this process."""
+    if isinstance(target, DeploymentHandle):
+        return HandleRoute(target), None
+    # Imported here: a routing-only ingress replica must not load torch and the engine.
+    from raylane.serving.deployment import ModelServer, load_engine
+
+    server = ModelServer(target, *await load_engine(target, app_name))
+    return InProcessRoute(server), server
 
 
 @serve.deployment(max_ongoing_requests=4096, max_queued_requests=-1, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class OpenAIIngress:
-    """Routes requests to the `LLMServer` deployment of the model they name."""
+    """Routes requests to the `ModelServer` of the model they name.
 
-    def __init__(
+    ``models`` maps each model name to its `LLMServer` deployment (bound, a handle in the replica)
+    or to its `ModelDeploymentConfig`, to serve that model in this replica.
+    """
+
+    async def __init__(
         self,
-        models: dict[str, DeploymentHandle],
+        models: "Mapping[str, DeploymentHandle | ModelDeploymentConfig]",
+        app_name: str,
         api_key_digest: str | None,
         max_request_bytes: int,
     ) -> None:
-        self.models = models
+        self.models: dict[str, ModelRoute] = {}
+        self._servers: list[ModelServer] = []
+        for name, target in models.items():
+            self.models[name], server = await _route_to(app_name, target)
+            if server is not None:
+                self._servers.append(server)
         self.api_key = ApiKeyCheck(api_key_digest)
         self.max_request_bytes = max_request_bytes
 
@@ -124,18 +157,18 @@ class OpenAIIngress:
             )
         return self._grpc_model(request)
 
-    def _handle(self, model: str) -> DeploymentHandle:
-        handle = self.models.get(model)
-        if handle is None:
+    def _route(self, model: str) -> ModelRoute:
+        route = self.models.get(model)
+        if route is None:
             raise ModelNotFoundError(
                 f"the model {model!r} does not exist; this server serves {sorted(self.models)}"
             )
-        return handle
+        return route
 
     async def _call(self, model: str, method: str, *args: Any) -> Any:
-        """Call a model replica's method; client errors (returned or raised) are raised as `ServingError`."""
+        """Call a model's method; client errors (returned or raised) are raised as `ServingError`."""
         try:
-            result = await getattr(self._handle(model), method).remote(*args)
+            result = await self._route(model).call(method, *args)
         except Exception as exc:
             error = client_error(exc)
             if error is None:
@@ -145,19 +178,19 @@ class OpenAIIngress:
             raise result
         return result
 
-    async def _stream(self, model: str, method: str, request: Any) -> DeploymentResponseGenerator:
-        """Start a streaming call and wait until the replica admitted the request (or said why not)."""
-        stream = getattr(self._handle(model).options(stream=True), method).remote(request)
+    async def _stream(self, model: str, method: str, request: Any) -> ModelStream:
+        """Start a streaming call and wait until the model admitted the request (or said why not)."""
+        stream = self._route(model).stream(method, request)
         try:
             first = await stream.__anext__()
         except Exception as exc:
-            stream.cancel()
+            await stream.close()
             error = client_error(exc)
             if error is None:
                 raise
             raise error from None
         if isinstance(first, ServingError):
-            stream.cancel()
+            await stream.close()
             raise first
         return stream
 
@@ -226,7 +259,7 @@ class OpenAIIngress:
                 async for response in stream:
                     yield response
             finally:
-                stream.cancel()
+                await stream.close()
 
     async def Health(self, request: llm_pb2.HealthRequest) -> llm_pb2.HealthResponse:
         try:
@@ -235,3 +268,18 @@ class OpenAIIngress:
             logger.exception("health check of the model replicas failed")
             return llm_pb2.HealthResponse(status=llm_pb2.HealthResponse.NOT_SERVING)
         return llm_pb2.HealthResponse(status=llm_pb2.HealthResponse.SERVING, models=models)
+
+    # ------------------------------------------------------------------ the models served in this replica
+
+    async def engine_stats(self) -> dict[str, Any]:
+        """The engine counters of the model served in this replica (see `ModelServer.engine_stats`)."""
+        if len(self._servers) != 1:
+            raise ValueError(
+                f"this replica runs {len(self._servers)} engines; ask the model's LLMServer deployment"
+            )
+        return await self._servers[0].engine_stats()
+
+    def check_health(self) -> None:
+        """Serve's health probe: a dead engine loop in this replica fails it, and Serve replaces the replica."""
+        for server in self._servers:
+            server.check_health()

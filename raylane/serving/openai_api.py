@@ -199,6 +199,7 @@ class OpenAIServing:
         try:
             async for p, output in merge(streams):
                 finals[p] = output
+                events = []
                 for delta in trackers[p].deltas(output.outputs):
                     index = p * request.n + delta.index
                     logprobs = None
@@ -210,26 +211,28 @@ class OpenAIServing:
                     choice = CompletionChoice(
                         index=index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
                     )
-                    yield sse(
-                        CompletionResponse(
-                            id=request_id,
-                            model=self.model_name,
-                            system_fingerprint=fingerprint(self._version(delta.weight_version)),
-                            choices=[choice],
+                    events.append(
+                        sse(
+                            CompletionResponse(
+                                id=request_id,
+                                model=self.model_name,
+                                system_fingerprint=fingerprint(self._version(delta.weight_version)),
+                                choices=[choice],
+                            )
                         )
                     )
+                if all(final is not None and final.finished for final in finals):
+                    if request.include_usage_in_stream:
+                        usage = CompletionResponse(
+                            id=request_id, model=self.model_name, choices=[], usage=self._usage(finals)
+                        )
+                        events.append(sse(usage))
+                    events.append(SSE_DONE)
+                if events:
+                    yield "".join(events)
         except Exception as exc:
             error = exc if isinstance(exc, ServingError) else _engine_failure(exc)
-            yield sse(error.to_dict())
-            yield SSE_DONE
-            return
-        if request.include_usage_in_stream:
-            yield sse(
-                CompletionResponse(
-                    id=request_id, model=self.model_name, choices=[], usage=self._usage(finals)
-                )
-            )
-        yield SSE_DONE
+            yield sse(error.to_dict()) + SSE_DONE
 
     # ------------------------------------------------------------------ chat
 
@@ -286,13 +289,14 @@ class OpenAIServing:
                 )
             )
 
-        for i in range(request.n):
-            yield chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")))
+        yield "".join(
+            chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")))
+            for i in range(request.n)
+        )
         tracker = DeltaTracker(request.stop or [])
-        final = None
         try:
             async for _, output in merge([stream]):
-                final = output
+                events = []
                 for delta in tracker.deltas(output.outputs):
                     logprobs = (
                         self._chat_logprobs(delta.token_ids, delta.logprobs) if request.logprobs else None
@@ -301,16 +305,16 @@ class OpenAIServing:
                     choice = ChatChunkChoice(
                         index=delta.index, delta=content, logprobs=logprobs, finish_reason=delta.finish_reason
                     )
-                    yield chunk(choice, self._version(delta.weight_version))
+                    events.append(chunk(choice, self._version(delta.weight_version)))
+                if output.finished:
+                    if request.include_usage_in_stream:
+                        usage = ChatCompletionChunk(
+                            id=request_id, model=self.model_name, choices=[], usage=self._usage([output])
+                        )
+                        events.append(sse(usage))
+                    events.append(SSE_DONE)
+                if events:
+                    yield "".join(events)
         except Exception as exc:
             error = exc if isinstance(exc, ServingError) else _engine_failure(exc)
-            yield sse(error.to_dict())
-            yield SSE_DONE
-            return
-        if request.include_usage_in_stream:
-            yield sse(
-                ChatCompletionChunk(
-                    id=request_id, model=self.model_name, choices=[], usage=self._usage([final])
-                )
-            )
-        yield SSE_DONE
+            yield sse(error.to_dict()) + SSE_DONE

@@ -117,7 +117,11 @@ async def admit(
 
 
 async def merge(streams: list[TimedStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several request streams as ``(stream index, output)``; aborts unfinished ones on exit."""
+    """Interleave several request streams as ``(stream index, output)``; aborts unfinished ones on exit.
+
+    Outputs are cumulative, so a reader slower than the engine gets only the newest output of
+    each stream that advanced since it last read, as a single stream does (`RequestStream`).
+    """
     if len(streams) == 1:
         try:
             async for output in streams[0]:
@@ -125,27 +129,33 @@ async def merge(streams: list[TimedStream]) -> AsyncIterator[tuple[int, RequestO
         finally:
             streams[0].abort()
         return
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+    unread: dict[int, RequestOutput] = {}
+    failures: list[Exception] = []
+    ready = asyncio.Event()
 
     async def pump(i: int, stream: TimedStream) -> None:
         try:
             async for output in stream:
-                await queue.put((i, output))
-            await queue.put((i, None))
+                unread[i] = output  # supersedes an older output the reader has not taken
+                ready.set()
         except Exception as exc:
-            await queue.put((i, exc))
+            failures.append(exc)
+        finally:
+            ready.set()
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
+        while True:
+            await ready.wait()
+            ready.clear()
+            if failures:
+                raise failures[0]
+            outputs = list(unread.items())
+            unread.clear()
+            for i, output in outputs:
+                yield i, output
+            if not unread and all(task.done() for task in tasks):
+                return
     finally:
         for task in tasks:
             task.cancel()
