@@ -66,7 +66,7 @@ def scenario() -> dict:
         resident = Sitter.options(scheduling_strategy=on_b).remote()
         seen: dict = {"resident_started_on_b": ray.get(resident.node.remote()) == node_b.node_id}
 
-        record = NodeIsolator().isolate(_event(node_b.node_id, node_b.address))
+        record = NodeIsolator().isolate(_event(node_b.node_id, node_b.node_ip_address))
         seen["record"] = record.to_dict()
         seen["isolated"] = record.isolated
 
