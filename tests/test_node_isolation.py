@@ -104,6 +104,18 @@ def scenario() -> dict:
         cluster.shutdown()
 
 
+def test_kubernetes_backend_without_credentials_fails_at_construction(tmp_path, monkeypatch):
+    pytest.importorskip("kubernetes")
+    from raylane.fault_tolerance import KubeIsolationError, NodeIsolationConfig, NodeIsolator
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    config = NodeIsolationConfig(backends=["ray", "kubernetes"], kubeconfig=str(tmp_path / "none"))
+    with pytest.raises(
+        KubeIsolationError, match=r"no Kubernetes credentials .*set the node isolation config's kubeconfig"
+    ):
+        NodeIsolator(config)
+
+
 def test_isolated_ray_node_takes_nothing_new_and_leaves_once_idle():
     pytest.importorskip("ray")
     env = {

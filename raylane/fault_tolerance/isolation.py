@@ -79,7 +79,9 @@ class NodeIsolator:
         record = isolator.isolate(event)      # IsolationRecord
 
     ``kube_client``: a ``kubernetes.client.ApiClient`` for the ``kubernetes`` backend (by default
-    it is configured in-cluster, or from the kubeconfig). Needs a connected Ray driver or worker.
+    it is configured in-cluster, or from the kubeconfig); without the client library or credentials
+    the constructor raises :class:`KubeIsolationError`, before any fault. ``isolate`` needs a
+    connected Ray driver or worker.
     """
 
     def __init__(self, config: NodeIsolationConfig | None = None, kube_client: Any = None) -> None:

@@ -55,10 +55,16 @@ class KubeNodeIsolator:
         self.namespace = config.namespace or self._default_namespace(kubernetes)
 
     def _load_client(self, kubernetes) -> Any:
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            kubernetes.config.load_incluster_config()
-        else:
-            kubernetes.config.load_kube_config(config_file=self.config.kubeconfig or None)
+        try:
+            if os.environ.get("KUBERNETES_SERVICE_HOST"):
+                kubernetes.config.load_incluster_config()
+            else:
+                kubernetes.config.load_kube_config(config_file=self.config.kubeconfig or None)
+        except kubernetes.config.ConfigException as err:
+            raise KubeIsolationError(
+                f"no Kubernetes credentials for node isolation ({err}): run inside a pod of the Helm "
+                "chart, or set the node isolation config's kubeconfig to a kubeconfig file"
+            ) from err
         return kubernetes.client.ApiClient()
 
     def _default_namespace(self, kubernetes) -> str:
