@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,13 +119,17 @@ def test_kubernetes_backend_without_credentials_fails_at_construction(tmp_path, 
 
 def test_isolated_ray_node_takes_nothing_new_and_leaves_once_idle():
     pytest.importorskip("ray")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    done = subprocess.run(
-        [sys.executable, __file__], capture_output=True, text=True, timeout=240, env=env, cwd=REPO
-    )
+    # A Cluster writes its address where `ray.init()` without one looks (<ray temp dir>/ray_current_cluster):
+    # a temp dir of its own keeps any other Ray session on this machine from joining it meanwhile.
+    with tempfile.TemporaryDirectory(prefix="rl-iso-", ignore_cleanup_errors=True) as ray_tmp:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "RAY_TMPDIR": ray_tmp,
+        }
+        done = subprocess.run(
+            [sys.executable, __file__], capture_output=True, text=True, timeout=240, env=env, cwd=REPO
+        )
     assert done.returncode == 0, done.stderr[-4000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["resident_started_on_b"]
