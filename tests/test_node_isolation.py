@@ -115,6 +115,23 @@ def test_kubernetes_backend_without_credentials_fails_at_construction(tmp_path, 
         KubeIsolationError, match=r"no Kubernetes credentials .*set the node isolation config's kubeconfig"
     ):
         NodeIsolator(config)
+    # In a pod whose account has no token mounted, the same.
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    with pytest.raises(KubeIsolationError, match="no Kubernetes credentials"):
+        NodeIsolator(NodeIsolationConfig(namespace="raylane"))
+
+
+def test_auto_backends_add_kubernetes_inside_a_pod_only(monkeypatch):
+    kubernetes = pytest.importorskip("kubernetes")
+    from raylane.fault_tolerance import NodeIsolationConfig, NodeIsolator
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert NodeIsolator().backends == ("ray",)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    inside = NodeIsolator(NodeIsolationConfig(namespace="raylane"), kube_client=kubernetes.client.ApiClient())
+    assert inside.backends == ("ray", "kubernetes")
+    assert NodeIsolator(NodeIsolationConfig(backends=["ray"])).backends == ("ray",)
 
 
 def test_isolated_ray_node_takes_nothing_new_and_leaves_once_idle():

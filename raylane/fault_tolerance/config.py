@@ -62,6 +62,7 @@ class NodeIsolationConfig(StrictConfig):
     - ``backends``: ``ray`` drains the Ray node (Ray schedules nothing new there; what runs there
       keeps running, and the node leaves the cluster once idle); ``kubernetes`` cordons and taints
       the Kubernetes node under the Ray pod, which needs the Helm chart's RBAC (``rbac.create``).
+      ``auto``: ``ray``, and ``kubernetes`` too when this runs inside a Kubernetes pod.
     - ``taint_key`` and ``taint_effects``: the taint ``<taint_key>=<fault kind>:<effect>`` put on
       the Kubernetes node; ``NoExecute`` also evicts the pods already there that do not tolerate it.
     - ``namespace``: where the Ray pods run ("" = the namespace of the pod this runs in, else of
@@ -69,7 +70,7 @@ class NodeIsolationConfig(StrictConfig):
       default one).
     """
 
-    backends: list[Literal["ray", "kubernetes"]] = Field(default_factory=lambda: ["ray"], min_length=1)
+    backends: Literal["auto"] | list[Literal["ray", "kubernetes"]] = Field("auto", min_length=1)
     taint_key: str = Field("raylane.io/faulty", min_length=1)
     taint_effects: list[Literal["NoSchedule", "NoExecute"]] = Field(
         default_factory=lambda: ["NoSchedule"], min_length=1

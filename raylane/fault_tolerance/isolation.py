@@ -25,7 +25,7 @@ from ray.core.generated import autoscaler_pb2
 
 from raylane.fault_tolerance.config import NodeIsolationConfig
 from raylane.fault_tolerance.events import FaultEvent
-from raylane.fault_tolerance.kube_nodes import KubeIsolationError, KubeNodeIsolator
+from raylane.fault_tolerance.kube_nodes import KubeIsolationError, KubeNodeIsolator, in_kubernetes_pod
 
 __all__ = ["IsolationRecord", "NodeIsolator", "drain_ray_node"]
 
@@ -73,7 +73,8 @@ def drain_ray_node(node_id: str, reason: str) -> tuple[bool, str]:
 
 
 class NodeIsolator:
-    """Isolates the node of a :class:`FaultEvent` with the configured backends.
+    """Isolates the node of a :class:`FaultEvent` with the configured backends (:attr:`backends`,
+    ``auto`` resolved).
 
         isolator = NodeIsolator(NodeIsolationConfig(backends=["ray", "kubernetes"]))
         record = isolator.isolate(event)      # IsolationRecord
@@ -86,9 +87,11 @@ class NodeIsolator:
 
     def __init__(self, config: NodeIsolationConfig | None = None, kube_client: Any = None) -> None:
         self.config = config or NodeIsolationConfig()
-        self._kube = (
-            KubeNodeIsolator(self.config, kube_client) if "kubernetes" in self.config.backends else None
-        )
+        backends = self.config.backends
+        if backends == "auto":
+            backends = ["ray", "kubernetes"] if in_kubernetes_pod() else ["ray"]
+        self.backends: tuple[str, ...] = tuple(backends)
+        self._kube = KubeNodeIsolator(self.config, kube_client) if "kubernetes" in self.backends else None
 
     def isolate(self, event: FaultEvent) -> IsolationRecord:
         """Isolate ``event``'s node; errors are in the record (and logged), never raised, as the job
@@ -115,7 +118,7 @@ class NodeIsolator:
                 errors["kubernetes"] = str(err)
         drained = False
         # A dead Ray node takes nothing new already: only a live one is drained.
-        if "ray" in self.config.backends and node["Alive"]:
+        if "ray" in self.backends and node["Alive"]:
             drained, rejection = drain_ray_node(event.node_id, f"raylane isolated it: {event.summary()}")
             if not drained:
                 errors["ray"] = f"the GCS refused to drain the node: {rejection}"

@@ -14,13 +14,18 @@ from typing import Any
 
 from raylane.fault_tolerance.config import NodeIsolationConfig
 
-__all__ = ["KubeIsolationError", "KubeNodeIsolator"]
+__all__ = ["KubeIsolationError", "KubeNodeIsolator", "in_kubernetes_pod"]
 
 logger = logging.getLogger(__name__)
 
 _POD_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # A node patched by someone else between our read and our write: read it again, a few times.
 _CONFLICT_RETRIES = 3
+
+
+def in_kubernetes_pod() -> bool:
+    """This process runs in a Kubernetes pod (the kubelet gives every container this variable)."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
 
 class KubeIsolationError(RuntimeError):
@@ -56,7 +61,7 @@ class KubeNodeIsolator:
 
     def _load_client(self, kubernetes) -> Any:
         try:
-            if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            if in_kubernetes_pod():
                 kubernetes.config.load_incluster_config()
             else:
                 kubernetes.config.load_kube_config(config_file=self.config.kubeconfig or None)
