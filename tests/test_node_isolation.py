@@ -44,7 +44,7 @@ def scenario() -> dict:
     from ray.exceptions import ActorUnschedulableError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from raylane.fault_tolerance import NodeIsolator
+    from raylane.fault_tolerance import NodeIsolationConfig, NodeIsolator
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     node_a = cluster.add_node(num_cpus=2)
@@ -67,7 +67,9 @@ def scenario() -> dict:
         resident = Sitter.options(scheduling_strategy=on_b).remote()
         seen: dict = {"resident_started_on_b": ray.get(resident.node.remote()) == node_b.node_id}
 
-        record = NodeIsolator().isolate(_event(node_b.node_id, node_b.node_ip_address))
+        # Ray only, whatever machine the test runs on (``auto`` would add Kubernetes inside a pod).
+        isolator = NodeIsolator(NodeIsolationConfig(backends=["ray"]))
+        record = isolator.isolate(_event(node_b.node_id, node_b.node_ip_address))
         seen["record"] = record.to_dict()
         seen["isolated"] = record.isolated
 
@@ -98,7 +100,7 @@ def scenario() -> dict:
             time.sleep(0.2)
         seen["b_alive_once_idle"] = info["Alive"]
         seen["a_alive"] = any(n["NodeID"] == node_a.node_id and n["Alive"] for n in ray.nodes())
-        seen["no_single_node"] = NodeIsolator().isolate(_event("", "", kind="comm_hang", rank=-1)).skipped
+        seen["no_single_node"] = isolator.isolate(_event("", "", kind="comm_hang", rank=-1)).skipped
         return seen
     finally:
         ray.shutdown()
