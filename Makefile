@@ -44,6 +44,7 @@ $(KUBE_APISERVER):
 	bash tests/kube/build_kube_apiserver.sh $(dir $(KUBE_APISERVER))
 
 # The chart against a real API server (kube-apiserver 1.20 and etcd, no nodes): KubeRay's CRDs
-# installed, every rendered object created. The first run builds the server (~16 min on 2 cores).
+# installed, every rendered object created; node isolation acting as the chart's ServiceAccount. The
+# first run builds the server (~16 min on 2 cores).
 helm-apiserver: $(STAMP) $(KUBE_APISERVER)
-	RAYLANE_KUBE_APISERVER=$(abspath $(KUBE_APISERVER)) $(PY) -m pytest -q tests/test_helm_apiserver.py
+	RAYLANE_KUBE_APISERVER=$(abspath $(KUBE_APISERVER)) $(PY) -m pytest -q tests/test_helm_apiserver.py tests/test_node_isolation_apiserver.py

@@ -17,37 +17,22 @@ builds the server once and sets ``RAYLANE_KUBE_APISERVER``; without it, it skips
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import ssl
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.kube_apiserver import kube_apiserver, needs_apiserver
 from tests.test_helm_chart import CASES, CHART, CRD_DIR, CRD_FILES, case_values, helm
 
 kubernetes = pytest.importorskip("kubernetes")
 from kubernetes.dynamic import DynamicClient  # noqa: E402
 from kubernetes.dynamic.exceptions import UnprocessibleEntityError  # noqa: E402
 
-APISERVER = os.environ.get("RAYLANE_KUBE_APISERVER")
-ETCD = os.environ.get("RAYLANE_ETCD") or shutil.which("etcd")
-
-_TOKEN = "raylane-test-token"
-
 pytestmark = [
-    pytest.mark.skipif(
-        not APISERVER or not os.access(APISERVER, os.X_OK),
-        reason="no kube-apiserver: run `make helm-apiserver` (builds one once, ~15 min on 2 cores) or set RAYLANE_KUBE_APISERVER",
-    ),
-    pytest.mark.skipif(ETCD is None, reason="no etcd: apt-get install etcd-server, or set RAYLANE_ETCD"),
+    *needs_apiserver,
     pytest.mark.skipif(not CRD_DIR.is_dir(), reason=f"KubeRay's CRDs are not in {CRD_DIR}"),
 ]
 
@@ -86,73 +71,14 @@ def _edit_schema(schema: Any) -> None:
 # ---------------------------------------------------------------- the server
 
 
-def _wait_for(
-    url: str, proc: subprocess.Popen, log: Path, ca_file: Path | None = None, timeout_s: float = 120
-) -> None:
-    """Wait until ``url`` answers 200. ``ca_file``: the certificate the API server makes for itself as it
-    starts; with AlwaysAllow it refuses anonymous requests, health checks included, hence the token."""
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {_TOKEN}"})
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            # Until the server has written its certificate, loading it fails like a refused connection.
-            context = ssl.create_default_context(cafile=ca_file) if ca_file else None
-            if urllib.request.urlopen(request, timeout=2, context=context).status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def api(tmp_path_factory) -> Iterator[DynamicClient]:
     """A client of a fresh etcd + kube-apiserver pair, stopped at the end of the module."""
-    root = tmp_path_factory.mktemp("kube")
-    etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
-    subprocess.run(
-        ["openssl", "genrsa", "-out", str(root / "sa.key"), "2048"], check=True, capture_output=True
-    )
-    processes = []
-    try:
-        etcd_log = root / "etcd.log"
-        processes.append(
-            subprocess.Popen(
-                [ETCD, "--data-dir", str(root / "etcd"), "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
-                 "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
-                 "--listen-peer-urls", f"http://127.0.0.1:{peer_port}"],
-                stdout=etcd_log.open("w"), stderr=subprocess.STDOUT,
-            )
-        )  # fmt: skip
-        _wait_for(f"http://127.0.0.1:{etcd_port}/health", processes[-1], etcd_log)
-        api_log = root / "apiserver.log"
-        tokens = root / "tokens.csv"
-        tokens.write_text(f'{_TOKEN},admin,admin,"system:masters"\n')
-        processes.append(
-            subprocess.Popen(
-                [APISERVER, f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                 "--bind-address=127.0.0.1", f"--secure-port={api_port}", f"--cert-dir={root / 'certs'}",
-                 f"--token-auth-file={tokens}", "--authorization-mode=AlwaysAllow", "--service-cluster-ip-range=10.0.0.0/24",
-                 "--service-account-issuer=https://kubernetes.default.svc",
-                 f"--service-account-key-file={root / 'sa.key'}",
-                 f"--service-account-signing-key-file={root / 'sa.key'}"],
-                stdout=api_log.open("w"), stderr=subprocess.STDOUT,
-            )
-        )  # fmt: skip
-        ca_file = root / "certs" / "apiserver.crt"
-        _wait_for(f"https://127.0.0.1:{api_port}/readyz", processes[-1], api_log, ca_file)
-        configuration = kubernetes.client.Configuration(
-            host=f"https://127.0.0.1:{api_port}", api_key={"authorization": f"Bearer {_TOKEN}"}
-        )
-        configuration.ssl_ca_cert = str(ca_file)
-        client = DynamicClient(kubernetes.client.ApiClient(configuration))
+    with kube_apiserver(tmp_path_factory.mktemp("kube")) as configuration:
+        client = DynamicClient(kubernetes.client.ApiClient(configuration()))
         _install_crds(client)
         # A fresh client: the first one's discovery cache predates the CRDs.
-        yield DynamicClient(kubernetes.client.ApiClient(configuration))
-    finally:
-        for proc in reversed(processes):
-            proc.terminate()
-            proc.wait(timeout=30)
+        yield DynamicClient(kubernetes.client.ApiClient(configuration()))
 
 
 def _install_crds(client: DynamicClient) -> None:

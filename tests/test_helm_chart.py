@@ -46,7 +46,7 @@ CASES = {
     "serving-only": ["serving-only-values.yaml"],
     "external-redis": ["external-redis-values.yaml"],
 }
-BASE_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap"}
+BASE_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap"}
 REDIS_KINDS = {"Secret", "Service", "StatefulSet"}
 EXPECTED_KINDS = {
     "default": BASE_KINDS | REDIS_KINDS | {"RayCluster", "RayJob"},
@@ -371,15 +371,30 @@ def test_external_redis_replaces_the_charts_own():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_rbac_allows_reading_and_patching_nodes_only(case):
-    (role,) = objects_of(case, "ClusterRole")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "patch"]}]
+def test_rbac_allows_reading_and_patching_nodes_and_reading_the_releases_pods_only(case):
+    (cluster_role,) = objects_of(case, "ClusterRole")
+    assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
+    (role,) = objects_of(case, "Role")
+    assert role["metadata"].get("namespace", NAMESPACE) == NAMESPACE
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
     account = one(case, "ServiceAccount")["metadata"]["name"]
-    binding = one(case, "ClusterRoleBinding")
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    for kind, granted in (("ClusterRoleBinding", cluster_role), ("RoleBinding", role)):
+        binding = one(case, kind)
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": granted["kind"],
+            "name": granted["metadata"]["name"],
+        }
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
     for spec in cluster_specs(case):
         assert {pod["serviceAccountName"] for pod in pod_specs(spec)} == {account}
+
+
+def test_rbac_off_renders_no_account_and_no_grant():
+    manifests = render({"rbac": {"create": False}})
+    manifests.pop(f"{CHART.name}/templates/NOTES.txt")
+    kinds = {doc["kind"] for text in manifests.values() for doc in yaml.safe_load_all(text) if doc}
+    assert not kinds & {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,11 +1,12 @@
-"""Fault tolerance: collective probes, the C4-style fault detector, fault injection, and distributed
-training checkpoints that a job resumes from at any DP size (with the Hugging Face export).
+"""Fault tolerance: collective probes, the C4-style fault detector, fault injection, node isolation,
+and distributed training checkpoints that a job resumes from at any DP size (with the Hugging Face export).
 
     detector = start_detector(DetectorConfig(), output_dir="out/run")
     group.start_probes(detector)              # a role that mixes in ProbedWorker
     ...
     ray.get(detector.events.remote())         # FaultEvent: kind, rank, node, role, group, evidence
     RankReplacer(group, detector).replace(event, pending_call)   # kill, replace, re-form, re-probe
+    NodeIsolator(NodeIsolationConfig()).isolate(event)           # nothing new scheduled on its node
 """
 
 from raylane.fault_tolerance.checkpoint import (
@@ -14,7 +15,7 @@ from raylane.fault_tolerance.checkpoint import (
     save_hf_checkpoint,
     save_train_state,
 )
-from raylane.fault_tolerance.config import DetectorConfig, ProbeConfig
+from raylane.fault_tolerance.config import DetectorConfig, NodeIsolationConfig, ProbeConfig
 from raylane.fault_tolerance.detector import Detector
 from raylane.fault_tolerance.detector_actor import DetectorActor, start_detector
 from raylane.fault_tolerance.events import FAULT_KINDS, FaultEvent
@@ -27,6 +28,8 @@ from raylane.fault_tolerance.faults import (
     signal_process,
     signal_rank,
 )
+from raylane.fault_tolerance.isolation import IsolationRecord, NodeIsolator, drain_ray_node
+from raylane.fault_tolerance.kube_nodes import KubeIsolationError, KubeNodeIsolator
 from raylane.fault_tolerance.probes import CollectiveProbe, ProbeBatch, RankIdentity, active_probe, phase
 from raylane.fault_tolerance.recovery import RankReplacer, Replacement, RetriesExhaustedError
 from raylane.fault_tolerance.worker import ProbedWorker
@@ -41,6 +44,11 @@ __all__ = [
     "DetectorConfig",
     "FaultEvent",
     "InRankFault",
+    "IsolationRecord",
+    "KubeIsolationError",
+    "KubeNodeIsolator",
+    "NodeIsolationConfig",
+    "NodeIsolator",
     "ProbeBatch",
     "ProbeConfig",
     "ProbedWorker",
@@ -49,6 +57,7 @@ __all__ = [
     "Replacement",
     "RetriesExhaustedError",
     "active_probe",
+    "drain_ray_node",
     "find_rank",
     "kill_process",
     "load_train_state",

@@ -1,12 +1,15 @@
-"""Typed knobs of fault detection: the probes on every rank and the detector that reads them."""
+"""Typed knobs of fault tolerance: the probes on every rank, the detector that reads them, and the
+isolation of a faulty node."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
 from raylane.config import StrictConfig
 
-__all__ = ["DetectorConfig", "ProbeConfig"]
+__all__ = ["DetectorConfig", "NodeIsolationConfig", "ProbeConfig"]
 
 
 class ProbeConfig(StrictConfig):
@@ -51,3 +54,26 @@ class DetectorConfig(StrictConfig):
     link_slow_ratio: float = Field(4.0, gt=1.0)
     link_min_transfers: int = Field(3, ge=1)
     link_min_seconds: float = Field(0.005, ge=0)
+
+
+class NodeIsolationConfig(StrictConfig):
+    """How a faulty node is isolated so that nothing new lands on it.
+
+    - ``backends``: ``ray`` drains the Ray node (Ray schedules nothing new there; what runs there
+      keeps running, and the node leaves the cluster once idle); ``kubernetes`` cordons and taints
+      the Kubernetes node under the Ray pod, which needs the Helm chart's RBAC (``rbac.create``).
+      ``auto``: ``ray``, and ``kubernetes`` too when this runs inside a Kubernetes pod.
+    - ``taint_key`` and ``taint_effects``: the taint ``<taint_key>=<fault kind>:<effect>`` put on
+      the Kubernetes node; ``NoExecute`` also evicts the pods already there that do not tolerate it.
+    - ``namespace``: where the Ray pods run ("" = the namespace of the pod this runs in, else of
+      the kubeconfig's current context); ``kubeconfig``: a file to use outside a pod ("" = the
+      default one).
+    """
+
+    backends: Literal["auto"] | list[Literal["ray", "kubernetes"]] = Field("auto", min_length=1)
+    taint_key: str = Field("raylane.io/faulty", min_length=1)
+    taint_effects: list[Literal["NoSchedule", "NoExecute"]] = Field(
+        default_factory=lambda: ["NoSchedule"], min_length=1
+    )
+    namespace: str = ""
+    kubeconfig: str = ""
