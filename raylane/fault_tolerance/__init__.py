@@ -1,5 +1,6 @@
 """Fault tolerance: collective probes, the C4-style fault detector, fault injection, and distributed
-training checkpoints that a job resumes from at any DP size (with the Hugging Face export).
+training checkpoints that a job resumes from at any DP size, persisted in the background and committed
+atomically (with the Hugging Face export).
 
     detector = start_detector(DetectorConfig(), output_dir="out/run")
     group.start_probes(detector)              # a role that mixes in ProbedWorker
@@ -9,11 +10,13 @@ training checkpoints that a job resumes from at any DP size (with the Hugging Fa
 """
 
 from raylane.fault_tolerance.checkpoint import (
+    BackgroundSaver,
     CheckpointLoadError,
     load_train_state,
     save_hf_checkpoint,
     save_train_state,
 )
+from raylane.fault_tolerance.checkpoint_store import COMPLETE_MARKER, CheckpointStore, is_complete
 from raylane.fault_tolerance.config import DetectorConfig, ProbeConfig
 from raylane.fault_tolerance.detector import Detector
 from raylane.fault_tolerance.detector_actor import DetectorActor, start_detector
@@ -32,9 +35,12 @@ from raylane.fault_tolerance.recovery import RankReplacer, Replacement, RetriesE
 from raylane.fault_tolerance.worker import ProbedWorker
 
 __all__ = [
+    "COMPLETE_MARKER",
     "FAULT_KINDS",
     "SIGNALS",
+    "BackgroundSaver",
     "CheckpointLoadError",
+    "CheckpointStore",
     "CollectiveProbe",
     "Detector",
     "DetectorActor",
@@ -50,6 +56,7 @@ __all__ = [
     "RetriesExhaustedError",
     "active_probe",
     "find_rank",
+    "is_complete",
     "kill_process",
     "load_train_state",
     "phase",
