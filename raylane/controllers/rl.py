@@ -367,7 +367,7 @@ class RLJob:
     def checkpoint(self, step: int) -> str:
         """Checkpoint the trainers and the driver state after ``step``; returns the folder it commits to.
         In async mode this returns once the trainers have snapshotted their state: the persist goes on
-        in the background and :meth:`poll_checkpoint` or :meth:`wait_for_checkpoint` commits it."""
+        in the background and :meth:`wait_for_checkpoint` commits it."""
         self.wait_for_checkpoint()
         extra = {
             "step": step,
@@ -386,13 +386,6 @@ class RLJob:
 
     def _checkpointed_roles(self) -> list[tuple[str, WorkerGroup]]:
         return [("actor", self.actor)] + ([("critic", self.critic)] if self.critic is not None else [])
-
-    def poll_checkpoint(self) -> None:
-        """Commit the checkpoint in flight if every trainer rank has persisted its part (does not block)."""
-        if self._persisting is not None and all(
-            all(role.checkpoint_persisted()) for _, role in self._checkpointed_roles()
-        ):
-            self.wait_for_checkpoint()
 
     def wait_for_checkpoint(self) -> None:
         """Block until the checkpoint in flight (if any) is persisted, then commit it."""
@@ -445,6 +438,9 @@ class RLJob:
             with tqdm(range(self.start_step, cfg.steps), desc="rl", unit="step") as bar:
                 for step in bar:
                     metrics = self.rl_step(step)
+                    # The previous checkpoint persisted while this step ran: committing it before the
+                    # step is logged means a crash at any point loses at most the step in flight.
+                    self.wait_for_checkpoint()
                     done = step + 1
                     if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
                         metrics["eval_reward_mean"] = self.evaluate()
@@ -452,8 +448,6 @@ class RLJob:
                     bar.write(progress_line(done, cfg.steps, metrics))
                     if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
                         self.checkpoint(done)
-                    else:
-                        self.poll_checkpoint()
             self.wait_for_checkpoint()
             self.actor.export_hf(os.path.join(cfg.output_dir, "final_model"))
             self.metrics.plot(

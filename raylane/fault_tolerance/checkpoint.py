@@ -164,12 +164,6 @@ class BackgroundSaver:
             process_group=self._group,
         )
 
-    def persisted(self) -> bool:
-        """Whether no persist is in flight any more; raises what a failed one raised."""
-        if self._persist is not None and self._persist.done():
-            self.wait()
-        return self._persist is None
-
     def wait(self) -> None:
         """Block until the persist in flight (if any) has written every shard; raises if it failed."""
         persist, self._persist = self._persist, None

@@ -177,7 +177,7 @@ class CheckpointedTrainer(Worker):
     def save_checkpoint(self, path: str, extra: dict | None = None, background: bool = False) -> None:
         """Distributed checkpoint of model, optimizer, LR schedule, RNG and ``extra`` (e.g. data position).
         With ``background``, return once the state is snapshotted to host memory and persist it while
-        the caller goes on (:meth:`checkpoint_persisted`, :meth:`wait_checkpoint`)."""
+        the caller goes on (:meth:`wait_checkpoint`)."""
         if background:
             self._background_saver.save(
                 path, self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {}
@@ -187,11 +187,6 @@ class CheckpointedTrainer(Worker):
             save_train_state(
                 path, self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {}
             )
-
-    @register(Dispatch.ONE_TO_ALL)
-    def checkpoint_persisted(self) -> bool:
-        """Whether this rank's background persist is done (or none was started); raises if it failed."""
-        return self._background_saver.persisted()
 
     @register(Dispatch.ONE_TO_ALL)
     def wait_checkpoint(self) -> None:
