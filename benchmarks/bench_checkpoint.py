@@ -6,8 +6,9 @@ between the three modes, so drift of a shared machine hits all alike. A step's t
 ``rl_step``, the commit of the previous checkpoint (a wait if its persist is still running) and the
 checkpoint call (async: the snapshot to host memory; sync: the whole write), as in ``RLJob.run``.
 Reported: median step seconds per mode, the overhead in percent of the no-checkpoint step (also
-paired: each block against the no-checkpoint block of the same round), and the seconds the loop is
-blocked per checkpoint. At the end of an async block the loop waits for the last persist; that wait is reported
+paired: each block against the no-checkpoint block of the same round), and the step's parts: the
+``rl_step`` (longer when a background persist shares the cores), the commit wait and the save call,
+whose sum is the time the loop is blocked per checkpoint. At the end of an async block the loop waits for the last persist; that wait is reported
 apart (``drain_s``) and not counted in the step times.
 
     python benchmarks/bench_checkpoint.py [--rounds 4] [--steps 4] [--hidden 384] [--layers 6]
@@ -42,7 +43,8 @@ def job_config(args: argparse.Namespace, output_dir: str) -> JobConfig:
             "steps": 10**6,
             "checkpoint_keep_last": 2,
             "prompts_per_step": args.prompts,
-            "task": {"name": "add2", "n_train": 512, "n_eval": 8},
+            # Prompts of one length: the two rollout ranks' shards then concatenate (add2's do not always).
+            "task": {"name": "reverse", "n_train": 512, "n_eval": 8},
             "rollout": {"n": 2, "max_tokens": 8},
             "actor": {"micro_batch_size": 8, "optim": {"lr": 1e-4}},
             "placement": {"trainer_ranks": 2, "cpus_per_bundle": 0.5},
@@ -65,24 +67,29 @@ def checkpoint_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def run_block(job: RLJob, mode: str, first_step: int, steps: int) -> tuple[list[float], list[float], float]:
-    """``steps`` loop iterations in ``mode``: their seconds, the checkpoint calls' seconds, the drain."""
+PARTS = ("step_s", "rl_step_s", "commit_wait_s", "save_call_s")
+
+
+def run_block(job: RLJob, mode: str, first_step: int, steps: int) -> tuple[dict[str, list[float]], float]:
+    """``steps`` loop iterations in ``mode``: per iteration its seconds and their parts (``PARTS``);
+    then the seconds the last persist takes to drain."""
     if mode != "none":
         job.config = job.config.model_copy(update={"checkpoint_mode": mode})
-    step_seconds, blocked = [], []
+    times: dict[str, list[float]] = {part: [] for part in PARTS}
     for step in range(first_step, first_step + steps):
         start = time.perf_counter()
         job.rl_step(step)
-        before_checkpoint = time.perf_counter()
+        trained = time.perf_counter()
         job.wait_for_checkpoint()
+        committed = time.perf_counter()
         if mode != "none":
             job.checkpoint(step + 1)
         end = time.perf_counter()
-        step_seconds.append(end - start)
-        blocked.append(end - before_checkpoint)
+        for part, seconds in zip(PARTS, (end - start, trained - start, committed - trained, end - committed)):
+            times[part].append(seconds)
     drain_start = time.perf_counter()
     job.wait_for_checkpoint()
-    return step_seconds, blocked, time.perf_counter() - drain_start
+    return times, time.perf_counter() - drain_start
 
 
 def main() -> None:
@@ -100,8 +107,7 @@ def main() -> None:
     job.build_groups()
     try:
         job.rl_step(0)  # warm-up
-        steps: dict[str, list[float]] = {mode: [] for mode in MODES}
-        blocked: dict[str, list[float]] = {mode: [] for mode in MODES}
+        times: dict[str, dict[str, list[float]]] = {mode: {part: [] for part in PARTS} for mode in MODES}
         drains: list[float] = []
         block_medians: dict[str, list[float]] = {mode: [] for mode in MODES}
         step = 1
@@ -109,11 +115,11 @@ def main() -> None:
             # Rotate the order so that no mode always follows another.
             order = MODES[round_index % 3 :] + MODES[: round_index % 3]
             for mode in order:
-                seconds, waits, drain = run_block(job, mode, step, args.steps)
+                block, drain = run_block(job, mode, step, args.steps)
                 step += args.steps
-                steps[mode] += seconds
-                blocked[mode] += waits
-                block_medians[mode].append(statistics.median(seconds))
+                for part in PARTS:
+                    times[mode][part] += block[part]
+                block_medians[mode].append(statistics.median(block["step_s"]))
                 if mode == "async":
                     drains.append(drain)
             medians = ", ".join(f"{mode} {block_medians[mode][-1]:.3f} s" for mode in MODES)
@@ -124,7 +130,7 @@ def main() -> None:
         job.shutdown()
         shutil.rmtree(output_dir, ignore_errors=True)
 
-    base = statistics.median(steps["none"])
+    base = statistics.median(times["none"]["step_s"])
     result = {
         "benchmark": "bench_checkpoint",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -140,28 +146,33 @@ def main() -> None:
     }
     print(f"\ncheckpoint of {size / 2**20:.1f} MB (model, AdamW moments, RNG, driver state) every step")
     print(
-        f"{'mode':<8}{'median step s':>15}{'overhead %':>12}{'paired % (min..max)':>26}{'blocked s/ckpt':>16}"
+        f"{'mode':<7}{'step s':>8}{'overhead %':>12}{'paired % (min..max)':>26}{'rl_step s':>11}"
+        f"{'commit wait s':>15}{'save call s':>13}"
     )
     for mode in MODES:
-        median = statistics.median(steps[mode])
+        steps = times[mode]["step_s"]
+        median = statistics.median(steps)
         paired = [100 * (m / b - 1) for m, b in zip(block_medians[mode], block_medians["none"])]
         entry = {
             "step_s_median": median,
-            "step_s_p10": statistics.quantiles(steps[mode], n=10)[0],
-            "step_s_p90": statistics.quantiles(steps[mode], n=10)[-1],
+            "step_s_p10": statistics.quantiles(steps, n=10)[0],
+            "step_s_p90": statistics.quantiles(steps, n=10)[-1],
             "overhead_pct": 100 * (median / base - 1),
             "paired_overhead_pct_per_round": paired,
-            "blocked_s_median": statistics.median(blocked[mode]),
-            "blocked_s_max": max(blocked[mode]),
-            "step_s": steps[mode],
+            **{f"{part}_median": statistics.median(times[mode][part]) for part in PARTS[1:]},
+            "blocked_s_median": statistics.median(
+                wait + call for wait, call in zip(times[mode]["commit_wait_s"], times[mode]["save_call_s"])
+            ),
+            "times": times[mode],
         }
         if mode == "async":
             entry["drain_s_median"] = statistics.median(drains)
         result["modes"][mode] = entry
         print(
-            f"{mode:<8}{median:>15.3f}{entry['overhead_pct']:>+12.1f}"
+            f"{mode:<7}{median:>8.3f}{entry['overhead_pct']:>+12.1f}"
             f"{statistics.median(paired):>+12.1f} ({min(paired):+.1f}..{max(paired):+.1f})"
-            f"{entry['blocked_s_median']:>16.3f}"
+            f"{entry['rl_step_s_median']:>11.3f}{entry['commit_wait_s_median']:>15.3f}"
+            f"{entry['save_call_s_median']:>13.3f}"
         )
     asynchronous, synchronous = result["modes"]["async"], result["modes"]["sync"]
     print(

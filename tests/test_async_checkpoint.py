@@ -23,6 +23,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from raylane.controllers import JobConfig, RLJob
 from raylane.fault_tolerance import COMPLETE_MARKER, CheckpointLoadError, CheckpointStore, is_complete
+from tests.test_async_rl_recovery import start_driver
+from tests.test_rl_job import _config as tiny_job_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,25 +120,7 @@ def test_a_committed_checkpoint_is_whole_even_if_the_process_dies_right_after(tm
 
 
 def _job_config(tmp_path, name: str, **overrides) -> JobConfig:
-    return JobConfig.model_validate(
-        {
-            "output_dir": str(tmp_path / name),
-            "steps": 2,
-            "prompts_per_step": 4,
-            "eval_every": 0,
-            "eval_prompts": 8,
-            "checkpoint_every": 1,
-            "task": {"name": "add2", "n_train": 64, "n_eval": 8},
-            "rollout": {"n": 2, "max_tokens": 4},
-            "actor": {"micro_batch_size": 4, "optim": {"lr": 1e-3}},
-            "placement": {"trainer_ranks": 2, "cpus_per_bundle": 0.5},
-            "sft": {"steps": 0},
-            "model": {"tiny_shape": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                     "num_attention_heads": 4, "num_key_value_heads": 2,
-                                     "max_position_embeddings": 64}},
-            **overrides,
-        }
-    )  # fmt: skip
+    return tiny_job_config(tmp_path, name, checkpoint_every=1, **overrides)
 
 
 def _saved_tensors(checkpoint: str, tmp_path, name: str) -> dict:
@@ -188,23 +172,12 @@ def _metrics(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.endswith("\n")]
 
 
-def _train(config_path: str, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "raylane.cli", "train", config_path, *overrides],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_driver_killed_mid_persist_resumes_from_the_latest_losing_at_most_one_step(ray_cluster, tmp_path):
     steps = 4
     config = _job_config(tmp_path, "job", steps=steps, ray_address=ray.get_runtime_context().gcs_address)
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
-    driver = _train(str(config_path))
+    driver = start_driver(str(config_path))
     store = CheckpointStore(os.path.join(config.output_dir, "checkpoints"))
     deadline = time.monotonic() + 240
     # Killed as soon as the save of step 2 has begun: its persist is in flight unless it was quicker
@@ -220,7 +193,7 @@ def test_driver_killed_mid_persist_resumes_from_the_latest_losing_at_most_one_st
     assert trained >= 2 and store.latest() is not None
     assert trained - int(store.latest().rsplit("_", 1)[1]) <= 1
 
-    resumed = _train(str(config_path), "resume_from=latest")
+    resumed = start_driver(str(config_path), "resume_from=latest")
     _, err = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, err[-3000:]
     after = _metrics(config.output_dir)
