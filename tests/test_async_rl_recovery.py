@@ -24,12 +24,15 @@ STEPS, PROMPTS, SAMPLES = 6, 4, 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_job(tmp_path, redis_url: str, stream_key: str, reconnect_s: float = 30.0) -> str:
+def write_job(
+    tmp_path, redis_url: str, stream_key: str, reconnect_s: float = 30.0, checkpoint_mode: str = "sync"
+) -> str:
     job = {
         "output_dir": str(tmp_path / "job"),
         "steps": STEPS,
         "prompts_per_step": PROMPTS,
         "checkpoint_every": 3,
+        "checkpoint_mode": checkpoint_mode,
         "eval_every": 0,
         "eval_prompts": 4,
         "task": {"name": "add2", "n_train": 64, "n_eval": 4},
@@ -106,11 +109,20 @@ def check_exactly_once(output_dir: str, redis_url: str, stream_key: str) -> None
         assert set(TrajectoryGroup.decode(fields[b"group"]).uids) <= expected
 
 
-def test_driver_killed_mid_run_resumes_and_trains_each_trajectory_once(ray_cluster, redis_url, tmp_path):
-    config = write_job(tmp_path, redis_url, "kill-driver")
+@pytest.mark.parametrize("checkpoint_mode", ["sync", "async"])
+def test_driver_killed_mid_run_resumes_and_trains_each_trajectory_once(
+    ray_cluster, redis_url, tmp_path, checkpoint_mode
+):
+    key = f"kill-driver-{checkpoint_mode}"
+    config = write_job(tmp_path, redis_url, key, checkpoint_mode=checkpoint_mode)
     output_dir = str(tmp_path / "job")
     driver = start_driver(config)
     wait_for_step(driver, output_dir, 4)
+    # An async checkpoint commits (and acknowledges its batches) at the end of the next step, once
+    # that step has trained.
+    while not os.path.isdir(os.path.join(output_dir, "checkpoints", "step_3")):
+        assert driver.poll() is None, f"the driver exited early: {driver.stderr.read()[-3000:]}"
+        time.sleep(0.01)
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=30)
     # Step 4 was trained after the last checkpoint (step 3): its groups were taken but not committed.
@@ -118,7 +130,7 @@ def test_driver_killed_mid_run_resumes_and_trains_each_trajectory_once(ray_clust
     resumed = start_driver(config, f"resume_from={latest_checkpoint(output_dir)}")
     code, err = finish(resumed)
     assert code == 0, err[-3000:]
-    check_exactly_once(output_dir, redis_url, "kill-driver")
+    check_exactly_once(output_dir, redis_url, key)
     # Resuming from an older checkpoint than the stream's commits stops with what to do, not a hang.
     stale = start_driver(config, f"resume_from={os.path.join(output_dir, 'checkpoints', 'step_3')}")
     code, err = finish(stale)

@@ -10,7 +10,8 @@ The rollout engine waits for the trainer only when the bound admits nothing more
 lands between two of its calls and the samples in flight carry on (``async_rl.partial_rollout``).
 The trainer waits for groups still generating only as long as the deadlines require (see
 ``StalenessBound.select_batch``). Training is exactly-once by trajectory uid through the stream (``raylane.streaming``); a checkpoint saves the
-receipts of the batches since the last one and commits them, and a resumed job commits them again.
+receipts of the batches since the last one and commits them once it is complete on disk, and a
+resumed job commits them again.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class AsyncRLJob(RLJob):
         # The trainer's own.
         self._ready: list[StreamEntry] = []
         self._uncommitted: list[Receipt] = []
+        self._persisting_receipts: dict[int, list[Receipt]] = {}  # by step, until its checkpoint commits
         self._last_step_end = 0.0
         self._engine_seconds_seen = 0.0
 
@@ -142,10 +144,15 @@ class AsyncRLJob(RLJob):
                 f.writelines(kept)
 
     def checkpoint(self, step: int) -> str:
+        # The receipts saved with this checkpoint are acknowledged once it is committed, not before:
+        # a crash mid-persist then has the stream deliver the batches again to the resumed run.
+        self._persisting_receipts[step] = self._uncommitted
         path = super().checkpoint(step)
-        self.stream.commit(self._uncommitted)
         self._uncommitted = []
         return path
+
+    def checkpoint_committed(self, step: int) -> None:
+        self.stream.commit(self._persisting_receipts.pop(step))
 
     def shutdown(self) -> None:
         self._stop_rollout()

@@ -196,7 +196,19 @@ class JobConfig(StrictConfig):
     eval_prompts: int = Field(200, ge=1)
     use_reference: bool = Field(False, description="keep a frozen reference for a KL term")
     checkpoint_every: int = Field(0, ge=0, description="save a checkpoint every N steps (0: only at the end)")
-    resume_from: str | None = Field(None, description="checkpoint folder (a step_* folder) to resume from")
+    checkpoint_mode: Literal["async", "sync"] = Field(
+        "async",
+        description="async: snapshot the trainer state to host memory at the step boundary and persist it "
+        "while the next step runs (at most one persist in flight); sync: the loop waits for the write",
+    )
+    checkpoint_keep_last: int | None = Field(
+        None, ge=1, description="keep only the newest K complete checkpoints (None: keep all)"
+    )
+    resume_from: str | None = Field(
+        None,
+        description="checkpoint folder (a complete step_* folder) to resume from; 'latest': the newest "
+        "complete one under output_dir/checkpoints",
+    )
     output_dir: str = "outputs/run"
     seed: int = 0
     profile_memory: bool = Field(

@@ -27,6 +27,8 @@ from raylane.controllers.config import JobConfig
 from raylane.controllers.loggers import make_loggers
 from raylane.controllers.metrics import MetricsTracker, progress_line
 from raylane.controllers.weight_sync import WeightSync
+from raylane.fault_tolerance.checkpoint import CheckpointLoadError
+from raylane.fault_tolerance.checkpoint_store import COMPLETE_MARKER, CheckpointStore, is_complete
 from raylane.models import Tokenizer
 from raylane.rlhf import (
     AdvantageConfig,
@@ -133,6 +135,10 @@ class RLJob:
         self._groups: list[WorkerGroup] = []
         self.weight_sync: WeightSync | None = None
         self._memory_probes: list = []
+        self.checkpoints = CheckpointStore(
+            os.path.join(config.output_dir, "checkpoints"), config.checkpoint_keep_last
+        )
+        self._persisting: int | None = None  # the step whose checkpoint is being persisted
 
     # ---- set-up -----------------------------------------------------------------------------------
 
@@ -364,19 +370,55 @@ class RLJob:
         self.loader.load_state_dict(extra["loader"])
 
     def checkpoint(self, step: int) -> str:
-        path = os.path.join(self.config.output_dir, "checkpoints", f"step_{step}")
+        """Checkpoint the trainers and the driver state after ``step``; returns the folder it commits to.
+        In async mode this returns once the trainers have snapshotted their state: the persist goes on
+        in the background and :meth:`wait_for_checkpoint` commits it."""
+        self.wait_for_checkpoint()
         extra = {
             "step": step,
             "version": self.version,
             "history": self.metrics.history,
             **self.driver_state(),
         }
-        self.actor.save_checkpoint(os.path.join(path, "actor"), extra)
-        if self.critic is not None:
-            self.critic.save_checkpoint(os.path.join(path, "critic"), {})
-        return path
+        staging = self.checkpoints.staging(step)
+        background = self.config.checkpoint_mode == "async"
+        for name, role in self._checkpointed_roles():
+            role.save_checkpoint(os.path.join(staging, name), extra if name == "actor" else {}, background)
+        self._persisting = step
+        if not background:
+            self.wait_for_checkpoint()
+        return self.checkpoints.path(step)
+
+    def _checkpointed_roles(self) -> list[tuple[str, WorkerGroup]]:
+        return [("actor", self.actor)] + ([("critic", self.critic)] if self.critic is not None else [])
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until the checkpoint in flight (if any) is persisted, then commit it."""
+        if self._persisting is None:
+            return
+        for _, role in self._checkpointed_roles():
+            role.wait_checkpoint()
+        step, self._persisting = self._persisting, None
+        self.checkpoints.commit(step)
+        self.checkpoint_committed(step)
+
+    def checkpoint_committed(self, step: int) -> None:
+        """Called once the checkpoint of ``step`` is complete on disk; a subclass acts on it."""
 
     def resume(self, path: str) -> None:
+        if path == "latest":
+            path = self.checkpoints.latest()
+            if path is None:
+                raise FileNotFoundError(
+                    f"resume_from=latest: no complete checkpoint under {self.checkpoints.root}; "
+                    "start without resume_from"
+                )
+        elif not is_complete(path):
+            raise CheckpointLoadError(
+                f"{path!r} is not a complete checkpoint (no {COMPLETE_MARKER} marker: its save was "
+                "interrupted, or it is not a step_* folder); resume from a complete step_* folder or "
+                "resume_from=latest"
+            )
         extra = self.actor.load_checkpoint(os.path.join(path, "actor"))[0]
         if self.critic is not None:
             self.critic.load_checkpoint(os.path.join(path, "critic"))
@@ -401,6 +443,9 @@ class RLJob:
             with tqdm(range(self.start_step, cfg.steps), desc="rl", unit="step") as bar:
                 for step in bar:
                     metrics = self.rl_step(step)
+                    # The previous checkpoint persisted while this step ran: committing it before the
+                    # step is logged means a crash at any point loses at most the step in flight.
+                    self.wait_for_checkpoint()
                     done = step + 1
                     if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
                         metrics["eval_reward_mean"] = self.evaluate()
@@ -408,6 +453,7 @@ class RLJob:
                     bar.write(progress_line(done, cfg.steps, metrics))
                     if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
                         self.checkpoint(done)
+            self.wait_for_checkpoint()
             self.actor.export_hf(os.path.join(cfg.output_dir, "final_model"))
             self.metrics.plot(
                 os.path.join(cfg.output_dir, "reward_curve.png"), f"{cfg.algorithm.name} on {cfg.task.name}"

@@ -1,5 +1,6 @@
 """Fault tolerance: collective probes, the C4-style fault detector, fault injection, node isolation,
-and distributed training checkpoints that a job resumes from at any DP size (with the Hugging Face export).
+and distributed training checkpoints that a job resumes from at any DP size, persisted in the background
+and committed atomically (with the Hugging Face export).
 
     detector = start_detector(DetectorConfig(), output_dir="out/run")
     group.start_probes(detector)              # a role that mixes in ProbedWorker
@@ -10,11 +11,13 @@ and distributed training checkpoints that a job resumes from at any DP size (wit
 """
 
 from raylane.fault_tolerance.checkpoint import (
+    BackgroundSaver,
     CheckpointLoadError,
     load_train_state,
     save_hf_checkpoint,
     save_train_state,
 )
+from raylane.fault_tolerance.checkpoint_store import COMPLETE_MARKER, CheckpointStore, is_complete
 from raylane.fault_tolerance.config import DetectorConfig, NodeIsolationConfig, ProbeConfig
 from raylane.fault_tolerance.detector import Detector
 from raylane.fault_tolerance.detector_actor import DetectorActor, start_detector
@@ -35,9 +38,12 @@ from raylane.fault_tolerance.recovery import RankReplacer, Replacement, RetriesE
 from raylane.fault_tolerance.worker import ProbedWorker
 
 __all__ = [
+    "COMPLETE_MARKER",
     "FAULT_KINDS",
     "SIGNALS",
+    "BackgroundSaver",
     "CheckpointLoadError",
+    "CheckpointStore",
     "CollectiveProbe",
     "Detector",
     "DetectorActor",
@@ -59,6 +65,7 @@ __all__ = [
     "active_probe",
     "drain_ray_node",
     "find_rank",
+    "is_complete",
     "kill_process",
     "load_train_state",
     "phase",

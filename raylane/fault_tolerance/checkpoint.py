@@ -3,7 +3,8 @@
 DCP stores every rank's shards with their global layout, so a checkpoint written at one DP size
 loads at another: each rank reads exactly the slices its new shards cover. Next to the DCP files:
 the LR-schedule state and step (identical on every rank), each rank's RNG state, and a small
-``extra`` dict from the controller (data position, metrics history).
+``extra`` dict from the controller (data position, metrics history). :class:`BackgroundSaver`
+writes the same files, persisting the shards in the background.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
@@ -97,6 +100,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+def _save_rank_files(path: str, scheduler, step: int, rank: int, extra: dict) -> None:
+    """What DCP does not hold: this rank's RNG state and (rank 0) the LR schedule, step and ``extra``."""
+    os.makedirs(path, exist_ok=True)
+    torch.save({"rng": _rng_state()}, os.path.join(path, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        torch.save(
+            {"scheduler": scheduler.state_dict(), "step": step, "extra": extra},
+            os.path.join(path, "train_state.pt"),
+        )
+
+
 def save_train_state(
     path: str,
     model: nn.Module,
@@ -107,16 +125,50 @@ def save_train_state(
     extra: dict,
 ) -> None:
     """Collective: every rank of the model's process group calls it with the same ``path``."""
-    os.makedirs(path, exist_ok=True)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=os.path.join(path, _DCP_DIR))
-    torch.save({"rng": _rng_state()}, os.path.join(path, f"rng_rank{rank}.pt"))
+    _save_rank_files(path, scheduler, step, rank, extra)
+    dcp.save(_train_state(model, optimizer), checkpoint_id=os.path.join(path, _DCP_DIR))
     if rank == 0:
-        torch.save(
-            {"scheduler": scheduler.state_dict(), "step": step, "extra": extra},
-            os.path.join(path, "train_state.pt"),
-        )
         logger.info("saved checkpoint of step %d to %s", step, path)
+
+
+class BackgroundSaver:
+    """One rank's asynchronous checkpoints: :meth:`save` snapshots the shards to host memory and returns,
+    while a thread of ``dcp.async_save`` writes them. At most one persist is in flight: a new save
+    first waits for the previous one. The writes run their collectives on a process group of their
+    own (gloo), so they never interleave with the training step's collectives on the model's group."""
+
+    def __init__(self) -> None:
+        self._group: dist.ProcessGroup | None = None
+        self._persist: Future | None = None
+
+    def save(
+        self,
+        path: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        step: int,
+        rank: int,
+        extra: dict,
+    ) -> None:
+        """Collective, like :func:`save_train_state`; returns once the snapshot is taken."""
+        self.wait()
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        _save_rank_files(path, scheduler, step, rank, extra)
+        # async_save stages (copies) the shards to CPU memory before it returns: the next optimizer
+        # step may then change the parameters in place.
+        self._persist = dcp.async_save(
+            _train_state(model, optimizer),
+            checkpoint_id=os.path.join(path, _DCP_DIR),
+            process_group=self._group,
+        )
+
+    def wait(self) -> None:
+        """Block until the persist in flight (if any) has written every shard; raises if it failed."""
+        persist, self._persist = self._persist, None
+        if persist is not None:
+            persist.result()
 
 
 def load_train_state(
@@ -136,7 +188,7 @@ def load_train_state(
     step, extra = _restore(path, meta_path, restore_schedule)
     dcp_dir = os.path.join(path, _DCP_DIR)
     _check_dcp_files(path, dcp_dir)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    state = _train_state(model, optimizer)
     try:
         dcp.load(state, checkpoint_id=dcp_dir)
     except (Exception, CheckpointException) as exc:  # DCP's error derives from BaseException

@@ -7,6 +7,7 @@ advantages) are ``[B, T]``, aligned with ``responses``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from raylane.actors.dispatch import Dispatch, register
 from raylane.actors.worker import Worker
 from raylane.batch import Batch
-from raylane.fault_tolerance.checkpoint import load_train_state, save_train_state
+from raylane.fault_tolerance.checkpoint import BackgroundSaver, load_train_state, save_train_state
 from raylane.roles.config import OptimConfig
 
 
@@ -168,12 +169,29 @@ def ppo_update(worker, batch: Batch, loss_fn, prefix: str) -> Batch:
 class CheckpointedTrainer(Worker):
     """A trained role's checkpoint verbs; it holds ``model``, ``optimizer``, ``scheduler``, ``global_step``."""
 
+    @functools.cached_property
+    def _background_saver(self) -> BackgroundSaver:
+        return BackgroundSaver()
+
     @register(Dispatch.ONE_TO_ALL)
-    def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
-        """Distributed checkpoint of model, optimizer, LR schedule, RNG and ``extra`` (e.g. data position)."""
-        save_train_state(
-            path, self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {}
-        )
+    def save_checkpoint(self, path: str, extra: dict | None = None, background: bool = False) -> None:
+        """Distributed checkpoint of model, optimizer, LR schedule, RNG and ``extra`` (e.g. data position).
+        With ``background``, return once the state is snapshotted to host memory and persist it while
+        the caller goes on (:meth:`wait_checkpoint`)."""
+        if background:
+            self._background_saver.save(
+                path, self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {}
+            )
+        else:
+            self._background_saver.wait()
+            save_train_state(
+                path, self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {}
+            )
+
+    @register(Dispatch.ONE_TO_ALL)
+    def wait_checkpoint(self) -> None:
+        """Block until this rank's background persist is done; raises if it failed."""
+        self._background_saver.wait()
 
     @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, path: str) -> dict:

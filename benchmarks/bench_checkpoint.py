@@ -1,0 +1,190 @@
+"""Cost of checkpointing every step: the RL job's step time with no checkpoint, a synchronous one and
+an asynchronous one (snapshot to host memory, persist in the background), in one run.
+
+One colocated GRPO job on CPU (two gloo trainer ranks, FSDP2) is built once; blocks of steps rotate
+between the three modes, so drift of a shared machine hits all alike. A step's time is the loop's:
+``rl_step``, the commit of the previous checkpoint (a wait if its persist is still running) and the
+checkpoint call (async: the snapshot to host memory; sync: the whole write), as in ``RLJob.run``.
+Reported: median step seconds per mode, the overhead in percent of the no-checkpoint step (also
+paired: each block against the no-checkpoint block of the same round), and the step's parts: the
+``rl_step`` (longer when a background persist shares the cores), the commit wait and the save call,
+whose sum is the time the loop is blocked per checkpoint. At the end of an async block the loop waits for the last persist; that wait is reported
+apart (``drain_s``) and not counted in the step times.
+
+    python benchmarks/bench_checkpoint.py [--rounds 4] [--steps 4] [--hidden 384] [--layers 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import ray
+import torch
+
+from raylane.controllers import JobConfig, RLJob
+
+RESULT = Path(__file__).parent / "results" / "bench_checkpoint.json"
+MODES = ("none", "sync", "async")
+
+
+def job_config(args: argparse.Namespace, output_dir: str) -> JobConfig:
+    return JobConfig.model_validate(
+        {
+            "output_dir": output_dir,
+            "steps": 10**6,
+            "checkpoint_keep_last": 2,
+            "prompts_per_step": args.prompts,
+            # Prompts of one length: the two rollout ranks' shards then concatenate (add2's do not always).
+            "task": {"name": "reverse", "n_train": 512, "n_eval": 8},
+            "rollout": {"n": 2, "max_tokens": 8},
+            "actor": {"micro_batch_size": 8, "optim": {"lr": 1e-4}},
+            "placement": {"trainer_ranks": 2, "cpus_per_bundle": 0.5},
+            "sft": {"steps": 0},
+            "model": {
+                "tiny_shape": {
+                    "hidden_size": args.hidden,
+                    "intermediate_size": 4 * args.hidden,
+                    "num_hidden_layers": args.layers,
+                    "num_attention_heads": 8,
+                    "num_key_value_heads": 4,
+                    "max_position_embeddings": 128,
+                }
+            },
+        }
+    )
+
+
+def checkpoint_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+PARTS = ("step_s", "rl_step_s", "commit_wait_s", "save_call_s")
+
+
+def run_block(job: RLJob, mode: str, first_step: int, steps: int) -> tuple[dict[str, list[float]], float]:
+    """``steps`` loop iterations in ``mode``: per iteration its seconds and their parts (``PARTS``);
+    then the seconds the last persist takes to drain."""
+    if mode != "none":
+        job.config = job.config.model_copy(update={"checkpoint_mode": mode})
+    times: dict[str, list[float]] = {part: [] for part in PARTS}
+    for step in range(first_step, first_step + steps):
+        start = time.perf_counter()
+        job.rl_step(step)
+        trained = time.perf_counter()
+        job.wait_for_checkpoint()
+        committed = time.perf_counter()
+        if mode != "none":
+            job.checkpoint(step + 1)
+        end = time.perf_counter()
+        for part, seconds in zip(PARTS, (end - start, trained - start, committed - trained, end - committed)):
+            times[part].append(seconds)
+    drain_start = time.perf_counter()
+    job.wait_for_checkpoint()
+    return times, time.perf_counter() - drain_start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of one block per mode, rotated")
+    parser.add_argument("--steps", type=int, default=4, help="steps per block")
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    args = parser.parse_args()
+
+    output_dir = tempfile.mkdtemp(prefix="bench_checkpoint_")
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    job = RLJob(job_config(args, output_dir))
+    job.build_groups()
+    try:
+        job.rl_step(0)  # warm-up
+        times: dict[str, dict[str, list[float]]] = {mode: {part: [] for part in PARTS} for mode in MODES}
+        drains: list[float] = []
+        block_medians: dict[str, list[float]] = {mode: [] for mode in MODES}
+        step = 1
+        for round_index in range(args.rounds):
+            # Rotate the order so that no mode always follows another.
+            order = MODES[round_index % 3 :] + MODES[: round_index % 3]
+            for mode in order:
+                block, drain = run_block(job, mode, step, args.steps)
+                step += args.steps
+                for part in PARTS:
+                    times[mode][part] += block[part]
+                block_medians[mode].append(statistics.median(block["step_s"]))
+                if mode == "async":
+                    drains.append(drain)
+            medians = ", ".join(f"{mode} {block_medians[mode][-1]:.3f} s" for mode in MODES)
+            print(f"round {round_index + 1}/{args.rounds}: {medians}", flush=True)
+        size = checkpoint_bytes(job.checkpoints.latest())
+    finally:
+        job.metrics.close()
+        job.shutdown()
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+    base = statistics.median(times["none"]["step_s"])
+    result = {
+        "benchmark": "bench_checkpoint",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "trainer_ranks": 2,
+        "model": {"hidden": args.hidden, "layers": args.layers},
+        "checkpoint_mb": size / 2**20,
+        "rounds": args.rounds,
+        "steps_per_block": args.steps,
+        "modes": {},
+    }
+    print(f"\ncheckpoint of {size / 2**20:.1f} MB (model, AdamW moments, RNG, driver state) every step")
+    print(
+        f"{'mode':<7}{'step s':>8}{'overhead %':>12}{'paired % (min..max)':>26}{'rl_step s':>11}"
+        f"{'commit wait s':>15}{'save call s':>13}"
+    )
+    for mode in MODES:
+        steps = times[mode]["step_s"]
+        median = statistics.median(steps)
+        paired = [100 * (m / b - 1) for m, b in zip(block_medians[mode], block_medians["none"])]
+        entry = {
+            "step_s_median": median,
+            "step_s_p10": statistics.quantiles(steps, n=10)[0],
+            "step_s_p90": statistics.quantiles(steps, n=10)[-1],
+            "overhead_pct": 100 * (median / base - 1),
+            "paired_overhead_pct_per_round": paired,
+            **{f"{part}_median": statistics.median(times[mode][part]) for part in PARTS[1:]},
+            "blocked_s_median": statistics.median(
+                wait + call for wait, call in zip(times[mode]["commit_wait_s"], times[mode]["save_call_s"])
+            ),
+            "times": times[mode],
+        }
+        if mode == "async":
+            entry["drain_s_median"] = statistics.median(drains)
+        result["modes"][mode] = entry
+        print(
+            f"{mode:<7}{median:>8.3f}{entry['overhead_pct']:>+12.1f}"
+            f"{statistics.median(paired):>+12.1f} ({min(paired):+.1f}..{max(paired):+.1f})"
+            f"{entry['rl_step_s_median']:>11.3f}{entry['commit_wait_s_median']:>15.3f}"
+            f"{entry['save_call_s_median']:>13.3f}"
+        )
+    asynchronous, synchronous = result["modes"]["async"], result["modes"]["sync"]
+    print(
+        f"async blocks the loop {asynchronous['blocked_s_median']:.3f} s per checkpoint against "
+        f"{synchronous['blocked_s_median']:.3f} s synchronous "
+        f"({synchronous['blocked_s_median'] / max(asynchronous['blocked_s_median'], 1e-9):.1f}x less); "
+        f"its last persist of a block drains in {asynchronous['drain_s_median']:.3f} s"
+    )
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULT}")
+
+
+if __name__ == "__main__":
+    main()

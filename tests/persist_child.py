@@ -1,0 +1,81 @@
+"""A training process for the checkpoint crash tests, run as ``python -m tests.persist_child``.
+
+``train ROOT STEPS``: a real gloo world of one rank trains a model big enough that persisting its
+checkpoint takes a while, checkpoints each step in the background through a ``CheckpointStore``
+(poll, commit when persisted, as the RL job does), and prints ``snapshot N`` once step N's state is
+in host memory and ``committed N`` once it is complete on disk, so the parent can SIGKILL it at
+either point. ``check ROOT``: loads the newest complete checkpoint and prints, as JSON, its step and
+whether its tensors are the ones that training reaches after that many steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+from raylane.fault_tolerance import BackgroundSaver, CheckpointStore, load_train_state
+
+# 8 layers of 1024 x 1024 with AdamW's two moments: about 100 MB to persist per checkpoint.
+LAYERS, WIDTH = 8, 1024
+
+
+def train_objects():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return model, optimizer, scheduler
+
+
+def train_step(model, optimizer, scheduler, step: int) -> None:
+    inputs = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(step))
+    model(inputs).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
+
+
+def _init_world() -> None:
+    store = os.path.join(tempfile.mkdtemp(), "store")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+
+
+def train(root: str, steps: int) -> None:
+    _init_world()
+    model, optimizer, scheduler = train_objects()
+    store, saver = CheckpointStore(root), BackgroundSaver()
+    for step in range(1, steps + 1):
+        train_step(model, optimizer, scheduler, step)
+        saver.save(store.staging(step), model, optimizer, scheduler, step, rank=0, extra={"step": step})
+        print(f"snapshot {step}", flush=True)
+        saver.wait()
+        store.commit(step)
+        print(f"committed {step}", flush=True)
+
+
+def check(root: str) -> None:
+    _init_world()
+    path = CheckpointStore(root).latest()
+    model, optimizer, scheduler = train_objects()
+    step, _ = load_train_state(path, model, optimizer, scheduler, rank=0)
+    expected, expected_optimizer, expected_scheduler = train_objects()
+    for reached in range(1, step + 1):
+        train_step(expected, expected_optimizer, expected_scheduler, reached)
+    same_weights = all(torch.equal(a, b) for a, b in zip(model.parameters(), expected.parameters()))
+    moments = [optimizer.state[p]["exp_avg"] for p in model.parameters()]
+    expected_moments = [expected_optimizer.state[p]["exp_avg"] for p in expected.parameters()]
+    same_moments = all(torch.equal(a, b) for a, b in zip(moments, expected_moments))
+    print(json.dumps({"step": step, "same_weights": same_weights, "same_moments": same_moments}))
+
+
+if __name__ == "__main__":
+    command, root, *rest = sys.argv[1:]
+    if command == "train":
+        train(root, int(rest[0]))
+    else:
+        check(root)
