@@ -10,23 +10,25 @@ Worker groups do the heavy work; this file only moves batches between them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import ray
 import torch
 from tqdm.auto import tqdm
 
-from raylane.actors import ResourcePool, Role, WorkerGroup
+from raylane.actors import DeadRankError, ResourcePool, Role, WorkerGroup
 from raylane.batch import Batch
 from raylane.controllers.config import JobConfig
 from raylane.controllers.loggers import make_loggers
 from raylane.controllers.metrics import MetricsTracker, progress_line
 from raylane.controllers.weight_sync import WeightSync
+from raylane.fault_tolerance import FaultEvent, FaultSupervisor, RanksReplaced
 from raylane.models import Tokenizer
 from raylane.rlhf import (
     AdvantageConfig,
@@ -133,6 +135,12 @@ class RLJob:
         self._groups: list[WorkerGroup] = []
         self.weight_sync: WeightSync | None = None
         self._memory_probes: list = []
+        self.last_checkpoint: str | None = config.resume_from
+        self.supervisor: FaultSupervisor | None = None
+        # Keeps new work off an event's node, for the isolate_and_replace policy; node isolation is
+        # not in this build, so a job with that policy stops before its first RL step.
+        self.isolate_node: Callable[[FaultEvent], None] | None = None
+        self._fault_metrics: dict[str, float] = {}
 
     # ---- set-up -----------------------------------------------------------------------------------
 
@@ -196,10 +204,8 @@ class RLJob:
             rollouts = WorkerGroup(rollout_pool, {"rollout": rollout_role}, name="rollout")
             self._groups.append(rollouts)
         self.actor, self.reward, self.rollout = trainers.actor, trainers.reward, rollouts.rollout
-        if placement.mode == "colocated":
-            self.weight_sync = WeightSync.colocated(trainers, source_role="actor", target_role="rollout")
-        else:
-            self.weight_sync = WeightSync.disaggregated(self.actor, self.rollout)
+        self._trainers = trainers
+        self._connect_weight_sync()
         self.ref = trainers.ref if cfg.use_reference else None
         self.critic = trainers.critic if cfg.algorithm.uses_critic else None
         # Held-out batches are padded to split evenly over the rollout and the reward ranks.
@@ -208,9 +214,23 @@ class RLJob:
         self._sleeps = placement.mode == "colocated" and cfg.rollout.free_cache_when_idle
         self._memory_probes = [self.actor, self.rollout] if cfg.profile_memory else []
 
+    def _connect_weight_sync(self) -> None:
+        if self.config.placement.mode == "colocated":
+            self.weight_sync = WeightSync.colocated(
+                self._trainers, source_role="actor", target_role="rollout"
+            )
+        else:
+            self.weight_sync = WeightSync.disaggregated(self.actor, self.rollout)
+
     def shutdown(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.close()
+            self.supervisor = None
         if self.weight_sync is not None:
-            self.weight_sync.close()
+            try:
+                self.weight_sync.close()
+            except DeadRankError as exc:  # the job is failing on that rank: its error is the one to raise
+                logger.info("weight sync not closed: %s", exc)
             self.weight_sync = None
         for group in reversed(self._groups):
             group.shutdown()
@@ -369,6 +389,7 @@ class RLJob:
         self.actor.save_checkpoint(os.path.join(path, "actor"), extra)
         if self.critic is not None:
             self.critic.save_checkpoint(os.path.join(path, "critic"), {})
+        self.last_checkpoint = path
         return path
 
     def resume(self, path: str) -> None:
@@ -382,6 +403,67 @@ class RLJob:
         self.sync_weights()
         logger.info("resumed from %s at step %d", path, self.start_step)
 
+    def train_step(self, step: int, bar: tqdm) -> None:
+        """RL step ``step`` with its evaluation, metrics and checkpoint."""
+        cfg = self.config
+        metrics = self.rl_step(step)
+        done = step + 1
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            metrics["eval_reward_mean"] = self.evaluate()
+        metrics.update(self._fault_metrics)
+        self._fault_metrics = {}
+        self.metrics.log(done, metrics)
+        bar.write(progress_line(done, cfg.steps, metrics))
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+            self.checkpoint(done)
+
+    # ---- fault tolerance --------------------------------------------------------------------------
+
+    def _start_fault_tolerance(self) -> None:
+        """Probes on the trainer ranks and the detector; a checkpoint to reload if there is none yet."""
+        self.supervisor = FaultSupervisor(
+            self.config.fault_tolerance,
+            self._trainers,
+            role="actor",
+            output_dir=self.config.output_dir,
+            isolate=self.isolate_node,
+        )
+        if self.last_checkpoint is None:
+            self.checkpoint(self.start_step)
+
+    def _supervised(self, work, step: int) -> None:
+        if self.supervisor is None:
+            work()
+        else:
+            self.supervisor.run(work, step)
+
+    def _recover(self, step_in_flight: int) -> None:
+        """After ranks were replaced: rebuild the survivors' roles on the new process group, reconnect
+        the weight sync and reload the last checkpoint (weights, optimizer, data position, version,
+        metrics); the steps since it are redone."""
+        start = time.monotonic()
+        replaced = self.supervisor.replacer.history[-1].ranks
+        survivors = [r for r in range(self._trainers.world_size) if r not in replaced]
+        if survivors:
+            self._trainers.rebuild_roles(survivors)
+        # The old sync's ranks are gone or rebuilt: nothing is left to close on the trainer side.
+        self._connect_weight_sync()
+        self.resume(self.last_checkpoint)
+        self._fault_metrics = {
+            "fault_tolerance/replacements": float(len(self.supervisor.replacer.history)),
+            "fault_tolerance/steps_lost": float(step_in_flight + 1 - self.start_step),
+            "fault_tolerance/recovery_s": self.supervisor.replacer.history[-1].seconds
+            + time.monotonic()
+            - start,
+        }
+        logger.warning(
+            "recovered from a fault at step %d: ranks %s replaced, %s reloaded, %d step(s) to redo",
+            step_in_flight + 1,
+            list(replaced),
+            self.last_checkpoint,
+            step_in_flight + 1 - self.start_step,
+        )
+
     def run(self) -> list[dict[str, float]]:
         """Run the whole job; returns the metrics history."""
         cfg = self.config
@@ -393,16 +475,19 @@ class RLJob:
                 initial = {"eval_reward_before_sft": self.evaluate()} if self.config.sft.steps else {}
                 self.warm_start()
                 self.metrics.log(0, {**initial, "eval_reward_mean": self.evaluate()})
-            with tqdm(range(self.start_step, cfg.steps), desc="rl", unit="step") as bar:
-                for step in bar:
-                    metrics = self.rl_step(step)
-                    done = step + 1
-                    if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                        metrics["eval_reward_mean"] = self.evaluate()
-                    self.metrics.log(done, metrics)
-                    bar.write(progress_line(done, cfg.steps, metrics))
-                    if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-                        self.checkpoint(done)
+            if cfg.fault_tolerance.enabled:
+                self._start_fault_tolerance()
+            with tqdm(total=cfg.steps, initial=self.start_step, desc="rl", unit="step") as bar:
+                step = self.start_step
+                while step < cfg.steps:
+                    try:
+                        self._supervised(functools.partial(self.train_step, step, bar), step)
+                    except RanksReplaced:
+                        self._recover(step)
+                        bar.n = step = self.start_step
+                        continue
+                    step += 1
+                    bar.update()
             self.actor.export_hf(os.path.join(cfg.output_dir, "final_model"))
             self.metrics.plot(
                 os.path.join(cfg.output_dir, "reward_curve.png"), f"{cfg.algorithm.name} on {cfg.task.name}"

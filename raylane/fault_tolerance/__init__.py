@@ -6,6 +6,7 @@ training checkpoints that a job resumes from at any DP size (with the Hugging Fa
     ...
     ray.get(detector.events.remote())         # FaultEvent: kind, rank, node, role, group, evidence
     RankReplacer(group, detector).replace(event, pending_call)   # kill, replace, re-form, re-probe
+    FaultSupervisor(FaultToleranceConfig(enabled=True), group).run(step_fn, step)  # what a job does
 """
 
 from raylane.fault_tolerance.checkpoint import (
@@ -14,7 +15,13 @@ from raylane.fault_tolerance.checkpoint import (
     save_hf_checkpoint,
     save_train_state,
 )
-from raylane.fault_tolerance.config import DetectorConfig, ProbeConfig
+from raylane.fault_tolerance.config import (
+    DetectorConfig,
+    FaultAction,
+    FaultPolicies,
+    FaultToleranceConfig,
+    ProbeConfig,
+)
 from raylane.fault_tolerance.detector import Detector
 from raylane.fault_tolerance.detector_actor import DetectorActor, start_detector
 from raylane.fault_tolerance.events import FAULT_KINDS, FaultEvent
@@ -29,6 +36,7 @@ from raylane.fault_tolerance.faults import (
 )
 from raylane.fault_tolerance.probes import CollectiveProbe, ProbeBatch, RankIdentity, active_probe, phase
 from raylane.fault_tolerance.recovery import RankReplacer, Replacement, RetriesExhaustedError
+from raylane.fault_tolerance.supervisor import FaultRecord, FaultStopError, FaultSupervisor, RanksReplaced
 from raylane.fault_tolerance.worker import ProbedWorker
 
 __all__ = [
@@ -39,13 +47,20 @@ __all__ = [
     "Detector",
     "DetectorActor",
     "DetectorConfig",
+    "FaultAction",
     "FaultEvent",
+    "FaultPolicies",
+    "FaultRecord",
+    "FaultStopError",
+    "FaultSupervisor",
+    "FaultToleranceConfig",
     "InRankFault",
     "ProbeBatch",
     "ProbeConfig",
     "ProbedWorker",
     "RankIdentity",
     "RankReplacer",
+    "RanksReplaced",
     "Replacement",
     "RetriesExhaustedError",
     "active_probe",
