@@ -204,7 +204,7 @@ class RLJob:
             rollouts = WorkerGroup(rollout_pool, {"rollout": rollout_role}, name="rollout")
             self._groups.append(rollouts)
         self.actor, self.reward, self.rollout = trainers.actor, trainers.reward, rollouts.rollout
-        self._trainers = trainers
+        self.trainer_group = trainers
         self._connect_weight_sync()
         self.ref = trainers.ref if cfg.use_reference else None
         self.critic = trainers.critic if cfg.algorithm.uses_critic else None
@@ -217,7 +217,7 @@ class RLJob:
     def _connect_weight_sync(self) -> None:
         if self.config.placement.mode == "colocated":
             self.weight_sync = WeightSync.colocated(
-                self._trainers, source_role="actor", target_role="rollout"
+                self.trainer_group, source_role="actor", target_role="rollout"
             )
         else:
             self.weight_sync = WeightSync.disaggregated(self.actor, self.rollout)
@@ -423,7 +423,7 @@ class RLJob:
         """Probes on the trainer ranks and the detector; a checkpoint to reload if there is none yet."""
         self.supervisor = FaultSupervisor(
             self.config.fault_tolerance,
-            self._trainers,
+            self.trainer_group,
             role="actor",
             output_dir=self.config.output_dir,
             isolate=self.isolate_node,
@@ -443,9 +443,9 @@ class RLJob:
         metrics); the steps since it are redone."""
         start = time.monotonic()
         replaced = self.supervisor.replacer.history[-1].ranks
-        survivors = [r for r in range(self._trainers.world_size) if r not in replaced]
+        survivors = [r for r in range(self.trainer_group.world_size) if r not in replaced]
         if survivors:
-            self._trainers.rebuild_roles(survivors)
+            self.trainer_group.rebuild_roles(survivors)
         # The old sync's ranks are gone or rebuilt: nothing is left to close on the trainer side.
         self._connect_weight_sync()
         self.resume(self.last_checkpoint)

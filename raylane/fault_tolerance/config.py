@@ -78,6 +78,7 @@ class FaultPolicies(StrictConfig):
     comm_slow: FaultAction = "log_only"
 
     def action(self, kind: str) -> FaultAction:
+        """The policy of event class ``kind`` (one of ``FAULT_KINDS``)."""
         return getattr(self, kind)
 
 
@@ -100,4 +101,6 @@ class FaultToleranceConfig(StrictConfig):
     survivor_grace_s: float = Field(
         3.0, gt=0, description="a rank still busy this long after the culprit died is replaced too"
     )
-    event_wait_s: float = Field(10.0, gt=0)
+    event_wait_s: float = Field(
+        10.0, gt=0, description="a step failed on a rank waits this long for the event naming it"
+    )
