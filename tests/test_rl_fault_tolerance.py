@@ -104,10 +104,20 @@ def test_rank_stopped_inside_a_collective_is_named_and_replaced(fault_free, tmp_
     _assert_same_run(history, config, fault_free)
 
 
-def test_a_fault_past_max_replacements_stops_the_job_with_its_report(ray_cluster, tmp_path):
-    config = _tolerant(tmp_path, "exhausted", max_replacements=0)
+@pytest.mark.parametrize(
+    ("settings", "reason", "outcome"),
+    [
+        ({"max_replacements": 0}, "max_replacements=0", "retries exhausted"),
+        ({"policies": {"crash": "stop"}}, "its policy is stop", "stop: stopped the job"),
+    ],
+    ids=["retries_exhausted", "stop_policy"],
+)
+def test_a_fault_the_job_may_not_recover_from_stops_it_with_its_report(
+    ray_cluster, tmp_path, settings, reason, outcome
+):
+    config = _tolerant(tmp_path, "stops", **settings)
     with pytest.raises(FaultStopError) as stopped:
         _run_with(config, InRankFault("kill", at_seq=FAULT_AT_SEQ, inside=True))
     report = str(stopped.value)
-    assert "max_replacements=0" in report, report
-    assert "crash: rank 1 of 'rl'" in report and "retries exhausted" in report, report
+    assert reason in report, report
+    assert "crash: rank 1 of 'rl'" in report and outcome in report, report
