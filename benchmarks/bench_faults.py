@@ -12,10 +12,19 @@ Faults (rotating over the ranks of a 4-rank group):
                 entry into k as the detector records it
   straggler     every all-reduce of the rank 50 ms late, latency in training steps
 
-Only trainer ranks are covered; the rollout, reward and whole-node cells, steps and rollouts lost
-(no checkpointing in this synthetic job) and the goodput comparison are not measured yet.
+Only trainer ranks are covered; the rollout, reward and whole-node cells are not measured yet.
+
+Goodput (``--goodput``): the RL job of ``raylane train`` (tiny model, 2 colocated gloo trainer
+ranks by default) under a fault schedule, trainer rank 1 SIGKILLed from outside during every N-th step, run
+three times in one process: fault-free, with raylane's recovery (``fault_tolerance.enabled``: the
+rank replaced, the last checkpoint reloaded in place), and with whole-job restart from the last
+periodic checkpoint (every group torn down and the job started again with ``resume_from``, as Ray
+Train and AReaL do; the driver and the Ray cluster stay up, so a restart costs new worker groups,
+not a new cluster). Per mode: wall time, the fraction of it lost against the fault-free run, steps
+lost (started but not kept) and rollouts lost (generated in steps not kept).
 
     python benchmarks/bench_faults.py [--trials 5]
+    python benchmarks/bench_faults.py --goodput [--steps 12 --fault-every 4 --checkpoint-every 1 --trainer-ranks 2]
 """
 
 from __future__ import annotations
@@ -24,8 +33,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +45,16 @@ import ray
 import torch
 import torch.distributed as dist
 
-from raylane.actors import DistConfig, ResourcePool, WorkerGroup, WorkerGroupConfig, register
+from raylane.actors import (
+    DistConfig,
+    ResourcePool,
+    WorkerGroup,
+    WorkerGroupConfig,
+    WorkerGroupError,
+    register,
+)
+from raylane.batch import Batch
+from raylane.controllers import JobConfig, RLJob
 from raylane.fault_tolerance import (
     DetectorConfig,
     InRankFault,
@@ -46,6 +66,8 @@ from raylane.fault_tolerance import (
 )
 
 RESULT = Path(__file__).parent / "results" / "bench_faults.json"
+# The kill is sent this long into a scheduled step (it lands in the step or its checkpoint).
+KILL_DELAY_S = 0.1
 RANKS = 4
 STEP_COMPUTE_S = 0.02
 TARGETS = {"crash": 2.0, "hang_outside": 10.0, "hang_inside": 10.0, "straggler_steps": 5}
@@ -153,11 +175,157 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
+class ScheduledFaultJob(RLJob):
+    """The RL job with trainer rank 1 SIGKILLed ``KILL_DELAY_S`` into each step of ``fault_steps``
+    (once per step over restarts: ``fired`` is shared), counting steps started and rollouts made."""
+
+    def __init__(self, config: JobConfig, fault_steps: set[int], fired: set[int], counts: dict) -> None:
+        super().__init__(config)
+        self.fault_steps, self.fired, self.counts = fault_steps, fired, counts
+
+    def rl_step(self, step: int) -> dict[str, float]:
+        self.counts["steps_started"] += 1
+        if step in self.fault_steps and step not in self.fired:
+            self.fired.add(step)
+            victim = self.trainer_group.nodes[1]
+            threading.Timer(
+                KILL_DELAY_S, signal_process, (victim.node_id, victim.pid, signal.SIGKILL)
+            ).start()
+        return super().rl_step(step)
+
+    def train_batch(self, batch: Batch, phase) -> dict[str, float]:
+        self.counts["rollouts"] += len(batch)
+        return super().train_batch(batch, phase)
+
+    def checkpoint(self, step: int) -> str:
+        # Only a checkpoint whose save returned is one to restart from (as Ray Train's reported ones).
+        self.counts["last_checkpoint"] = super().checkpoint(step)
+        return self.counts["last_checkpoint"]
+
+
+def goodput_config(output_dir: Path, args: argparse.Namespace, tolerant: bool) -> JobConfig:
+    return JobConfig.model_validate(
+        {
+            "output_dir": str(output_dir),
+            "steps": args.steps,
+            "checkpoint_every": args.checkpoint_every,
+            "prompts_per_step": 4,
+            "eval_every": 0,
+            "eval_prompts": 8,
+            "task": {"name": "add2", "n_train": 256, "n_eval": 8},
+            "rollout": {"n": 4, "max_tokens": 4},
+            "actor": {"micro_batch_size": 8, "optim": {"lr": 1e-3}},
+            "placement": {"trainer_ranks": args.trainer_ranks, "cpus_per_bundle": 0.5},
+            "sft": {"steps": 0},
+            "fault_tolerance": {"enabled": tolerant},
+        }
+    )
+
+
+def goodput_run(mode: str, root: Path, args: argparse.Namespace) -> dict:
+    """One run of the job in ``mode`` (fault_free, raylane, restart); returns its record."""
+    output_dir = root / mode
+    shutil.rmtree(output_dir, ignore_errors=True)
+    config = goodput_config(output_dir, args, tolerant=mode == "raylane")
+    fault_steps = (
+        set() if mode == "fault_free" else set(range(args.fault_every - 1, args.steps, args.fault_every))
+    )
+    fired: set[int] = set()
+    counts = {"steps_started": 0, "rollouts": 0, "last_checkpoint": None}
+    restarts = 0
+    start = time.monotonic()
+    while True:
+        resume = counts["last_checkpoint"]
+        job = ScheduledFaultJob(config.model_copy(update={"resume_from": resume}), fault_steps, fired, counts)
+        try:
+            history = job.run()
+            break
+        except WorkerGroupError as exc:
+            if mode != "restart" or restarts >= len(fault_steps):
+                raise
+            restarts += 1
+            print(
+                f"  restart {restarts} from {counts['last_checkpoint']} after: {str(exc)[:100]}",
+                flush=True,
+            )
+    seconds = time.monotonic() - start
+    rollouts_per_step = config.prompts_per_step * config.rollout.n
+    record = {
+        "mode": mode,
+        "seconds": seconds,
+        "faults": len(fired),
+        "restarts": restarts,
+        "replacements": max((r.get("fault_tolerance/replacements", 0) for r in history), default=0),
+        "steps_lost": counts["steps_started"] - args.steps,
+        "rollouts_lost": counts["rollouts"] - args.steps * rollouts_per_step,
+        "final_reward_mean": history[-1]["reward_mean"],
+    }
+    print(f"  {mode}: {seconds:.1f} s, {record}", flush=True)
+    return record
+
+
+def goodput(args: argparse.Namespace) -> None:
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    root = Path(args.output_dir)
+    records = {mode: goodput_run(mode, root, args) for mode in ("fault_free", "raylane", "restart")}
+    clean_s = records["fault_free"]["seconds"]
+    for record in records.values():
+        record["lost_s"] = record["seconds"] - clean_s
+        record["time_lost_fraction"] = record["lost_s"] / record["seconds"]
+    print(
+        f"\n{'mode':<12}{'wall s':>9}{'lost s':>9}{'lost %':>9}{'faults':>8}{'steps lost':>12}{'rollouts lost':>15}"
+    )
+    for mode, r in records.items():
+        print(
+            f"{mode:<12}{r['seconds']:>9.1f}{r['lost_s']:>9.1f}{100 * r['time_lost_fraction']:>9.1f}"
+            f"{r['faults']:>8}{r['steps_lost']:>12}{r['rollouts_lost']:>15}"
+        )
+    ratio = (
+        records["restart"]["lost_s"] / records["raylane"]["lost_s"]
+        if records["raylane"]["lost_s"] > 0
+        else None
+    )
+    print(f"time lost, whole-job restart / raylane: {ratio:.2f}x" if ratio else "raylane lost no time")
+    write_result(
+        Path(__file__).parent / "results" / f"bench_faults_goodput_{args.trainer_ranks}ranks.json",
+        trainer_ranks=args.trainer_ranks,
+        steps=args.steps,
+        fault_every=args.fault_every,
+        checkpoint_every=args.checkpoint_every,
+        kill_delay_s=KILL_DELAY_S,
+        modes=records,
+        restart_over_raylane_time_lost=ratio,
+    )
+
+
+def write_result(path: Path, **fields) -> None:
+    """``fields`` as JSON at ``path``, after what was run where and when."""
+    result = {
+        "benchmark": path.stem,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        **fields,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--faults", nargs="*", default=["crash", "hang_outside", "hang_inside", "straggler"])
+    parser.add_argument("--goodput", action="store_true", help="the goodput comparison instead of the matrix")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--fault-every", type=int, default=4)
+    parser.add_argument("--checkpoint-every", type=int, default=1)
+    parser.add_argument("--trainer-ranks", type=int, default=2)
+    parser.add_argument("--output-dir", default="/tmp/bench_faults_goodput")
     args = parser.parse_args()
+    if args.goodput:
+        goodput(args)
+        return
 
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     config = DetectorConfig()
@@ -211,22 +379,16 @@ def main() -> None:
             f"{unit:>7}{recovery:>16.2f}"
         )
     print(f"false alarms in a fault-free run of {faulty_s:.0f} s: {len(false_alarms)}")
-    result = {
-        "benchmark": "bench_faults",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
-        "ranks": RANKS,
-        "detector": config.model_dump(),
-        "targets": TARGETS,
-        "cells": cells,
-        "fault_free_seconds": faulty_s,
-        "false_alarms": false_alarms,
-        "trials": records,
-    }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULT}")
+    write_result(
+        RESULT,
+        ranks=RANKS,
+        detector=config.model_dump(),
+        targets=TARGETS,
+        cells=cells,
+        fault_free_seconds=faulty_s,
+        false_alarms=false_alarms,
+        trials=records,
+    )
 
 
 if __name__ == "__main__":

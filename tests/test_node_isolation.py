@@ -163,3 +163,23 @@ def test_isolated_ray_node_takes_nothing_new_and_leaves_once_idle():
 
 if __name__ == "__main__":
     print(json.dumps(scenario()))
+
+
+def test_fault_policies_build_node_isolation_only_when_a_class_asks_for_it():
+    from raylane.fault_tolerance import (
+        FaultPolicies,
+        FaultToleranceConfig,
+        NodeIsolationConfig,
+        NodeIsolator,
+        node_isolation,
+    )
+
+    assert node_isolation(FaultToleranceConfig()) is None
+    config = FaultToleranceConfig(
+        policies=FaultPolicies(comm_hang="isolate_and_replace"),
+        isolation=NodeIsolationConfig(backends=["ray"], taint_key="example.com/bad"),
+    )
+    isolate = node_isolation(config)
+    assert isinstance(isolate.__self__, NodeIsolator)
+    assert isolate.__self__.backends == ("ray",)
+    assert isolate.__self__.config.taint_key == "example.com/bad"

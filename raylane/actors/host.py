@@ -107,6 +107,15 @@ class WorkerHost:
                     self._runtime.roles[name] = role.cls(*role.args, **role.kwargs)
         logger.info("rank %d of %r ready with roles %s", context.rank, self._group, list(roles))
 
+    def rebuild_roles(self, roles: Mapping[str, Role], layouts: Mapping[str, MeshLayout]) -> None:
+        """Construct every role afresh on the current meshes (a role sharded over meshes of a process
+        group since re-formed cannot run another collective on them)."""
+        self._runtime.roles.clear()
+        for name, role in roles.items():
+            with bind_role(self._runtime, name, layouts[name]):
+                self._runtime.roles[name] = role.cls(*role.args, **role.kwargs)
+        logger.info("rank %d of %r rebuilt roles %s", self._rank, self._group, list(roles))
+
     def execute(self, role: str, method: str, keep_result: bool, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``method`` of ``role`` on this rank; ``None`` back when nobody collects the result."""
         if self._runtime is None:

@@ -338,6 +338,12 @@ class WorkerGroup:
         self._setup()
         logger.info("group %r: ranks %s replaced on nodes %s", self.name, ranks, [n.node_ip for n in infos])
 
+    def rebuild_roles(self, ranks: Sequence[int]) -> None:
+        """Construct the roles of ``ranks`` afresh, e.g. the survivors of :meth:`replace_ranks`,
+        whose models are still sharded over the old process group (state such as weights must be
+        restored by the caller)."""
+        self._host_call("rebuild_roles", ranks, (self._roles_ref, self._layouts), self.config.start_timeout_s)
+
     def reform_process_group(self) -> None:
         """Tear down and re-form the process group (and role meshes) on every rank."""
         self._setup()

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from raylane.config import StrictConfig
+from raylane.fault_tolerance.config import FaultToleranceConfig
 from raylane.models import make_tiny_model
 from raylane.rlhf import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, REWARD_FUNCTIONS, TOY_TASKS, needs_critic
 from raylane.roles import ActorConfig, CriticConfig, OptimConfig, RolloutConfig, TrainConfig
@@ -222,6 +223,7 @@ class JobConfig(StrictConfig):
     async_rl: AsyncRLConfig | None = Field(
         None, description="stream rollouts to the trainer asynchronously; None: the synchronous loop"
     )
+    fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
@@ -254,6 +256,11 @@ class JobConfig(StrictConfig):
                 "async_rl generates while the trainer trains: set placement.mode=disaggregated with one "
                 f"rollout replica (placement.rollout_ranks = placement.rollout_tp); got mode "
                 f"{self.placement.mode!r} and {rollout_replicas} replicas"
+            )
+        if self.fault_tolerance.enabled:
+            raise ValueError(
+                "fault_tolerance.enabled works with the synchronous loop only so far: drop async_rl, or set "
+                "fault_tolerance.enabled=false and resume an async job from its last checkpoint"
             )
         if self.task.reward_model is not None:
             raise ValueError(

@@ -95,10 +95,16 @@ class MetricsTracker:
         self.loggers = []
 
     def restore(self, history: list[dict[str, float]]) -> None:
-        """Continue a resumed run: rewrite metrics.jsonl with the history saved in the checkpoint."""
+        """Continue a resumed run: rewrite metrics.jsonl with the history saved in the checkpoint,
+        keeping the fault detector's event lines already there."""
         self.history = list(history)
+        events = []
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                events = [line for line in f if line.strip() and "step" not in json.loads(line)]
         with open(self.path, "w") as f:
             f.writelines(json.dumps(record) + "\n" for record in history)
+            f.writelines(events)
 
     def plot(self, path: str, title: str) -> str:
         """The reward curve (train and held-out) as a PNG."""

@@ -10,6 +10,7 @@ Worker groups do the heavy work; this file only moves batches between them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -21,12 +22,13 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from raylane.actors import ResourcePool, Role, WorkerGroup
+from raylane.actors import DeadRankError, ResourcePool, Role, WorkerGroup
 from raylane.batch import Batch
 from raylane.controllers.config import JobConfig
 from raylane.controllers.loggers import make_loggers
 from raylane.controllers.metrics import MetricsTracker, progress_line
 from raylane.controllers.weight_sync import WeightSync
+from raylane.fault_tolerance import FaultSupervisor, RanksReplaced
 from raylane.fault_tolerance.checkpoint import CheckpointLoadError
 from raylane.fault_tolerance.checkpoint_store import COMPLETE_MARKER, CheckpointStore, is_complete
 from raylane.models import Tokenizer
@@ -139,6 +141,9 @@ class RLJob:
             os.path.join(config.output_dir, "checkpoints"), config.checkpoint_keep_last
         )
         self._persisting: int | None = None  # the step whose checkpoint is being persisted
+        self.last_checkpoint: str | None = None  # the newest committed checkpoint, what recovery reloads
+        self.supervisor: FaultSupervisor | None = None
+        self._fault_metrics: dict[str, float] = {}
 
     # ---- set-up -----------------------------------------------------------------------------------
 
@@ -202,10 +207,8 @@ class RLJob:
             rollouts = WorkerGroup(rollout_pool, {"rollout": rollout_role}, name="rollout")
             self._groups.append(rollouts)
         self.actor, self.reward, self.rollout = trainers.actor, trainers.reward, rollouts.rollout
-        if placement.mode == "colocated":
-            self.weight_sync = WeightSync.colocated(trainers, source_role="actor", target_role="rollout")
-        else:
-            self.weight_sync = WeightSync.disaggregated(self.actor, self.rollout)
+        self.trainer_group = trainers
+        self._connect_weight_sync()
         self.ref = trainers.ref if cfg.use_reference else None
         self.critic = trainers.critic if cfg.algorithm.uses_critic else None
         # Held-out batches are padded to split evenly over the rollout and the reward ranks.
@@ -214,9 +217,23 @@ class RLJob:
         self._sleeps = placement.mode == "colocated" and cfg.rollout.free_cache_when_idle
         self._memory_probes = [self.actor, self.rollout] if cfg.profile_memory else []
 
+    def _connect_weight_sync(self) -> None:
+        if self.config.placement.mode == "colocated":
+            self.weight_sync = WeightSync.colocated(
+                self.trainer_group, source_role="actor", target_role="rollout"
+            )
+        else:
+            self.weight_sync = WeightSync.disaggregated(self.actor, self.rollout)
+
     def shutdown(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.close()
+            self.supervisor = None
         if self.weight_sync is not None:
-            self.weight_sync.close()
+            try:
+                self.weight_sync.close()
+            except DeadRankError as exc:  # the job is failing on that rank: its error is the one to raise
+                logger.info("weight sync not closed: %s", exc)
             self.weight_sync = None
         for group in reversed(self._groups):
             group.shutdown()
@@ -381,7 +398,9 @@ class RLJob:
             **self.driver_state(),
         }
         staging = self.checkpoints.staging(step)
-        background = self.config.checkpoint_mode == "async"
+        # A background write runs collectives on a process group of all trainer ranks, which a dead rank
+        # would hang; with fault tolerance on, checkpoints are written before the loop goes on.
+        background = self.config.checkpoint_mode == "async" and not self.config.fault_tolerance.enabled
         for name, role in self._checkpointed_roles():
             role.save_checkpoint(os.path.join(staging, name), extra if name == "actor" else {}, background)
         self._persisting = step
@@ -400,6 +419,7 @@ class RLJob:
             role.wait_checkpoint()
         step, self._persisting = self._persisting, None
         self.checkpoints.commit(step)
+        self.last_checkpoint = self.checkpoints.path(step)
         self.checkpoint_committed(step)
 
     def checkpoint_committed(self, step: int) -> None:
@@ -419,6 +439,7 @@ class RLJob:
                 "interrupted, or it is not a step_* folder); resume from a complete step_* folder or "
                 "resume_from=latest"
             )
+        self.last_checkpoint = path
         extra = self.actor.load_checkpoint(os.path.join(path, "actor"))[0]
         if self.critic is not None:
             self.critic.load_checkpoint(os.path.join(path, "critic"))
@@ -428,6 +449,69 @@ class RLJob:
         self.version = extra["version"] - 1
         self.sync_weights()
         logger.info("resumed from %s at step %d", path, self.start_step)
+
+    def train_step(self, step: int, bar: tqdm) -> None:
+        """RL step ``step`` with its evaluation, metrics and checkpoint."""
+        cfg = self.config
+        metrics = self.rl_step(step)
+        # The previous checkpoint persisted while this step ran: committing it before the step is
+        # logged means a crash at any point loses at most the step in flight.
+        self.wait_for_checkpoint()
+        done = step + 1
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            metrics["eval_reward_mean"] = self.evaluate()
+        metrics.update(self._fault_metrics)
+        self._fault_metrics = {}
+        self.metrics.log(done, metrics)
+        bar.write(progress_line(done, cfg.steps, metrics))
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+            self.checkpoint(done)
+
+    # ---- fault tolerance --------------------------------------------------------------------------
+
+    def _start_fault_tolerance(self) -> None:
+        """Probes on the trainer ranks and the detector; a checkpoint to reload if there is none yet."""
+        self.supervisor = FaultSupervisor(
+            self.config.fault_tolerance,
+            self.trainer_group,
+            role="actor",
+            output_dir=self.config.output_dir,
+        )
+        if self.last_checkpoint is None:
+            self.checkpoint(self.start_step)
+
+    def _supervised(self, work, step: int) -> None:
+        if self.supervisor is None:
+            work()
+        else:
+            self.supervisor.run(work, step)
+
+    def _recover(self, step_in_flight: int) -> None:
+        """After ranks were replaced: rebuild the survivors' roles on the new process group, reconnect
+        the weight sync and reload the last checkpoint (weights, optimizer, data position, version,
+        metrics); the steps since it are redone."""
+        start = time.monotonic()
+        replaced = self.supervisor.replacer.history[-1].ranks
+        survivors = [r for r in range(self.trainer_group.world_size) if r not in replaced]
+        if survivors:
+            self.trainer_group.rebuild_roles(survivors)
+        # The old sync's ranks are gone or rebuilt: nothing is left to close on the trainer side.
+        self._connect_weight_sync()
+        self.resume(self.last_checkpoint)
+        self._fault_metrics = {
+            "fault_tolerance/replacements": float(len(self.supervisor.replacer.history)),
+            "fault_tolerance/steps_lost": float(step_in_flight + 1 - self.start_step),
+            "fault_tolerance/recovery_s": self.supervisor.replacer.history[-1].seconds
+            + time.monotonic()
+            - start,
+        }
+        logger.warning(
+            "recovered from a fault at step %d: ranks %s replaced, %s reloaded, %d step(s) to redo",
+            step_in_flight + 1,
+            list(replaced),
+            self.last_checkpoint,
+            step_in_flight + 1 - self.start_step,
+        )
 
     def run(self) -> list[dict[str, float]]:
         """Run the whole job; returns the metrics history."""
@@ -440,19 +524,19 @@ class RLJob:
                 initial = {"eval_reward_before_sft": self.evaluate()} if self.config.sft.steps else {}
                 self.warm_start()
                 self.metrics.log(0, {**initial, "eval_reward_mean": self.evaluate()})
-            with tqdm(range(self.start_step, cfg.steps), desc="rl", unit="step") as bar:
-                for step in bar:
-                    metrics = self.rl_step(step)
-                    # The previous checkpoint persisted while this step ran: committing it before the
-                    # step is logged means a crash at any point loses at most the step in flight.
-                    self.wait_for_checkpoint()
-                    done = step + 1
-                    if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                        metrics["eval_reward_mean"] = self.evaluate()
-                    self.metrics.log(done, metrics)
-                    bar.write(progress_line(done, cfg.steps, metrics))
-                    if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-                        self.checkpoint(done)
+            if cfg.fault_tolerance.enabled:
+                self._start_fault_tolerance()
+            with tqdm(total=cfg.steps, initial=self.start_step, desc="rl", unit="step") as bar:
+                step = self.start_step
+                while step < cfg.steps:
+                    try:
+                        self._supervised(functools.partial(self.train_step, step, bar), step)
+                    except RanksReplaced:
+                        self._recover(step)
+                        bar.n = step = self.start_step
+                        continue
+                    step += 1
+                    bar.update()
             self.wait_for_checkpoint()
             self.actor.export_hf(os.path.join(cfg.output_dir, "final_model"))
             self.metrics.plot(

@@ -8,6 +8,7 @@ and committed atomically (with the Hugging Face export).
     ray.get(detector.events.remote())         # FaultEvent: kind, rank, node, role, group, evidence
     RankReplacer(group, detector).replace(event, pending_call)   # kill, replace, re-form, re-probe
     NodeIsolator(NodeIsolationConfig()).isolate(event)           # nothing new scheduled on its node
+    FaultSupervisor(FaultToleranceConfig(enabled=True), group).run(step_fn, step)  # what a job does
 """
 
 from raylane.fault_tolerance.checkpoint import (
@@ -18,7 +19,14 @@ from raylane.fault_tolerance.checkpoint import (
     save_train_state,
 )
 from raylane.fault_tolerance.checkpoint_store import COMPLETE_MARKER, CheckpointStore, is_complete
-from raylane.fault_tolerance.config import DetectorConfig, NodeIsolationConfig, ProbeConfig
+from raylane.fault_tolerance.config import (
+    DetectorConfig,
+    FaultAction,
+    FaultPolicies,
+    FaultToleranceConfig,
+    NodeIsolationConfig,
+    ProbeConfig,
+)
 from raylane.fault_tolerance.detector import Detector
 from raylane.fault_tolerance.detector_actor import DetectorActor, start_detector
 from raylane.fault_tolerance.events import FAULT_KINDS, FaultEvent
@@ -35,6 +43,13 @@ from raylane.fault_tolerance.isolation import IsolationRecord, NodeIsolator, dra
 from raylane.fault_tolerance.kube_nodes import KubeIsolationError, KubeNodeIsolator
 from raylane.fault_tolerance.probes import CollectiveProbe, ProbeBatch, RankIdentity, active_probe, phase
 from raylane.fault_tolerance.recovery import RankReplacer, Replacement, RetriesExhaustedError
+from raylane.fault_tolerance.supervisor import (
+    FaultRecord,
+    FaultStopError,
+    FaultSupervisor,
+    RanksReplaced,
+    node_isolation,
+)
 from raylane.fault_tolerance.worker import ProbedWorker
 
 __all__ = [
@@ -48,7 +63,13 @@ __all__ = [
     "Detector",
     "DetectorActor",
     "DetectorConfig",
+    "FaultAction",
     "FaultEvent",
+    "FaultPolicies",
+    "FaultRecord",
+    "FaultStopError",
+    "FaultSupervisor",
+    "FaultToleranceConfig",
     "InRankFault",
     "IsolationRecord",
     "KubeIsolationError",
@@ -60,6 +81,7 @@ __all__ = [
     "ProbedWorker",
     "RankIdentity",
     "RankReplacer",
+    "RanksReplaced",
     "Replacement",
     "RetriesExhaustedError",
     "active_probe",
@@ -68,6 +90,7 @@ __all__ = [
     "is_complete",
     "kill_process",
     "load_train_state",
+    "node_isolation",
     "phase",
     "remove_node",
     "save_hf_checkpoint",

@@ -9,7 +9,14 @@ from pydantic import Field
 
 from raylane.config import StrictConfig
 
-__all__ = ["DetectorConfig", "NodeIsolationConfig", "ProbeConfig"]
+__all__ = [
+    "DetectorConfig",
+    "FaultAction",
+    "FaultPolicies",
+    "FaultToleranceConfig",
+    "NodeIsolationConfig",
+    "ProbeConfig",
+]
 
 
 class ProbeConfig(StrictConfig):
@@ -77,3 +84,58 @@ class NodeIsolationConfig(StrictConfig):
     )
     namespace: str = ""
     kubeconfig: str = ""
+
+
+FaultAction = Literal["replace_rank", "isolate_and_replace", "stop", "log_only"]
+
+
+class FaultPolicies(StrictConfig):
+    """What a job does on each class of event (C4's classes).
+
+    - ``replace_rank``: kill the culprit, start it afresh on its bundle, re-form the process group,
+      reload the last checkpoint and redo the steps since.
+    - ``isolate_and_replace``: first keep new work off the culprit's node, then ``replace_rank``.
+    - ``stop``: end the job with the fault report.
+    - ``log_only``: the event is logged and counted (as every event is), the job goes on.
+
+    A straggler or a slow link still trains, only slower: replacing it costs a reload, so they are
+    logged by default.
+    """
+
+    crash: FaultAction = "replace_rank"
+    noncomm_hang: FaultAction = "replace_rank"
+    comm_hang: FaultAction = "replace_rank"
+    noncomm_slow: FaultAction = "log_only"
+    comm_slow: FaultAction = "log_only"
+
+    def action(self, kind: str) -> FaultAction:
+        """The policy of event class ``kind`` (one of ``FAULT_KINDS``)."""
+        return getattr(self, kind)
+
+
+class FaultToleranceConfig(StrictConfig):
+    """Fault tolerance inside ``raylane train``: probes on the trainer ranks, the detector, and the
+    policy of each fault class.
+
+    Off by default: a job that turns it on runs one more actor and, to have something to reload,
+    saves a checkpoint before its first RL step; ``checkpoint_every=1`` bounds what a fault costs to
+    the step in flight. ``max_replacements`` bounds the ranks replaced over the whole job; the next
+    fault stops it with the report of every fault. ``event_wait_s``: how long a step that failed on
+    a rank waits for the detector to name the fault before the failure is raised as it is.
+    """
+
+    enabled: bool = Field(False, description="watch the trainer ranks and act on faults")
+    detector: DetectorConfig = DetectorConfig()
+    probes: ProbeConfig = ProbeConfig()
+    policies: FaultPolicies = FaultPolicies()
+    max_replacements: int = Field(3, ge=0, description="ranks replaced at most over the job")
+    survivor_grace_s: float = Field(
+        3.0, gt=0, description="a rank still busy this long after the culprit died is replaced too"
+    )
+    event_wait_s: float = Field(
+        10.0, gt=0, description="a step failed on a rank waits this long for the event naming it"
+    )
+    isolation: NodeIsolationConfig = Field(
+        default_factory=NodeIsolationConfig,
+        description="how an isolate_and_replace policy keeps new work off the faulty node",
+    )

@@ -51,17 +51,23 @@ class RankReplacer:
 
     ``detector`` gets the group forgotten and probes restarted on the new process group. Ranks of
     the stalled call still blocked ``survivor_grace_s`` after the culprit died are replaced too.
+    ``role`` names the role that mixes in ``ProbedWorker`` in a group of colocated roles.
     """
 
     group: WorkerGroup
     detector: ActorHandle
     probe_config: ProbeConfig | None = None
+    role: str = ""
     max_replacements: int = 3
     survivor_grace_s: float = 3.0
     history: list[Replacement] = field(default_factory=list)
 
     def replace(self, event: FaultEvent, pending: GroupFuture | None = None) -> Replacement:
-        """Kill the culprit, let ``pending`` (the call it stalled) fail, replace it, restart the probes."""
+        """Kill the culprit, let ``pending`` (the call it stalled) fail, replace it, restart the probes.
+
+        Without ``pending``, every other rank whose call thread stays busy ``survivor_grace_s`` is
+        taken for one still blocked in the stalled call.
+        """
         if event.worker_group != self.group.name or not 0 <= event.rank < self.group.world_size:
             raise ValueError(f"event names no rank of group {self.group.name!r}: {event.summary()}")
         if len(self.history) >= self.max_replacements:
@@ -80,16 +86,19 @@ class RankReplacer:
             signal_process(old.node_id, old.pid, signal.SIGKILL)
         except (ray.exceptions.RayError, ProcessLookupError) as exc:  # gone already, or its node is
             logger.info("rank %d's process could not be signalled (%s); replacing it anyway", event.rank, exc)
-        ranks = [event.rank]
-        if pending is not None:
-            # Survivors waiting on the culprit fail now; one waiting on another survivor stays
-            # blocked until the collective timeout, so it is replaced too.
-            ready, _ = ray.wait(pending.refs, num_returns=len(pending.refs), timeout=self.survivor_grace_s)
-            ranks += [
-                r for r, ref in zip(pending.ranks, pending.refs) if ref not in ready and r != event.rank
-            ]
+        if pending is None:
+            # An actor's ready call queues behind the call its thread is running.
+            survivors = [r for r in range(self.group.world_size) if r != event.rank]
+            refs = [self.group.actors[r].__ray_ready__.remote() for r in survivors]
+        else:
+            survivors, refs = list(pending.ranks), list(pending.refs)
+        # Survivors waiting on the culprit fail now; one waiting on another survivor stays
+        # blocked until the collective timeout, so it is replaced too.
+        ready = ray.wait(refs, num_returns=len(refs), timeout=self.survivor_grace_s)[0] if refs else []
+        ranks = [event.rank] + [r for r, ref in zip(survivors, refs) if ref not in ready and r != event.rank]
         self.group.replace_ranks(ranks)
-        self.group.start_probes(self.detector, self.probe_config)
+        probed = getattr(self.group, self.role) if self.role else self.group
+        probed.start_probes(self.detector, self.probe_config)
         new = self.group.nodes[event.rank]
         replacement = Replacement(
             event, tuple(ranks), time.monotonic() - start, old.pid, new.pid, new.node_ip

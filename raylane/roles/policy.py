@@ -11,6 +11,7 @@ from raylane.actors.dispatch import Dispatch, register
 from raylane.actors.worker import Worker
 from raylane.batch import Batch
 from raylane.fault_tolerance.checkpoint import save_hf_checkpoint
+from raylane.fault_tolerance.worker import ProbedWorker
 from raylane.models import load_model
 from raylane.rlhf.kl import kl_loss
 from raylane.rlhf.logprobs import entropy_from_logits
@@ -69,8 +70,9 @@ class Reference(_PolicyModel):
         return Batch.from_dict({"ref_log_probs": self._log_probs(batch)})
 
 
-class PolicyTrainer(_PolicyModel, CheckpointedTrainer, WeightSyncSource):
-    """The policy being trained: log-probs, PPO-style updates, SFT warm-start, checkpoints, HF export."""
+class PolicyTrainer(_PolicyModel, CheckpointedTrainer, WeightSyncSource, ProbedWorker):
+    """The policy being trained: log-probs, PPO-style updates, SFT warm-start, checkpoints, HF export;
+    its ranks take collective probes (one per process: colocated roles are watched through it)."""
 
     def __init__(self, config: ActorConfig) -> None:
         super().__init__(config)
