@@ -280,13 +280,15 @@ class DPShard(DispatchMode):
     count that does not divide by the DP size is padded with copies of the first rows
     (the shard's ``Batch.num_padding`` marks them) and the padding rows are dropped from
     the gathered result; with ``pad=False`` (the default, because padding rows change
-    what a training step sees) such a batch is refused.
+    what a training step sees) such a batch is refused. ``merge`` folds the DP groups' results
+    into one (default: :func:`concat_rows`), for results whose rows need more than concatenating.
     """
 
     supports_subset = False
 
-    def __init__(self, pad: bool = False) -> None:
+    def __init__(self, pad: bool = False, merge: Callable[[list[Any]], Any] | None = None) -> None:
         self.pad = pad
+        self.merge = merge or concat_rows
 
     def plan(self, target: DispatchTarget, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallPlan:
         layout = target.layout
@@ -331,7 +333,7 @@ class DPShard(DispatchMode):
         return CallPlan(calls, _ShardState(rows=rows, padding=extra))
 
     def collect(self, target: DispatchTarget, plan: CallPlan, results: list[Any]) -> Any:
-        merged = concat_rows(results)
+        merged = self.merge(results)
         state: _ShardState = plan.state
         if not state.padding or not _is_rows(merged):
             return merged

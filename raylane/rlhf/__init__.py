@@ -33,7 +33,13 @@ from raylane.rlhf.rewards import (
 )
 from raylane.rlhf.staleness import StalenessBound
 from raylane.rlhf.tasks import TOY_TASKS, ToyTask, ToyTaskFiles, make_toy_task, register_toy_task
-from raylane.rlhf.trajectory import Trajectory, TrajectoryGroup, groups_to_batch, sample_tensors
+from raylane.rlhf.trajectory import (
+    Trajectory,
+    TrajectoryGroup,
+    concat_samples,
+    groups_to_batch,
+    sample_tensors,
+)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -57,6 +63,7 @@ __all__ = [
     "compute_advantages",
     "compute_gae",
     "compute_reward",
+    "concat_samples",
     "discounted_returns",
     "entropy_from_logits",
     "extract_final_number",

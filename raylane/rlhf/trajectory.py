@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from raylane.batch import Batch
 
@@ -123,6 +124,29 @@ def sample_tensors(
         "response_mask": torch.tensor(response_mask),
         "rollout_log_probs": torch.tensor(padded_log_probs),
     }
+
+
+def concat_samples(batches: Sequence[Batch]) -> Batch:
+    """The rows of ``batches`` (each in :func:`sample_tensors`' layout, with ``pad_token_id`` in its
+    meta) in order, re-padded to the longest prompt and response of them all: each engine pads only
+    to the longest of its own rows, so the shards of one generate call differ in width."""
+    prompt_len = max(batch["prompts"].shape[1] for batch in batches)
+    response_len = max(batch["responses"].shape[1] for batch in batches)
+    widened = []
+    for batch in batches:
+        left = prompt_len - batch["prompts"].shape[1]
+        right = response_len - batch["responses"].shape[1]
+        pad = batch.meta["pad_token_id"]
+        tensors = {
+            **batch.tensors,
+            "prompts": F.pad(batch["prompts"], (left, 0), value=pad),
+            "responses": F.pad(batch["responses"], (0, right), value=pad),
+            "attention_mask": F.pad(batch["attention_mask"], (left, right)),
+            "response_mask": F.pad(batch["response_mask"], (0, right)),
+            "rollout_log_probs": F.pad(batch["rollout_log_probs"], (0, right)),
+        }
+        widened.append(Batch(tensors, batch.non_tensors, batch.meta, num_padding=batch.num_padding))
+    return Batch.concat(widened)
 
 
 def groups_to_batch(groups: Sequence[TrajectoryGroup], pad_token_id: int) -> Batch:

@@ -15,7 +15,7 @@ import torch
 from raylane.actors.dispatch import Dispatch, register
 from raylane.batch import Batch
 from raylane.models import ModelConfig, TensorParallelGroup, load_model
-from raylane.rlhf.trajectory import TrajectoryGroup, sample_tensors
+from raylane.rlhf.trajectory import TrajectoryGroup, concat_samples, sample_tensors
 from raylane.roles.config import RolloutConfig
 from raylane.roles.partial_rollout import GroupRequest, PartialRolloutMode, PartialRollouts, request_seed
 from raylane.runner import EngineConfig, LLMEngine, RequestOutput, SamplingParams
@@ -76,7 +76,7 @@ class Rollout(WeightSyncTarget):
                 outputs.append(out)
         return outputs
 
-    @register(Dispatch.DP_SHARD)
+    @register(Dispatch.DP_SHARD, merge=concat_samples)
     def generate(self, batch: Batch) -> Batch:
         """Rows hold ``prompt`` (or ``messages`` / ``prompt_token_ids``) and any other columns to carry.
 
@@ -132,7 +132,7 @@ class Rollout(WeightSyncTarget):
                 "response_text": [c.text for _, c in samples],
                 "sample_index": [c.index for _, c in samples],
             },
-            meta={**batch.meta, "n": n, "engine_seconds": engine_seconds},
+            meta={**batch.meta, "n": n, "engine_seconds": engine_seconds, "pad_token_id": self.pad_token_id},
         )
 
     @register(Dispatch.ONE_TO_ALL)
