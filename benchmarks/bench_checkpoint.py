@@ -1,7 +1,8 @@
 """Cost of checkpointing every step: the RL job's step time with no checkpoint, a synchronous one and
 an asynchronous one (snapshot to host memory, persist in the background), in one run.
 
-One colocated GRPO job on CPU (two gloo trainer ranks, FSDP2) is built once; blocks of steps rotate
+One colocated GRPO job is built once: by default on CPU (two gloo trainer ranks, FSDP2), or the job of
+``--config`` (a job YAML with ``key=value`` overrides, e.g. ``examples/grpo_gpu.yaml`` on a GPU). Blocks of steps rotate
 between the three modes, so drift of a shared machine hits all alike. A step's time is the loop's:
 ``rl_step``, the commit of the previous checkpoint (a wait if its persist is still running) and the
 checkpoint call (async: the snapshot to host memory; sync: the whole write), as in ``RLJob.run``.
@@ -12,6 +13,7 @@ whose sum is the time the loop is blocked per checkpoint. At the end of an async
 apart (``drain_s``) and not counted in the step times.
 
     python benchmarks/bench_checkpoint.py [--rounds 4] [--steps 4] [--hidden 384] [--layers 6]
+    python benchmarks/bench_checkpoint.py --config examples/grpo_gpu.yaml --output results/x.json
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 import ray
 import torch
 
+from raylane.config import load_config
 from raylane.controllers import JobConfig, RLJob
 
 RESULT = Path(__file__).parent / "results" / "bench_checkpoint.json"
@@ -37,6 +40,10 @@ MODES = ("none", "sync", "async")
 
 
 def job_config(args: argparse.Namespace, output_dir: str) -> JobConfig:
+    if args.config is not None:
+        # The job as configured, but no warm-start, no end and no eval: only steps and checkpoints.
+        forced = [f"output_dir={output_dir}", "steps=1000000", "checkpoint_keep_last=2", "sft.steps=0"]
+        return load_config(JobConfig, args.config, [*args.set, *forced])
     return JobConfig.model_validate(
         {
             "output_dir": output_dir,
@@ -99,11 +106,16 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    parser.add_argument("--config", help="a job YAML to measure instead of the tiny CPU job")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --config")
+    parser.add_argument("--output", type=Path, default=RESULT)
     args = parser.parse_args()
 
     output_dir = tempfile.mkdtemp(prefix="bench_checkpoint_")
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    job = RLJob(job_config(args, output_dir))
+    config = job_config(args, output_dir)
+    # The tiny CPU job asks for logical CPUs beyond a small machine's; a configured job gets what is there.
+    ray.init(num_cpus=3 if args.config is None else None, include_dashboard=False, log_to_driver=False)
+    job = RLJob(config)
     job.build_groups()
     try:
         job.rl_step(0)  # warm-up
@@ -137,8 +149,11 @@ def main() -> None:
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
-        "trainer_ranks": 2,
-        "model": {"hidden": args.hidden, "layers": args.layers},
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "config": args.config,
+        "overrides": args.set,
+        "trainer_ranks": config.placement.trainer_ranks,
+        "model": config.model.tiny_shape if args.config else {"hidden": args.hidden, "layers": args.layers},
         "checkpoint_mb": size / 2**20,
         "rounds": args.rounds,
         "steps_per_block": args.steps,
@@ -181,9 +196,9 @@ def main() -> None:
         f"({synchronous['blocked_s_median'] / max(asynchronous['blocked_s_median'], 1e-9):.1f}x less); "
         f"its last persist of a block drains in {asynchronous['drain_s_median']:.3f} s"
     )
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULT}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

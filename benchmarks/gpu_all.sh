@@ -55,6 +55,15 @@ step bench_serving_gpu 420 python3 benchmarks/bench_serving.py --model "$serving
 # Issue 14's in-job rollout gap: the job at one and at eight CPUs per bundle (Ray sets an actor's torch
 # threads from its CPU share) against the standalone runner with all its threads and with one.
 step bench_rollout_in_job 420 python3 benchmarks/bench_rollout_in_job.py --cpus 1 8 --output "$results"
+# Issue 17's checkpoint cost in the GPU job: none, sync and async (snapshot to host memory, persist in
+# the background) every step, in rotated blocks of one run; no warm-start, only steps and checkpoints.
+step bench_checkpoint_gpu 540 python3 benchmarks/bench_checkpoint.py --config examples/grpo_gpu.yaml \
+  --rounds 2 --steps 3 --output "$results/bench_checkpoint_gpu.json"
+# The GPU job checkpointing asynchronously, then resumed from its latest complete checkpoint.
+step train_resume_gpu 400 bash -c "python3 -m raylane.cli train examples/grpo_gpu.yaml output_dir=/tmp/resume-gpu \
+  steps=4 sft.steps=2 eval_every=0 checkpoint_every=2 && python3 -m raylane.cli train examples/grpo_gpu.yaml \
+  output_dir=/tmp/resume-gpu steps=6 sft.steps=2 eval_every=0 checkpoint_every=2 resume_from=latest \
+  && ls /tmp/resume-gpu/checkpoints && tail -2 /tmp/resume-gpu/metrics.jsonl"
 step bench_runner 420 python3 benchmarks/bench_runner.py --preset llama-1b --device cuda \
   --batch-sizes 1 16 64 256 --output "$results/bench_runner_cuda_llama-1b.json"
 # Issue 20, both model shapes in one run (one JSON, one copy-bandwidth measurement, roofline share per
