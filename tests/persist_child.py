@@ -2,7 +2,7 @@
 
 ``train ROOT STEPS``: a real gloo world of one rank trains a model big enough that persisting its
 checkpoint takes a while, checkpoints each step in the background through a ``CheckpointStore``
-(poll, commit when persisted, as the RL job does), and prints ``snapshot N`` once step N's state is
+(two writer threads, so its shards span two files; poll, commit when persisted, as the RL job does), and prints ``snapshot N`` once step N's state is
 in host memory and ``committed N`` once it is complete on disk, so the parent can SIGKILL it at
 either point. Before each save it also writes the step's weights and first moments with a plain
 ``torch.save`` (``ROOT.reference/step_N.pt``). ``check ROOT``: loads the newest complete checkpoint and
@@ -68,7 +68,16 @@ def train(root: str, steps: int) -> None:
         train_step(model, optimizer, scheduler, step)
         os.makedirs(os.path.dirname(_reference_path(root, step)), exist_ok=True)
         torch.save(_tensors(model, optimizer), _reference_path(root, step))
-        saver.save(store.staging(step), model, optimizer, scheduler, step, rank=0, extra={"step": step})
+        saver.save(
+            store.staging(step),
+            model,
+            optimizer,
+            scheduler,
+            step,
+            rank=0,
+            extra={"step": step},
+            writer_threads=2,
+        )
         print(f"snapshot {step}", flush=True)
         saver.wait()
         store.commit(step)

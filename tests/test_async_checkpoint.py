@@ -114,6 +114,12 @@ def test_a_committed_checkpoint_is_whole_even_if_the_process_dies_right_after(tm
     root = str(tmp_path / "checkpoints")
     _kill_at(_start_training(root, 3), "committed 2")
     assert _check(root) == {"step": 2, "same_weights": True, "same_moments": True}
+    # Two writer threads: the rank's shards went to two files.
+    assert sorted(os.listdir(os.path.join(root, "step_2", "dcp"))) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__0_1.distcp",
+    ]
 
 
 # ---- the RL job on Ray -------------------------------------------------------------------------------

@@ -205,6 +205,9 @@ class JobConfig(StrictConfig):
     checkpoint_keep_last: int | None = Field(
         None, ge=1, description="keep only the newest K complete checkpoints (None: keep all)"
     )
+    checkpoint_writer_threads: int = Field(
+        4, ge=1, le=64, description="threads per trainer rank writing its checkpoint shards (one file each)"
+    )
     resume_from: str | None = Field(
         None,
         description="checkpoint folder (a complete step_* folder) to resume from; 'latest': the newest "

@@ -402,7 +402,12 @@ class RLJob:
         # would hang; with fault tolerance on, checkpoints are written before the loop goes on.
         background = self.config.checkpoint_mode == "async" and not self.config.fault_tolerance.enabled
         for name, role in self._checkpointed_roles():
-            role.save_checkpoint(os.path.join(staging, name), extra if name == "actor" else {}, background)
+            role.save_checkpoint(
+                os.path.join(staging, name),
+                extra if name == "actor" else {},
+                background,
+                self.config.checkpoint_writer_threads,
+            )
         self._persisting = step
         if not background:
             self.wait_for_checkpoint()

@@ -174,19 +174,18 @@ class CheckpointedTrainer(Worker):
         return BackgroundSaver()
 
     @register(Dispatch.ONE_TO_ALL)
-    def save_checkpoint(self, path: str, extra: dict | None = None, background: bool = False) -> None:
-        """Distributed checkpoint of model, optimizer, LR schedule, RNG and ``extra`` (e.g. data position).
-        With ``background``, return once the state is snapshotted to host memory and persist it while
-        the caller goes on (:meth:`wait_checkpoint`)."""
+    def save_checkpoint(
+        self, path: str, extra: dict | None = None, background: bool = False, writer_threads: int = 1
+    ) -> None:
+        """Distributed checkpoint of model, optimizer, LR schedule, RNG and ``extra`` (e.g. data position),
+        its shards written by ``writer_threads`` threads per rank. With ``background``, return once the
+        state is snapshotted to host memory and persist it while the caller goes on (:meth:`wait_checkpoint`)."""
+        state = (self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {})
         if background:
-            self._background_saver.save(
-                path, self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {}
-            )
+            self._background_saver.save(path, *state, writer_threads=writer_threads)
         else:
             self._background_saver.wait()
-            save_train_state(
-                path, self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {}
-            )
+            save_train_state(path, *state, writer_threads=writer_threads)
 
     @register(Dispatch.ONE_TO_ALL)
     def wait_checkpoint(self) -> None:
