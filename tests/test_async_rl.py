@@ -12,6 +12,7 @@ from raylane.controllers import AsyncRLJob, RLJob
 from raylane.controllers.async_rl import GroupAdmission
 from raylane.rlhf import PromptExample, PromptLoader
 from raylane.roles.partial_rollout import request_seed
+from tests.test_metrics_export import _node_metrics_url, _scrape_until_all_exported
 from tests.test_rl_job import _config, _weighted_task
 
 DISAGGREGATED = {"mode": "disaggregated", "trainer_ranks": 1, "rollout_ranks": 1, "cpus_per_bundle": 0.5}
@@ -74,6 +75,28 @@ def test_no_trained_token_is_staler_than_the_bound(ray_cluster, tmp_path, mode):
     assert len(lengths) > 3 and spans > 0, (lengths, spans)
     assert max(r["rollout/staleness_max"] for r in history[1:]) == worst
     assert "actor/importance_weight_mean" in history[-1]
+    # What the dashboard shows of the stream, from the node's Prometheus endpoint: the last step's values.
+    dashboard = {
+        "raylane_stream_depth": "stream/depth",
+        "raylane_rollout_staleness_max": "rollout/staleness_max",
+    }
+    ours, last = (
+        f'job="{mode}"',
+        {name: [r[key] for r in history if key in r][-1] for name, key in dashboard.items()},
+    )
+
+    def exported(seen: dict, name: str) -> list[float]:
+        return [value for labels, value in seen.get(name, []) if ours in labels]
+
+    # The agent publishes what the driver pushed every few seconds: wait for the last step's values.
+    found = _scrape_until_all_exported(
+        _node_metrics_url(),
+        tuple(dashboard),
+        timeout_s=40,
+        settled=lambda seen: all(exported(seen, name)[-1:] == [last[name]] for name in dashboard),
+    )
+    for name in dashboard:
+        assert exported(found, name)[-1:] == [last[name]], (name, exported(found, name), last[name])
 
 
 def test_group_admission_resumes_mid_batch_with_the_same_groups_and_seeds():

@@ -27,6 +27,7 @@ from raylane.fault_tolerance import (
     signal_process,
     start_detector,
 )
+from tests.test_metrics_export import _node_metrics_url, _scrape_until_all_exported
 
 # Ray workers cannot import this test module: ship its Worker classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -157,6 +158,11 @@ def test_crash_sigkill_is_named_within_two_seconds(doomed, tmp_path):
     assert event.evidence["reason"] == "actor died"
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["event"] == "crash" and lines[0]["rank"] == 1
+    # The event is counted where the Ray dashboard reads it: the node's Prometheus endpoint.
+    found = _scrape_until_all_exported(_node_metrics_url(), ("raylane_detector_events_total",), timeout_s=40)
+    assert any(
+        'kind="crash"' in labels and value >= 1 for labels, value in found["raylane_detector_events_total"]
+    )
     del future
 
 
