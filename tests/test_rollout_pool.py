@@ -193,7 +193,7 @@ def test_cli_scales_the_pool_of_a_running_job(ray_cluster, tmp_path):
     address = ["--job", "cli-job", "--address", ray.get_runtime_context().gcs_address]
     try:
         _wait_for(driver, lambda: [r for r in _metrics(config.output_dir) if r["step"] >= 1], "step 1")
-        grown = _cli("scale", "2", *address)
+        grown = _cli("scale", "2", *address, "--timeout", "60")
         assert grown.returncode == 0, grown.stderr
         assert "rollout pool of job 'cli-job' now has 2 replicas" in grown.stderr
         refused = _cli("scale", "3", *address)
