@@ -120,6 +120,21 @@ def test_replacements_join_with_the_current_weights_before_taking_work(ray_clust
         job.shutdown()
 
 
+def test_replica_dead_between_steps_is_replaced_before_the_weight_sync(ray_cluster, tmp_path):
+    job = RLJob(_pool_config(tmp_path, "pool-idle-death"))
+    job.build_groups()
+    try:
+        job.rl_step(0)
+        pool = job.rollout_pool
+        # It dies while the trainers train: the next sync would wait on it.
+        ray.kill(pool._replicas[1].group.actors[0], no_restart=True)
+        job.sync_weights()
+        assert pool.replacements == 1
+        assert pool.weight_versions() == {"rollout0": 2, "rollout1": 2} and job.version == 2
+    finally:
+        job.shutdown()
+
+
 def test_failures_past_max_replacements_stop_the_job_with_a_report(ray_cluster, tmp_path, monkeypatch):
     job = RLJob(_pool_config(tmp_path, "pool-limit", rollout_pool={"max_replacements": 1}))
     job.build_groups()

@@ -350,6 +350,8 @@ class RLJob:
 
     def sync_weights(self) -> None:
         """Reshard the actor's weights into the rollout engines as the next version."""
+        if self.rollout_pool is not None:
+            self.rollout_pool.replace_failed()
         self.version += 1
         self.weight_sync.sync(self.version)
         if self.config.publish is not None:

@@ -164,21 +164,34 @@ class RolloutPool:
         self._dead = []
         self.rejoin()
 
-    def _mark_dead(self, replica: _Replica, error: DeadRankError) -> None:
+    def _mark_dead(self, replica: _Replica, reason: str) -> None:
         # Shares re-queued onto a replica not yet known dead fail after it was counted (or replaced).
         if replica in self._dead or replica not in self._replicas:
             return
         if self.replacements >= self.config.max_replacements:
             raise RolloutPoolError(
-                f"rollout replica {replica.name!r} died ({error}); {self.replacements} replica(s) were "
+                f"rollout replica {replica.name!r} died ({reason}); {self.replacements} replica(s) were "
                 f"already replaced this run, rollout_pool.max_replacements={self.config.max_replacements}: "
                 "stopping the job. Look for the cause on its node, or raise rollout_pool.max_replacements"
-            ) from error
+            )
         self.replacements += 1
         self._dead.append(replica)
         logger.warning(
-            "rollout replica %s died: %s; its prompts go to the healthy replicas", replica.name, error
+            "rollout replica %s died: %s; its prompts go to the healthy replicas", replica.name, reason
         )
+
+    def replace_failed(self, timeout_s: float = 5.0) -> int:
+        """Replace the replicas with a rank that died (or does not answer a ping within ``timeout_s``)
+        while the pool was idle, e.g. while the trainers trained; returns how many were replaced. Call
+        it before a weight sync, which cannot reach a dead replica."""
+        for replica in self._replicas:
+            silent = replica.group.check_alive(timeout_s)
+            if silent:
+                self._mark_dead(replica, f"ranks {silent} dead or silent between generate calls")
+        failed = len(self._dead)
+        if failed:
+            self._replace_dead()
+        return failed
 
     def scale(self, replicas: int) -> None:
         """Grow or shrink the pool to ``replicas`` (between steps: nothing is in flight then, so a
@@ -245,7 +258,7 @@ class RolloutPool:
                 except GroupTimeoutError:
                     still.append(share)
                 except DeadRankError as error:
-                    self._mark_dead(share.replica, error)
+                    self._mark_dead(share.replica, str(error))
                     healthy = [r for r in self._replicas if r not in self._dead]
                     if not healthy:
                         self._replace_dead()
