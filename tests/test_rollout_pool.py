@@ -14,8 +14,9 @@ import time
 import pytest
 import ray
 import yaml
+from pydantic import ValidationError
 
-from raylane.controllers import RLJob, RolloutPoolError
+from raylane.controllers import JobConfig, RLJob, RolloutPoolError
 from tests.test_async_checkpoint import _metrics
 from tests.test_rl_job import _config
 
@@ -31,6 +32,16 @@ def _pool_config(tmp_path, name: str, replicas: int = 2, **overrides):
         "cpus_per_bundle": 0.5,
     }
     return _config(tmp_path, name, placement=placement, **overrides)
+
+
+def test_pool_config_takes_any_prompt_count_and_bounds_the_replicas():
+    disaggregated = {"mode": "disaggregated", "rollout_ranks": 3}
+    config = JobConfig.model_validate({"placement": disaggregated, "prompts_per_step": 64})
+    assert config.uses_rollout_pool and config.rollout_pool.max_replacements == 3
+    with pytest.raises(ValidationError, match=r"3 rollout replicas .* more than rollout_pool.max_replicas=2"):
+        JobConfig.model_validate({"placement": disaggregated, "rollout_pool": {"max_replicas": 2}})
+    with pytest.raises(ValidationError, match="max_replacements"):
+        JobConfig.model_validate({"placement": disaggregated, "rollout_pool": {"max_replacements": -1}})
 
 
 def _record_generate(monkeypatch, pool) -> list:

@@ -273,8 +273,9 @@ class JobConfig(StrictConfig):
             raise ValueError(
                 f"placement.rollout_tp ({self.placement.rollout_tp}) must divide the rollout ranks ({ranks})"
             )
-        self._check_batch_split(ranks // self.placement.rollout_tp)
         replicas = ranks // self.placement.rollout_tp
+        # A rollout pool shares prompts out unevenly if need be; one engine group splits them by DP rank.
+        self._check_batch_split(1 if self.uses_rollout_pool else replicas)
         if self.uses_rollout_pool and replicas > self.rollout_pool.max_replicas:
             raise ValueError(
                 f"placement.rollout_ranks={ranks} make {replicas} rollout replicas of rollout_tp="

@@ -425,6 +425,8 @@ class RLJob:
         metrics["timing/step_s"] = time.perf_counter() - start
         if self.rollout_pool is not None:
             metrics.update(self._rollout_pool_metrics())
+            if self._control is not None:
+                self._control.set_status.remote(self._rollout_pool_metrics())
         return metrics
 
     def evaluate(self) -> float:
