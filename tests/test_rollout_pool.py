@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -17,6 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from raylane.controllers import JobConfig, RLJob, RolloutPoolError
+from raylane.fault_tolerance import kill_process
 from tests.test_async_checkpoint import _metrics
 from tests.test_rl_job import _config
 
@@ -107,6 +109,47 @@ def test_replica_killed_mid_generate_is_replaced_and_no_prompt_is_lost(ray_clust
         assert (
             pool.weight_versions() == {"rollout0": job.version, "rollout1": job.version} and job.version == 2
         )
+    finally:
+        job.shutdown()
+
+
+def test_replica_sigkilled_while_it_generates_loses_no_prompt(ray_cluster, tmp_path, monkeypatch):
+    # Generations of ~200 tokens and a SIGKILL a third of the way through a generate call, to the local
+    # process (a Ray task on the node would take longer to start than the generation), land inside
+    # the replica's engine loop. The box is shared: if the call had already ended, the death is found
+    # before the weight sync instead, and the step is tried again (at most 3 times).
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
+    config = _pool_config(
+        tmp_path, "pool-sigkill", model={"tiny_shape": shape}, rollout={"n": SAMPLES, "max_tokens": 200}
+    )
+    job = RLJob(config)
+    job.build_groups()
+    try:
+        kill_after_s = min(job.rl_step(step)["timing/generate_s"] for step in range(2)) / 3
+        pool = job.rollout_pool
+        calls = _record_generate(monkeypatch, pool)
+        dispatched, submit = [], pool._submit
+
+        def submit_and_arm(start, rows, replica):
+            share = submit(start, rows, replica)
+            dispatched.append((replica.name, share.start))
+            if len(dispatched) == 2:  # rollout1, whose rows start at 2: re-queued, they keep their place
+                threading.Timer(kill_after_s, kill_process, (replica.group.nodes[0].pid,)).start()
+            return share
+
+        monkeypatch.setattr(pool, "_submit", submit_and_arm)
+        for attempt in range(3):
+            dispatched.clear()
+            calls.clear()
+            job.rl_step(2 + attempt)
+            _assert_answered_once(*calls[0])
+            if len(dispatched) > 2:
+                break
+        # The killed replica's share went to the other one: it was still generating when it died.
+        assert dispatched == [("rollout0", 0), ("rollout1", 2), ("rollout0", 2)]
+        assert pool.replacements == attempt + 1
+        assert pool.weight_versions() == {"rollout0": job.version, "rollout1": job.version}
     finally:
         job.shutdown()
 
