@@ -167,17 +167,49 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_fault(args: argparse.Namespace) -> int:
-    import ray
-
     from raylane.fault_tolerance import signal_rank
 
-    if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=False)
+    _connect(args.address)
     node = signal_rank(args.group, args.rank, args.action)
     print(
         f"{args.action}: rank {args.rank} of {args.group!r} (pid {node.pid} on {node.node_ip})",
         file=sys.stderr,
     )
+    return 0
+
+
+def _connect(address: str) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+
+
+def cmd_rollout_scale(args: argparse.Namespace) -> int:
+    from raylane.controllers import RolloutPoolError, request_scale
+
+    if args.replicas < 1:
+        raise CLIError(f"a rollout pool needs at least 1 replica, got {args.replicas}")
+    _connect(args.address)
+    try:
+        applied, message = request_scale(args.job, args.replicas, args.timeout)
+    except (RolloutPoolError, TimeoutError) as err:
+        raise CLIError(str(err)) from err
+    if not applied:
+        raise CLIError(f"refused by job {args.job!r}: {message}")
+    print(message, file=sys.stderr)
+    return 0
+
+
+def cmd_rollout_status(args: argparse.Namespace) -> int:
+    from raylane.controllers import RolloutPoolError, rollout_status
+
+    _connect(args.address)
+    try:
+        status = rollout_status(args.job)
+    except RolloutPoolError as err:
+        raise CLIError(str(err)) from err
+    print(json.dumps(status))
     return 0
 
 
@@ -233,6 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
     fault.add_argument("--rank", type=int, required=True)
     fault.add_argument("--address", default="auto", help="the Ray cluster to join (default: auto)")
     fault.set_defaults(func=cmd_fault)
+
+    rollout = commands.add_parser(
+        "rollout", help="the rollout pool of a running job (placement.mode=disaggregated, synchronous)"
+    )
+    rollout_commands = rollout.add_subparsers(dest="rollout_command", required=True)
+    scale = rollout_commands.add_parser(
+        "scale", help="grow or shrink the pool to N engine replicas (applied between steps)"
+    )
+    scale.add_argument("replicas", type=int, help="engine replicas to run (rollout_tp ranks each)")
+    status = rollout_commands.add_parser("status", help="the pool's replicas and replacements so far")
+    for sub, func in ((scale, cmd_rollout_scale), (status, cmd_rollout_status)):
+        sub.add_argument("--job", required=True, help="the job's name: the last folder of its output_dir")
+        sub.add_argument("--address", default="auto", help="the Ray cluster to join (default: auto)")
+        sub.set_defaults(func=func)
+    scale.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for the job to apply it (default 300)"
+    )
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random checkpoint for trying things out")
     tiny.add_argument("output_dir")

@@ -1,5 +1,5 @@
 """Single controllers on the driver: the RL job's config and dataflow (synchronous or streaming
-asynchronous), its metrics and loggers, and weight-sync planning."""
+asynchronous), its metrics and loggers, weight-sync planning and the elastic rollout pool."""
 
 from raylane.controllers.async_rl import AsyncRLJob
 from raylane.controllers.config import (
@@ -9,12 +9,14 @@ from raylane.controllers.config import (
     LoggersConfig,
     ModelSpec,
     PlacementConfig,
+    RolloutPoolConfig,
     SFTConfig,
     TaskConfig,
 )
 from raylane.controllers.loggers import StepLogger, TensorBoardLogger, WandbLogger, make_loggers
 from raylane.controllers.metrics import MetricsTracker, progress_line
 from raylane.controllers.rl import RLJob, compute_batch_advantages, mean_rows, run_job
+from raylane.controllers.rollout_pool import RolloutPool, RolloutPoolError, request_scale, rollout_status
 from raylane.controllers.weight_sync import SyncReport, WeightSync
 
 __all__ = [
@@ -27,6 +29,9 @@ __all__ = [
     "ModelSpec",
     "PlacementConfig",
     "RLJob",
+    "RolloutPool",
+    "RolloutPoolConfig",
+    "RolloutPoolError",
     "SFTConfig",
     "StepLogger",
     "SyncReport",
@@ -38,5 +43,7 @@ __all__ = [
     "make_loggers",
     "mean_rows",
     "progress_line",
+    "request_scale",
+    "rollout_status",
     "run_job",
 ]

@@ -124,6 +124,27 @@ class PlacementConfig(StrictConfig):
     gpus_per_bundle: float = Field(0.0, ge=0)
 
 
+class RolloutPoolConfig(StrictConfig):
+    """The disaggregated synchronous job's rollout engines: a pool of independent replicas (one
+    worker group of ``placement.rollout_tp`` ranks each) that is replaced replica by replica when
+    one fails and grows or shrinks at run time (``RLJob.scale_rollout``, ``raylane rollout scale``)."""
+
+    max_replacements: int = Field(
+        3,
+        ge=0,
+        description="failed replicas replaced over the whole run; the next failure stops the job with a "
+        "report naming the replica",
+    )
+    max_replicas: int = Field(
+        8, ge=1, description="the most replicas the pool may be scaled to (each takes rollout_tp bundles)"
+    )
+    control: bool = Field(
+        True,
+        description="register the job's control mailbox (a named Ray actor) so that `raylane rollout "
+        "scale` can reach it; the job applies requests between steps",
+    )
+
+
 class SFTConfig(StrictConfig):
     """Supervised warm-start before RL (for toy tasks a tiny model cannot yet solve)."""
 
@@ -227,6 +248,13 @@ class JobConfig(StrictConfig):
         None, description="stream rollouts to the trainer asynchronously; None: the synchronous loop"
     )
     fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
+    rollout_pool: RolloutPoolConfig = RolloutPoolConfig()
+
+    @property
+    def uses_rollout_pool(self) -> bool:
+        """Whether the rollout engines form an elastic pool of replicas: disaggregated and synchronous
+        (the asynchronous loop streams from one engine group)."""
+        return self.placement.mode == "disaggregated" and self.async_rl is None
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
@@ -248,7 +276,15 @@ class JobConfig(StrictConfig):
             raise ValueError(
                 f"placement.rollout_tp ({self.placement.rollout_tp}) must divide the rollout ranks ({ranks})"
             )
-        self._check_batch_split(ranks // self.placement.rollout_tp)
+        replicas = ranks // self.placement.rollout_tp
+        # A rollout pool shares prompts out unevenly if need be; one engine group splits them by DP rank.
+        self._check_batch_split(1 if self.uses_rollout_pool else replicas)
+        if self.uses_rollout_pool and replicas > self.rollout_pool.max_replicas:
+            raise ValueError(
+                f"placement.rollout_ranks={ranks} make {replicas} rollout replicas of rollout_tp="
+                f"{self.placement.rollout_tp}, more than rollout_pool.max_replicas="
+                f"{self.rollout_pool.max_replicas}; raise rollout_pool.max_replicas or use fewer ranks"
+            )
         if self.async_rl is not None:
             self._check_async(ranks // self.placement.rollout_tp)
         return self

@@ -36,6 +36,8 @@ _DASHBOARD = {
     "rollout/samples_in_flight": "raylane_rollout_samples_in_flight",
     "rollout/engine_busy_fraction": "raylane_rollout_engine_busy_fraction",
     "stream/depth": "raylane_stream_depth",
+    "rollout/replicas": "raylane_rollout_replicas",
+    "rollout/replacements": "raylane_rollout_replacements",
     "trainer/idle_fraction": "raylane_trainer_idle_fraction",
 }
 # Each step phase's seconds ("timing/<phase>_s") go to one gauge tagged with the phase.

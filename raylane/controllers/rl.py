@@ -27,6 +27,7 @@ from raylane.batch import Batch
 from raylane.controllers.config import JobConfig
 from raylane.controllers.loggers import make_loggers
 from raylane.controllers.metrics import MetricsTracker, progress_line
+from raylane.controllers.rollout_pool import RolloutPool, RolloutPoolError, start_control
 from raylane.controllers.weight_sync import WeightSync
 from raylane.fault_tolerance import FaultSupervisor, RanksReplaced
 from raylane.fault_tolerance.checkpoint import CheckpointLoadError
@@ -125,11 +126,11 @@ class RLJob:
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
         self.train_data, self.eval_data, self.sft_data = self._prepare_data()
         self.loader = PromptLoader(self.train_data, config.prompts_per_step, seed=config.seed)
-        job_name = os.path.basename(os.path.abspath(config.output_dir))
+        self.name = os.path.basename(os.path.abspath(config.output_dir))
         self.metrics = MetricsTracker(
             config.output_dir,
-            job_name,
-            make_loggers(config.loggers, config.output_dir, job_name, config.model_dump(mode="json")),
+            self.name,
+            make_loggers(config.loggers, config.output_dir, self.name, config.model_dump(mode="json")),
         )
         self.version = 0
         self.start_step = 0
@@ -144,6 +145,8 @@ class RLJob:
         self.last_checkpoint: str | None = None  # the newest committed checkpoint, what recovery reloads
         self.supervisor: FaultSupervisor | None = None
         self._fault_metrics: dict[str, float] = {}
+        self.rollout_pool: RolloutPool | None = None  # disaggregated synchronous jobs only
+        self._control = None  # the rollout pool's mailbox for `raylane rollout scale`
 
     # ---- set-up -----------------------------------------------------------------------------------
 
@@ -200,30 +203,90 @@ class RLJob:
         else:
             train_pool = ResourcePool([placement.trainer_ranks], name="trainer", **bundle)
             self._pools.append(train_pool)
-            rollout_pool = ResourcePool([placement.rollout_ranks], name="rollout", **bundle)
-            self._pools.append(rollout_pool)
             trainers = WorkerGroup(train_pool, trainer_roles, name="trainer")
             self._groups.append(trainers)
-            rollouts = WorkerGroup(rollout_pool, {"rollout": rollout_role}, name="rollout")
-            self._groups.append(rollouts)
-        self.actor, self.reward, self.rollout = trainers.actor, trainers.reward, rollouts.rollout
+            if cfg.uses_rollout_pool:
+                self._build_rollout_pool(rollout_role, bundle)
+            else:
+                rollout_pool = ResourcePool([placement.rollout_ranks], name="rollout", **bundle)
+                self._pools.append(rollout_pool)
+                rollouts = WorkerGroup(rollout_pool, {"rollout": rollout_role}, name="rollout")
+                self._groups.append(rollouts)
+        self.actor, self.reward = trainers.actor, trainers.reward
+        self.rollout = rollouts.rollout if self.rollout_pool is None else self.rollout_pool
         self.trainer_group = trainers
         self._connect_weight_sync()
         self.ref = trainers.ref if cfg.use_reference else None
         self.critic = trainers.critic if cfg.algorithm.uses_critic else None
-        # Held-out batches are padded to split evenly over the rollout and the reward ranks.
-        self.eval_divisor = math.lcm(rollouts.layout("rollout").dp, trainers.layout("reward").dp)
+        # Held-out batches are padded to split evenly over the rollout and the reward ranks (a
+        # rollout pool takes any number of rows).
+        rollout_dp = rollouts.layout("rollout").dp if self.rollout_pool is None else 1
+        self.eval_divisor = math.lcm(rollout_dp, trainers.layout("reward").dp)
         # Colocated trainers share the rollout's device: free its cache while they work.
         self._sleeps = placement.mode == "colocated" and cfg.rollout.free_cache_when_idle
         self._memory_probes = [self.actor, self.rollout] if cfg.profile_memory else []
+
+    def _build_rollout_pool(self, role: Role, bundle: dict[str, float]) -> None:
+        placement = self.config.placement
+        if self.config.rollout_pool.control:
+            self._control = start_control(self.name)
+        self.rollout_pool = RolloutPool(
+            role,
+            placement.rollout_ranks // placement.rollout_tp,
+            bundle=bundle,
+            config=self.config.rollout_pool,
+            rejoin=self._rejoin_rollouts,
+        )
 
     def _connect_weight_sync(self) -> None:
         if self.config.placement.mode == "colocated":
             self.weight_sync = WeightSync.colocated(
                 self.trainer_group, source_role="actor", target_role="rollout"
             )
+        elif self.rollout_pool is not None:
+            self.weight_sync = WeightSync.disaggregated(self.actor, self.rollout_pool.handles)
         else:
             self.weight_sync = WeightSync.disaggregated(self.actor, self.rollout)
+
+    def _rejoin_rollouts(self) -> None:
+        """The rollout pool's replicas changed: connect the weight sync to the new set (every rank
+        leaves its old sync group as it joins) and push the current policy version to all of them."""
+        self._connect_weight_sync()
+        self.weight_sync.sync(self.version)
+
+    # ---- the elastic rollout pool -------------------------------------------------------------------
+
+    def scale_rollout(self, replicas: int) -> None:
+        """Grow or shrink the rollout pool to ``replicas`` engine replicas; call it between steps (a
+        running job applies `raylane rollout scale` requests at the start of each step). New
+        replicas get the current policy version before they take work."""
+        if self.rollout_pool is None:
+            raise ValueError(
+                "scale_rollout needs the elastic rollout pool: placement.mode=disaggregated with the "
+                "synchronous loop (no async_rl), and build_groups() called"
+            )
+        self.rollout_pool.scale(replicas)
+
+    def _apply_rollout_requests(self) -> None:
+        """Apply the scale requests posted to the job's mailbox since the last step, reporting each."""
+        if self._control is None:
+            return
+        for request_id, replicas in ray.get(self._control.drain.remote()):
+            try:
+                self.scale_rollout(replicas)
+            except (ValueError, RolloutPoolError) as error:
+                self._control.report.remote(request_id, False, str(error))
+                logger.warning("rollout scale to %s refused: %s", replicas, error)
+            else:
+                message = f"rollout pool of job {self.name!r} now has {self.rollout_pool.size} replicas"
+                self._control.report.remote(request_id, True, message)
+        self._control.set_status.remote(self._rollout_pool_metrics())
+
+    def _rollout_pool_metrics(self) -> dict[str, float]:
+        return {
+            "rollout/replicas": float(self.rollout_pool.size),
+            "rollout/replacements": float(self.rollout_pool.replacements),
+        }
 
     def shutdown(self) -> None:
         if self.supervisor is not None:
@@ -235,6 +298,12 @@ class RLJob:
             except DeadRankError as exc:  # the job is failing on that rank: its error is the one to raise
                 logger.info("weight sync not closed: %s", exc)
             self.weight_sync = None
+        if self.rollout_pool is not None:
+            self.rollout_pool.shutdown()
+            self.rollout_pool = None
+        if self._control is not None:
+            ray.kill(self._control)
+            self._control = None
         for group in reversed(self._groups):
             group.shutdown()
         for pool in reversed(self._pools):
@@ -281,6 +350,8 @@ class RLJob:
 
     def sync_weights(self) -> None:
         """Reshard the actor's weights into the rollout engines as the next version."""
+        if self.rollout_pool is not None:
+            self.rollout_pool.replace_failed()
         self.version += 1
         self.weight_sync.sync(self.version)
         if self.config.publish is not None:
@@ -330,6 +401,7 @@ class RLJob:
 
     def rl_step(self, step: int) -> dict[str, float]:
         cfg = self.config
+        self._apply_rollout_requests()
         phase = PhaseTimer(self._memory_probes)
         start = time.perf_counter()
         prompts = self.prompt_batch(self.loader.next_batch(), seed=cfg.seed * 100_003 + step)
@@ -351,6 +423,10 @@ class RLJob:
         metrics.update({f"timing/{name}_s": seconds for name, seconds in phase.seconds.items()})
         metrics.update({f"memory/{name}_peak_gib": peak / 2**30 for name, peak in phase.peak_bytes.items()})
         metrics["timing/step_s"] = time.perf_counter() - start
+        if self.rollout_pool is not None:
+            metrics.update(self._rollout_pool_metrics())
+            if self._control is not None:
+                self._control.set_status.remote(self._rollout_pool_metrics())
         return metrics
 
     def evaluate(self) -> float:
