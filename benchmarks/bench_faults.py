@@ -12,7 +12,15 @@ Faults (rotating over the ranks of a 4-rank group):
                 entry into k as the detector records it
   straggler     every all-reduce of the rank 50 ms late, latency in training steps
 
-Only trainer ranks are covered; the rollout, reward and whole-node cells are not measured yet.
+Rollout cell (``--rollout``): a disaggregated RL job (one trainer rank, two rollout replicas of one
+rank: the elastic rollout pool) of ~200-token generations; in each faulty step a replica's process is
+SIGKILLed a third of the way into the step's generate call (the driver sends it: the cluster is local),
+the replicas taking turns. Per trial: how long the pool takes to learn of the death (the replacement
+count rising, polled every 5 ms), whether the replaced replica is the killed one (and only it),
+prompts lost (answers missing from the step's batch), steps lost, and the step's extra seconds over
+the median fault-free step. The same number of fault-free steps count false alarms (replacements).
+
+The reward and whole-node cells are not measured yet.
 
 Goodput (``--goodput``): the RL job of ``raylane train`` (tiny model, 2 colocated gloo trainer
 ranks by default) under a fault schedule, trainer rank 1 SIGKILLed from outside during every N-th step, run
@@ -24,6 +32,7 @@ not a new cluster). Per mode: wall time, the fraction of it lost against the fau
 lost (started but not kept) and rollouts lost (generated in steps not kept).
 
     python benchmarks/bench_faults.py [--trials 5]
+    python benchmarks/bench_faults.py --rollout [--trials 5]
     python benchmarks/bench_faults.py --goodput [--steps 12 --fault-every 4 --checkpoint-every 1 --trainer-ranks 2]
 """
 
@@ -60,6 +69,7 @@ from raylane.fault_tolerance import (
     InRankFault,
     ProbedWorker,
     RankReplacer,
+    find_rank,
     phase,
     signal_process,
     start_detector,
@@ -298,6 +308,154 @@ def goodput(args: argparse.Namespace) -> None:
     )
 
 
+def rollout_config(output_dir: Path) -> JobConfig:
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
+    return JobConfig.model_validate(
+        {
+            "output_dir": str(output_dir),
+            "steps": 10**6,
+            "prompts_per_step": 8,
+            "sft": {"steps": 0},
+            "task": {"name": "reverse", "n_train": 512, "n_eval": 8},
+            "model": {"tiny_shape": shape},
+            "rollout": {"n": 4, "max_tokens": 200},
+            "actor": {"micro_batch_size": 32},
+            "placement": {
+                "mode": "disaggregated",
+                "trainer_ranks": 1,
+                "rollout_ranks": 2,
+                "cpus_per_bundle": 0.5,
+            },
+            "rollout_pool": {"max_replacements": 10_000, "control": False},
+        }
+    )
+
+
+class _Answers:
+    """Counts each step's answered prompts where the job gets them: the pool's ``generate``."""
+
+    def __init__(self, pool) -> None:
+        self.uids: list[list] = []
+        self._generate = pool.generate
+        pool.generate = self
+
+    def __call__(self, prompts: Batch) -> Batch:
+        samples = self._generate(prompts)
+        self.uids.append(list(samples["uid"]))
+        return samples
+
+
+def _watch_replacements(pool, stop: threading.Event, seen_at: list[float]) -> None:
+    start = pool.replacements
+    while not stop.is_set():
+        if pool.replacements > start:
+            seen_at.append(time.time())
+            return
+        time.sleep(0.005)
+
+
+def rollout_trial(job: RLJob, answers: _Answers, step: int, victim: int | None, kill_after_s: float) -> dict:
+    """One step; with ``victim``, that replica's process SIGKILLed ``kill_after_s`` into it."""
+    pool = job.rollout_pool
+    pids = [find_rank(name, 0).pid for name in pool.names]
+    replacements = pool.replacements
+    killed_at: list[float] = []
+    seen_at: list[float] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_replacements, args=(pool, stop, seen_at), daemon=True)
+
+    def kill() -> None:
+        killed_at.append(time.time())
+        os.kill(pids[victim], signal.SIGKILL)
+
+    timer = threading.Timer(kill_after_s, kill) if victim is not None else None
+    watcher.start()
+    if timer is not None:
+        timer.start()
+    started = time.perf_counter()
+    try:
+        job.rl_step(step)
+        completed = True
+    except Exception as error:  # the bench reports a failed step as lost rather than stopping
+        print(f"step {step} failed: {error!r}", flush=True)
+        completed = False
+    seconds = time.perf_counter() - started
+    stop.set()
+    watcher.join()
+    after = [find_rank(name, 0).pid for name in pool.names]
+    changed = [i for i, (a, b) in enumerate(zip(pids, after)) if a != b]
+    expected = [uid for uid in answers.uids[-1] if uid is not None] if completed else []
+    n = job.config.rollout.n
+    prompts = len(set(expected)) if completed else 0
+    record = {
+        "step": step,
+        "victim": victim,
+        "step_s": seconds,
+        "completed": completed,
+        "replacements": pool.replacements - replacements,
+        "replaced": changed,
+        "prompts_answered": prompts,
+        "prompts_lost": job.config.prompts_per_step - prompts,
+        "answers_per_prompt_ok": completed and all(expected.count(uid) == n for uid in set(expected)),
+    }
+    if victim is not None and killed_at and seen_at:
+        record["detection_s"] = seen_at[0] - killed_at[0]
+    record["culprit_ok"] = changed == ([victim] if victim is not None else [])
+    return record
+
+
+def rollout_matrix(args: argparse.Namespace) -> None:
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    output_dir = Path(args.output_dir) / "rollout"
+    shutil.rmtree(output_dir, ignore_errors=True)
+    job = RLJob(rollout_config(output_dir))
+    job.build_groups()
+    try:
+        generate_s = statistics.median(job.rl_step(step)["timing/generate_s"] for step in range(2))
+        answers = _Answers(job.rollout_pool)
+        records, step = [], 2
+        for trial in range(args.trials):
+            for victim in (None, trial % 2):
+                record = rollout_trial(job, answers, step, victim, kill_after_s=generate_s / 3)
+                step += 1
+                records.append(record)
+                print(
+                    f"step {record['step']}: victim {victim}, replaced {record['replaced']}, "
+                    f"detection {record.get('detection_s')}, prompts lost {record['prompts_lost']}, "
+                    f"{record['step_s']:.2f} s",
+                    flush=True,
+                )
+    finally:
+        job.shutdown()
+    clean = [r for r in records if r["victim"] is None]
+    faulty = [r for r in records if r["victim"] is not None]
+    base = statistics.median(r["step_s"] for r in clean)
+    detections = [r["detection_s"] for r in faulty if "detection_s" in r]
+    summary = {
+        "trials": len(faulty),
+        "kills_inside_generate": sum(r["replacements"] == 1 and "detection_s" in r for r in faulty),
+        "detection_s_p50": statistics.median(detections) if detections else None,
+        "detection_s_max": max(detections) if detections else None,
+        "culprit_correct_pct": 100 * sum(r["culprit_ok"] for r in faulty) / len(faulty),
+        "steps_lost": sum(not r["completed"] for r in faulty),
+        "prompts_lost": sum(r["prompts_lost"] for r in faulty),
+        "recovery_s_p50": statistics.median(r["step_s"] - base for r in faulty),
+        "recovery_s_max": max(r["step_s"] - base for r in faulty),
+        "fault_free_step_s_p50": base,
+        "false_alarms": sum(r["replacements"] for r in clean),
+    }
+    print(f"\nrollout replica SIGKILLed inside generate, {len(faulty)} trials, as many fault-free steps")
+    for key, value in summary.items():
+        print(f"  {key:<24}{value if not isinstance(value, float) else f'{value:.3f}'}")
+    write_result(
+        RESULT.with_name("bench_faults_rollout.json"),
+        generate_s_fault_free=generate_s,
+        summary=summary,
+        records=records,
+    )
+
+
 def write_result(path: Path, **fields) -> None:
     """``fields`` as JSON at ``path``, after what was run where and when."""
     result = {
@@ -317,6 +475,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--faults", nargs="*", default=["crash", "hang_outside", "hang_inside", "straggler"])
     parser.add_argument("--goodput", action="store_true", help="the goodput comparison instead of the matrix")
+    parser.add_argument(
+        "--rollout", action="store_true", help="the rollout-replica cell instead of the matrix"
+    )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--fault-every", type=int, default=4)
     parser.add_argument("--checkpoint-every", type=int, default=1)
@@ -325,6 +486,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.goodput:
         goodput(args)
+        return
+    if args.rollout:
+        rollout_matrix(args)
         return
 
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
