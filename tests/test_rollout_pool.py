@@ -5,8 +5,10 @@ replacements are bounded, and the pool grows and shrinks between steps by API an
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -186,6 +188,42 @@ def test_replica_dead_between_steps_is_replaced_before_the_weight_sync(ray_clust
         assert pool.replacements == 1
         assert pool.weight_versions() == {"rollout0": 2, "rollout1": 2} and job.version == 2
     finally:
+        job.shutdown()
+
+
+def test_replica_stopped_with_prompts_in_flight_is_taken_as_hung_and_replaced(
+    ray_cluster, tmp_path, monkeypatch
+):
+    # SIGSTOP right after rollout1 got its share: it neither answers nor dies. Its ranks answer no
+    # ping, so after hang_timeout_s it is killed, its rows go to rollout0 and it is replaced.
+    hang_timeout_s = 2.0
+    job = RLJob(_pool_config(tmp_path, "pool-hang", rollout_pool={"hang_timeout_s": hang_timeout_s}))
+    job.build_groups()
+    try:
+        job.rl_step(0)
+        pool = job.rollout_pool
+        calls = _record_generate(monkeypatch, pool)
+        stopped, submit = [], pool._submit
+
+        def submit_then_stop(start, rows, replica):
+            share = submit(start, rows, replica)
+            if replica.slot == 1 and not stopped:
+                stopped.append(replica.group.nodes[0].pid)
+                os.kill(stopped[0], signal.SIGSTOP)
+            return share
+
+        monkeypatch.setattr(pool, "_submit", submit_then_stop)
+        metrics = job.rl_step(1)
+        assert len(stopped) == 1
+        _assert_answered_once(*calls[0])
+        # Found by its silence, not by the 300 s call timeout: one ping round past hang_timeout_s.
+        assert hang_timeout_s <= metrics["timing/generate_s"] < hang_timeout_s + 15
+        assert pool.replacements == 1 and pool._replicas[1].group.nodes[0].pid != stopped[0]
+        assert pool.weight_versions() == {"rollout0": job.version, "rollout1": job.version}
+    finally:
+        for pid in stopped:  # a stopped process that survived a failed test would block Ray's shutdown
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         job.shutdown()
 
 

@@ -143,6 +143,13 @@ class RolloutPoolConfig(StrictConfig):
         description="register the job's control mailbox (a named Ray actor) so that `raylane rollout "
         "scale` can reach it; the job applies requests between steps",
     )
+    hang_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a replica with prompts in flight whose ranks answer no ping (on their control "
+        "thread, which a busy rank still serves) for this long is taken as hung: it is killed, its "
+        "prompts go to the healthy replicas and it is replaced, as if it had died",
+    )
 
 
 class SFTConfig(StrictConfig):

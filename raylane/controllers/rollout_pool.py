@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 CONTROL_NAMESPACE = "raylane"
 # How long one look at a share's result blocks before the next share is looked at.
 _POLL_S = 0.02
+# How often the replicas with work in flight are pinged while a generate call waits, and how long a
+# ping may take before the replica counts as silent for that round.
+_PING_EVERY_S = 1.0
+_PING_TIMEOUT_S = 0.5
 
 
 class RolloutPoolError(RuntimeError):
@@ -247,9 +251,12 @@ class RolloutPool:
 
     def generate(self, prompts: Batch) -> Batch:
         """Every prompt row of ``prompts`` answered once (``Rollout.generate``'s layout, rows in input
-        order), over the healthy replicas; a dead replica's rows are generated again elsewhere."""
+        order), over the healthy replicas; the rows of a replica that dies, or hangs (silent for
+        ``hang_timeout_s``), are generated again elsewhere."""
         pending = self._dispatch(0, prompts, self._replicas)
         done: dict[int, Batch] = {}
+        silent_since: dict[_Replica, float] = {}
+        next_ping = time.monotonic() + _PING_EVERY_S
         while pending:
             still = []
             for share in pending:
@@ -258,16 +265,40 @@ class RolloutPool:
                 except GroupTimeoutError:
                     still.append(share)
                 except DeadRankError as error:
-                    self._mark_dead(share.replica, str(error))
-                    healthy = [r for r in self._replicas if r not in self._dead]
-                    if not healthy:
-                        self._replace_dead()
-                        healthy = list(self._replicas)
-                    still += self._dispatch(share.start, share.rows, healthy)
+                    still += self._requeue(share, str(error))
+            if time.monotonic() >= next_ping:
+                for replica in self._hung({share.replica for share in still}, silent_since):
+                    failed = [share for share in still if share.replica is replica]
+                    still = [share for share in still if share.replica is not replica]
+                    reason = f"no answer to pings for {self.config.hang_timeout_s:g} s (rollout_pool.hang_timeout_s)"
+                    for share in failed:
+                        still += self._requeue(share, reason)
+                next_ping = time.monotonic() + _PING_EVERY_S
             pending = still
         if self._dead:
             self._replace_dead()
         return concat_samples([done[start] for start in sorted(done)])
+
+    def _requeue(self, share: _Share, reason: str) -> list[_Share]:
+        """``share``'s replica failed: count it, and give its rows to the healthy replicas (to fresh
+        ones if none is left)."""
+        self._mark_dead(share.replica, reason)
+        healthy = [r for r in self._replicas if r not in self._dead]
+        if not healthy:
+            self._replace_dead()
+            healthy = list(self._replicas)
+        return self._dispatch(share.start, share.rows, healthy)
+
+    def _hung(self, busy: set[_Replica], silent_since: dict[_Replica, float]) -> list[_Replica]:
+        """Of the replicas with work in flight, those whose ranks have not answered a ping for
+        ``hang_timeout_s`` (replaced, and so killed, like dead ones)."""
+        now, hung = time.monotonic(), []
+        for replica in busy - set(self._dead):
+            if not replica.group.check_alive(_PING_TIMEOUT_S):
+                silent_since.pop(replica, None)
+            elif now - silent_since.setdefault(replica, now) >= self.config.hang_timeout_s:
+                hung.append(replica)
+        return hung
 
     # ---- what the job's phase timer and reports ask ------------------------------------------------
 
