@@ -12,10 +12,11 @@ Faults (rotating over the ranks of a 4-rank group):
                 entry into k as the detector records it
   straggler     every all-reduce of the rank 50 ms late, latency in training steps
 
-Rollout cell (``--rollout``): a disaggregated RL job (one trainer rank, two rollout replicas of one
+Rollout cells (``--rollout``): a disaggregated RL job (one trainer rank, two rollout replicas of one
 rank: the elastic rollout pool) of ~200-token generations; in each faulty step a replica's process is
-SIGKILLed a third of the way into the step's generate call (the driver sends it: the cluster is local),
-the replicas taking turns. Per trial: how long the pool takes to learn of the death (the replacement
+SIGKILLed (crash) or SIGSTOPped (hang; found once its ranks answer no ping for
+``rollout_pool.hang_timeout_s``, ``--hang-timeout-s``) a third of the way into the step's generate
+call (the driver sends the signal: the cluster is local), the replicas taking turns. Per trial: how long the pool takes to learn of the death (the replacement
 count rising, polled every 5 ms), whether the replaced replica is the killed one (and only it),
 prompts lost (answers missing from the step's batch), steps lost, and the step's extra seconds over
 the median fault-free step. The same number of fault-free steps count false alarms (replacements).
@@ -39,6 +40,7 @@ lost (started but not kept) and rollouts lost (generated in steps not kept).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -308,7 +310,7 @@ def goodput(args: argparse.Namespace) -> None:
     )
 
 
-def rollout_config(output_dir: Path) -> JobConfig:
+def rollout_config(output_dir: Path, hang_timeout_s: float) -> JobConfig:
     shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
     return JobConfig.model_validate(
@@ -327,7 +329,7 @@ def rollout_config(output_dir: Path) -> JobConfig:
                 "rollout_ranks": 2,
                 "cpus_per_bundle": 0.5,
             },
-            "rollout_pool": {"max_replacements": 10_000, "control": False},
+            "rollout_pool": {"max_replacements": 10_000, "control": False, "hang_timeout_s": hang_timeout_s},
         }
     )
 
@@ -355,8 +357,10 @@ def _watch_replacements(pool, stop: threading.Event, seen_at: list[float]) -> No
         time.sleep(0.005)
 
 
-def rollout_trial(job: RLJob, answers: _Answers, step: int, victim: int | None, kill_after_s: float) -> dict:
-    """One step; with ``victim``, that replica's process SIGKILLed ``kill_after_s`` into it."""
+def rollout_trial(
+    job: RLJob, answers: _Answers, step: int, victim: int | None, signum: int, kill_after_s: float
+) -> dict:
+    """One step; with ``victim``, that replica's process sent ``signum`` ``kill_after_s`` into it."""
     pool = job.rollout_pool
     pids = [find_rank(name, 0).pid for name in pool.names]
     replacements = pool.replacements
@@ -367,7 +371,7 @@ def rollout_trial(job: RLJob, answers: _Answers, step: int, victim: int | None, 
 
     def kill() -> None:
         killed_at.append(time.time())
-        os.kill(pids[victim], signal.SIGKILL)
+        os.kill(pids[victim], signum)
 
     timer = threading.Timer(kill_after_s, kill) if victim is not None else None
     watcher.start()
@@ -381,6 +385,9 @@ def rollout_trial(job: RLJob, answers: _Answers, step: int, victim: int | None, 
         print(f"step {step} failed: {error!r}", flush=True)
         completed = False
     seconds = time.perf_counter() - started
+    if killed_at and signum == signal.SIGSTOP:  # replaced, hence killed, unless the step failed first
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[victim], signal.SIGKILL)
     stop.set()
     watcher.join()
     after = [find_rank(name, 0).pid for name in pool.names]
@@ -405,36 +412,14 @@ def rollout_trial(job: RLJob, answers: _Answers, step: int, victim: int | None, 
     return record
 
 
-def rollout_matrix(args: argparse.Namespace) -> None:
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    output_dir = Path(args.output_dir) / "rollout"
-    shutil.rmtree(output_dir, ignore_errors=True)
-    job = RLJob(rollout_config(output_dir))
-    job.build_groups()
-    try:
-        generate_s = statistics.median(job.rl_step(step)["timing/generate_s"] for step in range(2))
-        answers = _Answers(job.rollout_pool)
-        records, step = [], 2
-        for trial in range(args.trials):
-            for victim in (None, trial % 2):
-                record = rollout_trial(job, answers, step, victim, kill_after_s=generate_s / 3)
-                step += 1
-                records.append(record)
-                print(
-                    f"step {record['step']}: victim {victim}, replaced {record['replaced']}, "
-                    f"detection {record.get('detection_s')}, prompts lost {record['prompts_lost']}, "
-                    f"{record['step_s']:.2f} s",
-                    flush=True,
-                )
-    finally:
-        job.shutdown()
+def _rollout_summary(records: list[dict]) -> dict:
     clean = [r for r in records if r["victim"] is None]
     faulty = [r for r in records if r["victim"] is not None]
     base = statistics.median(r["step_s"] for r in clean)
     detections = [r["detection_s"] for r in faulty if "detection_s" in r]
-    summary = {
+    return {
         "trials": len(faulty),
-        "kills_inside_generate": sum(r["replacements"] == 1 and "detection_s" in r for r in faulty),
+        "faults_inside_generate": sum(r["replacements"] == 1 and "detection_s" in r for r in faulty),
         "detection_s_p50": statistics.median(detections) if detections else None,
         "detection_s_max": max(detections) if detections else None,
         "culprit_correct_pct": 100 * sum(r["culprit_ok"] for r in faulty) / len(faulty),
@@ -445,13 +430,47 @@ def rollout_matrix(args: argparse.Namespace) -> None:
         "fault_free_step_s_p50": base,
         "false_alarms": sum(r["replacements"] for r in clean),
     }
-    print(f"\nrollout replica SIGKILLed inside generate, {len(faulty)} trials, as many fault-free steps")
-    for key, value in summary.items():
-        print(f"  {key:<24}{value if not isinstance(value, float) else f'{value:.3f}'}")
+
+
+def rollout_matrix(args: argparse.Namespace) -> None:
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    output_dir = Path(args.output_dir) / "rollout"
+    shutil.rmtree(output_dir, ignore_errors=True)
+    job = RLJob(rollout_config(output_dir, args.hang_timeout_s))
+    job.build_groups()
+    signals = {"crash": signal.SIGKILL, "hang": signal.SIGSTOP}
+    records: dict[str, list[dict]] = {fault: [] for fault in args.rollout_faults}
+    try:
+        generate_s = statistics.median(job.rl_step(step)["timing/generate_s"] for step in range(2))
+        answers = _Answers(job.rollout_pool)
+        step = 2
+        for fault in args.rollout_faults:
+            for trial in range(args.trials):
+                for victim in (None, trial % 2):
+                    record = rollout_trial(
+                        job, answers, step, victim, signals[fault], kill_after_s=generate_s / 3
+                    )
+                    step += 1
+                    records[fault].append(record)
+                    print(
+                        f"{fault} step {record['step']}: victim {victim}, replaced {record['replaced']}, "
+                        f"detection {record.get('detection_s')}, prompts lost {record['prompts_lost']}, "
+                        f"{record['step_s']:.2f} s",
+                        flush=True,
+                    )
+    finally:
+        job.shutdown()
+    summaries = {fault: _rollout_summary(fault_records) for fault, fault_records in records.items()}
+    print(f"\nrollout replica faults inside generate ({args.trials} trials each, as many fault-free steps)")
+    print(f"{'':<24}" + "".join(f"{fault:>12}" for fault in summaries))
+    for key in next(iter(summaries.values())):
+        cells = [summary[key] for summary in summaries.values()]
+        print(f"{key:<24}" + "".join(f"{c:>12.3f}" if isinstance(c, float) else f"{c!s:>12}" for c in cells))
     write_result(
         RESULT.with_name("bench_faults_rollout.json"),
         generate_s_fault_free=generate_s,
-        summary=summary,
+        hang_timeout_s=args.hang_timeout_s,
+        summary=summaries,
         records=records,
     )
 
@@ -476,8 +495,10 @@ def main() -> None:
     parser.add_argument("--faults", nargs="*", default=["crash", "hang_outside", "hang_inside", "straggler"])
     parser.add_argument("--goodput", action="store_true", help="the goodput comparison instead of the matrix")
     parser.add_argument(
-        "--rollout", action="store_true", help="the rollout-replica cell instead of the matrix"
+        "--rollout", action="store_true", help="the rollout-replica cells instead of the matrix"
     )
+    parser.add_argument("--rollout-faults", nargs="*", default=["crash", "hang"], choices=["crash", "hang"])
+    parser.add_argument("--hang-timeout-s", type=float, default=5.0, help="rollout_pool.hang_timeout_s")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--fault-every", type=int, default=4)
     parser.add_argument("--checkpoint-every", type=int, default=1)
