@@ -40,6 +40,7 @@ lost (started but not kept) and rollouts lost (generated in steps not kept).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -392,9 +393,8 @@ def rollout_trial(
     watcher.join()
     after = [find_rank(name, 0).pid for name in pool.names]
     changed = [i for i, (a, b) in enumerate(zip(pids, after)) if a != b]
-    expected = [uid for uid in answers.uids[-1] if uid is not None] if completed else []
-    n = job.config.rollout.n
-    prompts = len(set(expected)) if completed else 0
+    answered = collections.Counter(answers.uids[-1] if completed else [])
+    prompts = len(answered)
     record = {
         "step": step,
         "victim": victim,
@@ -404,7 +404,7 @@ def rollout_trial(
         "replaced": changed,
         "prompts_answered": prompts,
         "prompts_lost": job.config.prompts_per_step - prompts,
-        "answers_per_prompt_ok": completed and all(expected.count(uid) == n for uid in set(expected)),
+        "answers_per_prompt_ok": completed and set(answered.values()) == {job.config.rollout.n},
     }
     if victim is not None and killed_at and seen_at:
         record["detection_s"] = seen_at[0] - killed_at[0]

@@ -271,7 +271,8 @@ class RLJob:
         """Apply the scale requests posted to the job's mailbox since the last step, reporting each."""
         if self._control is None:
             return
-        for request_id, replicas in ray.get(self._control.drain.remote()):
+        requests = ray.get(self._control.drain.remote())
+        for request_id, replicas in requests:
             try:
                 self.scale_rollout(replicas)
             except (ValueError, RolloutPoolError) as error:
@@ -280,7 +281,8 @@ class RLJob:
             else:
                 message = f"rollout pool of job {self.name!r} now has {self.rollout_pool.size} replicas"
                 self._control.report.remote(request_id, True, message)
-        self._control.set_status.remote(self._rollout_pool_metrics())
+        if requests:  # the status is also posted after every step
+            self._control.set_status.remote(self._rollout_pool_metrics())
 
     def _rollout_pool_metrics(self) -> dict[str, float]:
         return {
@@ -424,9 +426,10 @@ class RLJob:
         metrics.update({f"memory/{name}_peak_gib": peak / 2**30 for name, peak in phase.peak_bytes.items()})
         metrics["timing/step_s"] = time.perf_counter() - start
         if self.rollout_pool is not None:
-            metrics.update(self._rollout_pool_metrics())
+            pool_metrics = self._rollout_pool_metrics()
+            metrics.update(pool_metrics)
             if self._control is not None:
-                self._control.set_status.remote(self._rollout_pool_metrics())
+                self._control.set_status.remote(pool_metrics)
         return metrics
 
     def evaluate(self) -> float:
