@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of raylane in one go, for a GPU machine that has PyTorch but not Ray:
-# the GPU tests, the RL job on the GPU phase by phase (bench_rl_gpu), its trained model served from
+# the GPU tests, the RL job on the GPU phase by phase (bench_rl_gpu), one colocated transition against
+# HybridFlow's baseline (bench_transitions_gpu), its trained model served from
 # the GPU (scored through the openai client, then Serve against the in-process engine), the runner
 # benchmark (batch 1/16/64/256 + GRPO prefix caching, against HF), both model shapes of issue 20
 # with cold/warm engine start-up, batch 1 again with async scheduling off, the same-GPU weight
@@ -30,12 +31,17 @@ step() {  # step NAME SECONDS COMMAND...
   echo "== $name"
   timeout "$seconds" "$@" > "$results/$name.log" 2>&1
   echo "   exit $? (log: $results/$name.log)"
-  grep -E "passed|failed|tok/s|GB/s|x$|Error|share|gap|reward|start-up" "$results/$name.log" | grep -v -i warn | tail -30
+  grep -E "passed|failed|tok/s|GB/s|x$|Error|share|gap|reward|start-up|transition" "$results/$name.log" | grep -v -i warn | tail -30
 }
 
 step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_runner_gpu.py tests/test_actors_gpu.py \
   tests/test_runner_compile.py tests/test_training.py
 step bench_rl_gpu 560 python3 benchmarks/bench_rl_gpu.py --output "$results" --fp32-trainer
+# Issue 14's transitions against HybridFlow's baseline: one colocated actor -> rollout transition of the GPU
+# job's model, raylane's (sleep, wake, in-place reshard) against the full state dict gathered to host
+# memory, put in the object store and loaded by the engine; both checked bit for bit, same run.
+step bench_transitions_gpu 420 python3 benchmarks/bench_transitions.py --device cuda --config examples/grpo_gpu.yaml \
+  --repeats 10 --output "$results/bench_transitions_cuda.json"
 # The model that job trained, served from the GPU: `raylane serve` scored on the job's held-out prompts
 # through the official openai client, then Serve against the in-process engine at a few request rates,
 # with the ingress in its own deployment (two Ray hops per streamed chunk) and in the model's replica
