@@ -39,10 +39,11 @@ class DetectorConfig(StrictConfig):
     - ``hang_s``: how long the first rank of a group may wait in a collective for the others (or
       everyone for the collective to finish) before it is a hang; a silent rank that no hang
       explains is reported as a crash (silent heartbeat) after the same time.
-    - ``straggler_window``: the last w complete collectives of a group that the straggler rule
-      reads; ``straggler_alpha``: a rank must arrive last in so many of them that chance (each of the
-      group's n ranks last with probability 1/n) would do it with probability below this, e.g. 9 of
-      12 with 4 ranks, all 12 with 2;
+    - ``straggler_window``: the most complete collectives of one op of a group that the straggler
+      rule reads; it tests the last w of them for every w up to this. ``straggler_alpha``: a rank
+      must arrive last in so many of the w that chance (each of the group's n ranks last with
+      probability 1/n) would do it with probability below this: a rank last every time is named
+      after 5 collectives with 4 ranks, 10 with 2; with 4 ranks, 9 of 12 also suffice;
       ``straggler_min_margin_s`` and ``straggler_margin_ratio``: how much later than the next one
       it must arrive, in seconds and as a multiple of the median spread of the other ranks.
     - ``link_window``: point-to-point transfers kept per (sender, receiver) pair;

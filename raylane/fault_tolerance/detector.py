@@ -13,8 +13,9 @@ asymmetry between them.
   **communication hang**, which names the group and its nodes. The culprit is a rank of the group
   whose heartbeat went silent (a stopped process, wherever it stopped), else the ranks that never
   arrived.
-- **non-communication slow**: in the last ``straggler_window`` complete collectives of one op of a
-  group the same rank arrived last more often than chance explains (a binomial test), by a margin several times the spread of the others. Arrival
+- **non-communication slow**: in the last w complete collectives of one op of a group (every w up to
+  ``straggler_window``) the same rank arrived last more often than chance explains (a binomial
+  test), by a margin several times the spread of the others. Arrival
   order comes from durations (everyone leaves a collective together, so the last to arrive waits
   least), which needs no clock shared between hosts.
 - **communication slow**: a matrix of point-to-point transfers (the weight sync's sends and
@@ -29,10 +30,11 @@ runs it.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from raylane.fault_tolerance.config import DetectorConfig
@@ -47,6 +49,7 @@ RankKey = tuple[str, int]
 _KEPT_SEQS = 64
 
 
+@functools.cache
 def _needed_last(window: int, size: int, alpha: float) -> int:
     """The fewest times out of ``window`` a rank must be last for chance (1/size each time) to
     explain it with probability below ``alpha`` (one-sided binomial test)."""
@@ -221,9 +224,11 @@ class Detector:
 
     # -- rules ----------------------------------------------------------------------------
 
-    def check(self, now: float, dead: Iterable[RankKey] = ()) -> list[FaultEvent]:
-        """New events at time ``now``; ``dead`` are ranks whose actor is known dead."""
-        events = [self._crash(key, now, "actor died") for key in dead if key not in self._blamed]
+    def check(self, now: float, dead: Mapping[RankKey, str] | None = None) -> list[FaultEvent]:
+        """New events at time ``now``; ``dead`` maps ranks whose actor is known dead to how that was learnt."""
+        events = [
+            self._crash(key, now, how) for key, how in sorted((dead or {}).items()) if key not in self._blamed
+        ]
         for label, group in self._groups.items():
             events += self._hangs(label, group, now)
             events += self._stragglers(label, group, now)
@@ -326,36 +331,38 @@ class Detector:
         return events
 
     def _straggler(self, label: str, group: _Group, op: str, complete: deque, now: float):
-        window = self.config.straggler_window
-        if len(complete) < window:
-            return None
+        # Every suffix of the window is tested, newest collective first, so that a rank last in
+        # each one is named after the fewest collectives chance cannot explain, not after a full
+        # window. Only the rank last in the collective just added can newly pass: the count it
+        # needs never falls as the suffix grows.
+        alpha = self.config.straggler_alpha
         last_counts: dict[RankKey, int] = defaultdict(int)
         margins: dict[RankKey, list[float]] = defaultdict(list)
         spreads = []
-        for arrivals in list(complete)[-window:]:
+        recent = list(complete)[-self.config.straggler_window :]
+        for seen, arrivals in enumerate(reversed(recent), start=1):
             waits = sorted((a.t_exit - a.t_enter, a.rank) for a in arrivals.values())
-            last = waits[0][1]
-            last_counts[last] += 1
-            margins[last].append(waits[1][0] - waits[0][0])
+            rank = waits[0][1]
+            last_counts[rank] += 1
+            margins[rank].append(waits[1][0] - waits[0][0])
             spreads.append(waits[-1][0] - waits[1][0])
-        rank, count = max(last_counts.items(), key=lambda item: item[1])
-        if count < _needed_last(window, group.size, self.config.straggler_alpha) or (
-            ("slow", label, rank) in self._reported
-        ):
-            return None
-        margin = statistics.median(margins[rank])
-        spread = statistics.median(spreads)
-        if margin < max(self.config.straggler_min_margin_s, self.config.straggler_margin_ratio * spread):
-            return None
-        self._reported.add(("slow", label, rank))
-        evidence = {
-            "op": op,
-            "last_in": f"{count}/{window}",
-            "median_margin_s": round(margin, 4),
-            "median_spread_of_others_s": round(spread, 4),
-        }
-        nodes = [self._node(k) for k in group.members.values()]
-        return self._event("noncomm_slow", rank, label, nodes, evidence, now)
+            count = last_counts[rank]
+            if count < _needed_last(seen, group.size, alpha) or ("slow", label, rank) in self._reported:
+                continue
+            margin = statistics.median(margins[rank])
+            spread = statistics.median(spreads)
+            if margin < max(self.config.straggler_min_margin_s, self.config.straggler_margin_ratio * spread):
+                continue
+            self._reported.add(("slow", label, rank))
+            evidence = {
+                "op": op,
+                "last_in": f"{count}/{seen}",
+                "median_margin_s": round(margin, 4),
+                "median_spread_of_others_s": round(spread, 4),
+            }
+            nodes = [self._node(k) for k in group.members.values()]
+            return self._event("noncomm_slow", rank, label, nodes, evidence, now)
+        return None
 
     def _slow_links(self, now: float) -> list[FaultEvent]:
         every = {
