@@ -86,6 +86,8 @@ def test_killed_trainer_rank_is_replaced_and_the_run_matches_a_fault_free_one(fa
 
     events = [r for r in _lines(config) if r.get("event") == "crash"]
     assert [(e["worker_group"], e["rank"]) for e in events] == [("rl", 1)], events
+    # Named from the failed step call, not after the heartbeat's silence_s.
+    assert events[0]["evidence"]["reason"] == "actor died (a group call on it failed)", events
     [recovery] = _recoveries(history)
     assert recovery["fault_tolerance/steps_lost"] <= 1
     assert recovery["fault_tolerance/replacements"] == 1

@@ -1,6 +1,7 @@
 """The detector as a Ray actor: probes ship to it, a thread checks the rules, events go out three ways.
 
-Each event is appended to ``metrics.jsonl`` (when an output directory is given), counted in the
+A rank is also known dead when the caller says so (:meth:`DetectorActor.rank_died`, after Ray
+failed a call on its actor). Each event is appended to ``metrics.jsonl`` (when an output directory is given), counted in the
 Ray metric ``raylane_detector_events`` (tags: kind, role) and logged as a warning. Liveness of a
 silent rank is asked of Ray: a call on a dead actor fails at once, while a stopped or busy one
 just does not answer, which is not a crash by itself.
@@ -18,6 +19,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 from ray.util import metrics as ray_metrics
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raylane.fault_tolerance.config import DetectorConfig
 from raylane.fault_tolerance.detector import Detector, RankKey
@@ -41,7 +43,7 @@ class DetectorActor:
         self._events: list[FaultEvent] = []
         self._handles: dict[RankKey, ActorHandle] = {}
         self._pings: dict[RankKey, ray.ObjectRef] = {}
-        self._dead: set[RankKey] = set()
+        self._dead: dict[RankKey, str] = {}
         self._metrics_path = os.path.join(output_dir, "metrics.jsonl") if output_dir else None
         self._counter = ray_metrics.Counter(
             "raylane_detector_events",
@@ -59,7 +61,7 @@ class DetectorActor:
             if handle is not None:
                 self._handles[identity.key] = handle
             self._pings.pop(identity.key, None)
-            self._dead.discard(identity.key)
+            self._dead.pop(identity.key, None)
 
     @ray.method(concurrency_group="reports")  # after the probe's last report
     def unregister(self, identity: RankIdentity) -> None:
@@ -97,14 +99,22 @@ class DetectorActor:
             for key in [k for k in self._handles if k[0] == worker_group]:
                 self._handles.pop(key, None)
                 self._pings.pop(key, None)
-                self._dead.discard(key)
+                self._dead.pop(key, None)
+
+    def rank_died(self, worker_group: str, rank: int) -> list[FaultEvent]:
+        """Ray reported ``rank`` of ``worker_group`` dead (a group call failed on its actor): a crash
+        now, without waiting for its heartbeat to go quiet. Returns the new events."""
+        with self._lock:
+            if (worker_group, rank) in self._detector.ranks:
+                self._dead[(worker_group, rank)] = "actor died (a group call on it failed)"
+        return self.check_now()
 
     def check_now(self) -> list[FaultEvent]:
         """Run the rules once (the background thread also does, every ``check_interval_s``)."""
         with self._lock:
             now = time.time()
             self._ask_liveness(self._detector.silent(now))
-            events = self._detector.check(now, sorted(self._dead))
+            events = self._detector.check(now, self._dead)
             self._events += events
         for event in events:
             self._emit(event)
@@ -135,7 +145,7 @@ class DetectorActor:
             try:
                 ray.get(ref)
             except RayActorError:
-                self._dead.add(key)
+                self._dead[key] = "actor died"
 
     def _emit(self, event: FaultEvent) -> None:
         logger.warning("fault detected: %s", event.summary())
@@ -148,7 +158,10 @@ class DetectorActor:
 def start_detector(
     config: DetectorConfig | None = None, output_dir: str | None = None, name: str | None = None
 ) -> ActorHandle:
-    """Start the detector actor (threaded: reports, checks and queries run side by side)."""
+    """Start the detector actor (threaded: reports, checks and queries run side by side) on the
+    caller's node: a node that fails must not take the detector with it, and a soft affinity lets
+    Ray place it on a worker node (seen with a head node of no CPUs)."""
     actor = ray.remote(num_cpus=0, max_concurrency=4, concurrency_groups={"reports": 1})(DetectorActor)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     options = {"name": name} if name else {}
-    return actor.options(**options).remote(config or DetectorConfig(), output_dir)
+    return actor.options(scheduling_strategy=here, **options).remote(config or DetectorConfig(), output_dir)

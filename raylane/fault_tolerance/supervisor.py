@@ -1,7 +1,8 @@
 """``FaultSupervisor``: a job's steps run under the detector's watch, and each event gets its policy.
 
 A step runs in a thread of the driver while the supervisor polls the detector. A rank that crashes
-fails the step's group call within a poll; one that hangs blocks it for good (gloo and NCCL wait
+fails the step's group call within a poll, and Ray's report of its death is passed to the detector,
+which names the crash at once; one that hangs blocks it for good (gloo and NCCL wait
 out their collective timeout), so the step is not waited on alone: the detector's event names the
 rank, and the policy of its class decides. To replace it, the culprit is killed first (the step's
 calls then fail at once and the step thread ends), then :class:`RankReplacer` replaces it and any
@@ -23,7 +24,7 @@ from typing import TypeVar
 import ray
 from ray.actor import ActorHandle
 
-from raylane.actors import WorkerGroup, WorkerGroupError
+from raylane.actors import DeadRankError, WorkerGroup, WorkerGroupError
 from raylane.fault_tolerance.config import FaultAction, FaultToleranceConfig
 from raylane.fault_tolerance.detector_actor import start_detector
 from raylane.fault_tolerance.events import FaultEvent
@@ -133,6 +134,10 @@ class FaultSupervisor:
 
     def _named(self, failure: WorkerGroupError, step: int) -> None:
         """A step failed on a rank: act on the event that names it, or raise ``failure`` as it is."""
+        if isinstance(failure, DeadRankError) and failure.group == self.group.name:
+            # Ray's word that the actor died is as good as the detector's, and a heartbeat
+            # takes silence_s longer to say it.
+            ray.get(self.detector.rank_died.remote(failure.group, failure.rank))
         deadline = time.monotonic() + self.config.event_wait_s
         while time.monotonic() < deadline:
             for event in self._unhandled():
