@@ -45,6 +45,11 @@ class Placement(StrEnum):
 _RAY_STRATEGY = {Placement.PACK: "STRICT_PACK", Placement.SPREAD: "SPREAD"}
 
 
+@ray.remote(num_cpus=0, max_retries=-1)
+def _node_of_bundle() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
 @dataclass(frozen=True)
 class ResourcePoolConfig:
     """What a pool reserves.
@@ -206,6 +211,32 @@ class ResourcePool:
             pools.append(ResourcePool._view(self, self._bundles[start : start + size], name))
             start += size
         return pools
+
+    def wait_placed(self, timeout_s: float | None = None) -> None:
+        """Block until every bundle of this pool is on a node that runs work: after a node is lost,
+        Ray moves its bundles to a node with room once it has declared the node dead, and an actor
+        started into a bundle before that dies with the node. A task run in each bundle (retried
+        while its node is lost) is the barrier. Raises :class:`ResourcePoolError` after
+        ``timeout_s`` (default ``ready_timeout_s``)."""
+        timeout_s = self.config.ready_timeout_s if timeout_s is None else timeout_s
+        refs = [
+            _node_of_bundle.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=bundle.placement_group, placement_group_bundle_index=bundle.index
+                )
+            ).remote()
+            for bundle in self._bundles
+        ]
+        pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)[1]
+        if pending:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            missing = [i for i, ref in enumerate(refs) if ref in pending]
+            raise ResourcePoolError(
+                f"bundles {missing} of pool {self.name!r} are not on a live node after {timeout_s:g} s "
+                f"(a node was lost and no other has room for them: add a node or free resources); "
+                f"available now: {ray.available_resources()}"
+            )
 
     # -- placing actors -------------------------------------------------------------------
 

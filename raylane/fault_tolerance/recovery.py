@@ -3,7 +3,7 @@
 A gloo collective blocked on a stopped peer cannot be aborted from inside (``ProcessGroup.abort``
 does not wake it), so the culprit's process is killed: the peers waiting on it fail at once with
 "connection closed"; a peer waiting on another peer would wait for the collective timeout, so it
-is replaced as well. The group starts fresh actors on the same bundles and re-forms its process
+is replaced as well, and so is a peer found dead too (a node lost with all its ranks). The group starts fresh actors on the same bundles and re-forms its process
 group. Probes start
 again on every rank (sequence numbers restart with the new process group). Reloading the last
 checkpoint is the caller's next step; the policy bounds how many replacements a job gets.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.actor import ActorHandle
 
-from raylane.actors import GroupFuture, WorkerGroup
+from raylane.actors import DeadRankError, GroupFuture, WorkerGroup
 from raylane.fault_tolerance.config import ProbeConfig
 from raylane.fault_tolerance.events import FaultEvent
 from raylane.fault_tolerance.faults import signal_process
@@ -31,6 +31,17 @@ logger = logging.getLogger(__name__)
 
 class RetriesExhaustedError(RuntimeError):
     """More faults than the policy allows replacements for; the message lists them all."""
+
+
+def _died(ref: ray.ObjectRef) -> bool:
+    """Whether a finished call failed because its actor is dead (not with an error of its own)."""
+    try:
+        ray.get(ref)
+    except ray.exceptions.RayActorError:
+        return True
+    except ray.exceptions.RayError:
+        return False
+    return False
 
 
 @dataclass(frozen=True)
@@ -93,10 +104,23 @@ class RankReplacer:
         else:
             survivors, refs = list(pending.ranks), list(pending.refs)
         # Survivors waiting on the culprit fail now; one waiting on another survivor stays
-        # blocked until the collective timeout, so it is replaced too.
+        # blocked until the collective timeout, so it is replaced too, as is any that died with
+        # the culprit (a lost node takes all its ranks).
         ready = ray.wait(refs, num_returns=len(refs), timeout=self.survivor_grace_s)[0] if refs else []
-        ranks = [event.rank] + [r for r, ref in zip(survivors, refs) if ref not in ready and r != event.rank]
-        self.group.replace_ranks(ranks)
+        ranks = [event.rank] + [
+            r for r, ref in zip(survivors, refs) if r != event.rank and (ref not in ready or _died(ref))
+        ]
+        # A node lost with the culprit: its bundles must be on a live node before ranks start there.
+        self.group.pool.wait_placed()
+        try:
+            self.group.replace_ranks(ranks)
+        except DeadRankError as exc:
+            # A new rank went down with a node that Ray had not yet declared lost; the other ranks
+            # wait for it in the rendezvous, so every rank is started again.
+            logger.warning("a replacement died while the group re-formed (%s); replacing every rank", exc)
+            self.group.pool.wait_placed()
+            ranks = list(range(self.group.world_size))
+            self.group.replace_ranks(ranks)
         probed = getattr(self.group, self.role) if self.role else self.group
         probed.start_probes(self.detector, self.probe_config)
         new = self.group.nodes[event.rank]
