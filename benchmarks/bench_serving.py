@@ -35,6 +35,7 @@ import torch
 from raylane.models import make_tiny_model
 from raylane.runner import EngineConfig, SamplingParams
 from raylane.runner.async_engine import AsyncLLMEngine
+from raylane.serving import ModelDeploymentConfig
 
 
 @dataclass
@@ -204,12 +205,16 @@ def free_port() -> int:
 
 
 def run_serve(
-    engine_config: EngineConfig, workloads: list[list[Request]], threads: int, ingress: list[str]
+    engine_config: EngineConfig,
+    workloads: list[list[Request]],
+    threads: int,
+    ingress: list[str],
+    tokens_per_chunk: int,
 ) -> tuple[dict[str, list[dict]], dict[str, float]]:
     """The loads through a Serve application with each ingress layout in turn, on one local cluster."""
     import ray
 
-    from raylane.serving import ModelDeploymentConfig, ServingConfig, deploy, undeploy
+    from raylane.serving import ServingConfig, deploy, undeploy
 
     # A cluster of its own: a plain init would join another Ray instance running on this machine.
     ray.init(
@@ -225,7 +230,12 @@ def run_serve(
             config = ServingConfig(
                 app_name="bench",
                 models=[
-                    ModelDeploymentConfig(name="bench-model", engine=engine_config, max_waiting_seqs=None)
+                    ModelDeploymentConfig(
+                        name="bench-model",
+                        engine=engine_config,
+                        max_waiting_seqs=None,
+                        stream_tokens_per_chunk=tokens_per_chunk,
+                    )
                 ],
                 port=port,
                 grpc_port=None,
@@ -318,6 +328,12 @@ def main() -> int:
         default=["separate", "with_model"],
         help="ingress layouts of the Serve application to measure, each against the same engine runs",
     )
+    parser.add_argument(
+        "--tokens-per-chunk",
+        type=int,
+        default=ModelDeploymentConfig.model_fields["stream_tokens_per_chunk"].default,
+        help="stream_tokens_per_chunk of the served model (1: a chunk per engine step)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--output", default=os.path.join(os.path.dirname(__file__), "results", "bench_serving.json")
@@ -343,7 +359,9 @@ def main() -> int:
     # Serve first: its replica's process, and so its GPU memory, is gone when Ray shuts down, while
     # an engine in this process could keep its share of the GPU and starve the replica.
     print(f"{args.num_requests} requests at each of {args.request_rate}/s; through Ray Serve...", flush=True)
-    serve_runs, startups = run_serve(engine_config, workloads, args.threads, args.ingress)
+    serve_runs, startups = run_serve(
+        engine_config, workloads, args.threads, args.ingress, args.tokens_per_chunk
+    )
     print("same loads on the engine in-process...", flush=True)
     engine_runs = asyncio.run(run_engine(engine_config, workloads))
 
@@ -377,6 +395,7 @@ def main() -> int:
             "seed": args.seed,
         },
         "ingress": args.ingress,
+        "stream_tokens_per_chunk": args.tokens_per_chunk,
         "serve_startup_s": startups,
         "runs": runs,
     }

@@ -36,10 +36,11 @@ def _events(chunks: list[str]) -> list[dict]:
     return [json.loads(line[6:]) for line in lines[:-1]]
 
 
-async def _serve(model_dir: str, calls):
+async def _serve(model_dir: str, calls, tokens_per_chunk: int = 1):
     engine = AsyncLLMEngine.from_config(EngineConfig(model=model_dir, max_model_len=128))
     try:
-        return await calls(OpenAIServing(engine, "m", Admission(RequestLimits(), engine)))
+        admission = Admission(RequestLimits(), engine)
+        return await calls(OpenAIServing(engine, "m", admission, tokens_per_chunk=tokens_per_chunk))
     finally:
         engine.shutdown()
 
@@ -169,3 +170,42 @@ def test_a_reader_keeping_up_gets_the_first_tokens_before_the_request_ends(model
     first = json.loads(_split(chunks[0])[0][6:])
     assert len(_split(chunks[0])) == 1 and "finish_reason" not in first["choices"][0]
     assert len(chunks) > 1 and "".join(chunks).count("data: ") == len(chunks) + 1  # only the end doubles up
+
+
+def test_chunks_gather_tokens_after_the_first_which_goes_out_alone(model_dir):
+    body = {
+        "model": "m",
+        "prompt": ["go", "stop"],
+        "max_tokens": 40,
+        "ignore_eos": True,
+        "seed": 1,
+        "logprobs": 0,
+    }
+    request = CompletionRequest.model_validate(body)
+    stream_request = CompletionRequest.model_validate({**body, "stream": True})
+
+    async def calls(serving: OpenAIServing):
+        whole = await serving.create_completion(request)
+        return whole, [chunk async for chunk in await serving.stream_completion(stream_request)]
+
+    whole, chunks = asyncio.run(_serve(model_dir, calls, tokens_per_chunk=8))
+    per_chunk: list[dict[int, int]] = []
+    text = {0: "", 1: ""}
+    for event in _events(chunks):
+        (choice,) = event["choices"]
+        text[choice["index"]] += choice["text"]
+    for chunk in chunks:
+        counts: dict[int, int] = {}
+        for event in _split(chunk):
+            if event != SSE_DONE:
+                (choice,) = json.loads(event[6:])["choices"]
+                counts[choice["index"]] = counts.get(choice["index"], 0) + len(choice["logprobs"]["tokens"])
+        per_chunk.append(counts)
+    assert text == {c.index: c.text for c in whole.choices}
+    for i in (0, 1):
+        sizes = [counts[i] for counts in per_chunk if counts.get(i)]
+        assert sum(sizes) == 40
+        # The first token is not held back for more; later ones leave 8 or more at a time, the last
+        # chunk with whatever was left.
+        assert sizes[0] < 8, sizes
+        assert all(size >= 8 for size in sizes[1:-1]), sizes

@@ -77,6 +77,13 @@ class ModelDeploymentConfig(StrictConfig):
         512, ge=0, description="sequences the engine queues before answering 503 (None: unbounded)"
     )
     limits: RequestLimits = Field(default_factory=RequestLimits)
+    stream_tokens_per_chunk: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="tokens a streamed chunk gathers after the first token, which goes out alone (1: a "
+        "chunk per engine step); fewer chunks cost Serve's proxy and the replica less per request",
+    )
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
     num_gpus: float | None = Field(
         None,

@@ -93,8 +93,8 @@ class ModelServer:
         self.config = config
         self.engine = engine
         admission = Admission(config.limits, engine)
-        self.openai = OpenAIServing(engine, config.name, admission)
-        self.grpc = GrpcServing(engine, config.name, admission)
+        self.openai = OpenAIServing(engine, config.name, admission, config.stream_tokens_per_chunk)
+        self.grpc = GrpcServing(engine, config.name, admission, config.stream_tokens_per_chunk)
         self._follower = asyncio.create_task(
             weights.follow(lambda: self.engine.weight_version, self.update_weights)
         )

@@ -67,12 +67,17 @@ def _completion(delta: Delta, fallback_version: int) -> llm_pb2.Completion:
 
 
 class GrpcServing:
-    """Serve `LLMService` requests for one model with one engine."""
+    """Serve `LLMService` requests for one model with one engine.
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, admission: Admission) -> None:
+    ``tokens_per_chunk``: tokens gathered into one streamed message after the first (see `merge`)."""
+
+    def __init__(
+        self, engine: AsyncLLMEngine, model_name: str, admission: Admission, tokens_per_chunk: int = 1
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.admission = admission
+        self.tokens_per_chunk = tokens_per_chunk
 
     async def _admit(self, request: llm_pb2.GenerateRequest) -> tuple[str, list[str], list[TimedStream]]:
         params = self.admission.sampling_params(**sampling_fields(request.sampling))
@@ -112,7 +117,7 @@ class GrpcServing:
     ) -> AsyncIterator[llm_pb2.GenerateStreamResponse]:
         tracker = DeltaTracker(stop)
         try:
-            async for _, output in merge(streams):
+            async for _, output in merge(streams, self.tokens_per_chunk):
                 deltas = tracker.deltas(output.outputs)
                 if deltas or output.finished:
                     version = self.engine.weight_version

@@ -60,12 +60,17 @@ def _engine_failure(exc: Exception) -> ServingError:
 
 
 class OpenAIServing:
-    """Serve OpenAI completion and chat requests for one model with one engine."""
+    """Serve OpenAI completion and chat requests for one model with one engine.
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, admission: Admission) -> None:
+    ``tokens_per_chunk``: tokens gathered into one streamed event after the first (see `merge`)."""
+
+    def __init__(
+        self, engine: AsyncLLMEngine, model_name: str, admission: Admission, tokens_per_chunk: int = 1
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.admission = admission
+        self.tokens_per_chunk = tokens_per_chunk
 
     # ------------------------------------------------------------------ shared
 
@@ -197,7 +202,7 @@ class OpenAIServing:
         text_offsets: dict[int, int] = {}
         finals: list[Any] = [None] * len(streams)
         try:
-            async for p, output in merge(streams):
+            async for p, output in merge(streams, self.tokens_per_chunk):
                 finals[p] = output
                 events = []
                 for delta in trackers[p].deltas(output.outputs):
@@ -295,7 +300,7 @@ class OpenAIServing:
         )
         tracker = DeltaTracker(request.stop or [])
         try:
-            async for _, output in merge([stream]):
+            async for _, output in merge([stream], self.tokens_per_chunk):
                 events = []
                 for delta in tracker.deltas(output.outputs):
                     logprobs = (
