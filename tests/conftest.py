@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -25,6 +27,34 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_cluster_script(script: str, *args: str, timeout: float) -> dict:
+    """Run ``script``, a test file that builds its own multi-node ``ray.cluster_utils.Cluster`` when run
+    as a script, in a child Python; returns the JSON object its last line of output holds.
+
+    A driver connects to one Ray cluster per process and the session's cluster is single-node, hence
+    the child. A Cluster writes its address where ``ray.init()`` without one looks (<ray temp
+    dir>/ray_current_cluster): a temp dir of its own keeps any other Ray session on this machine from
+    joining it meanwhile.
+    """
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory(prefix="rl-child-", ignore_cleanup_errors=True) as ray_tmp:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+            "RAY_TMPDIR": ray_tmp,
+        }
+        done = subprocess.run(
+            [sys.executable, script, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=repo,
+        )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

@@ -10,16 +10,10 @@ file run as a script, which prints what it saw as JSON.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import run_cluster_script
 
 
 def _event(node_id: str, node_ip: str, kind: str = "crash", rank: int = 0):
@@ -138,19 +132,7 @@ def test_auto_backends_add_kubernetes_inside_a_pod_only(monkeypatch):
 
 def test_isolated_ray_node_takes_nothing_new_and_leaves_once_idle():
     pytest.importorskip("ray")
-    # A Cluster writes its address where `ray.init()` without one looks (<ray temp dir>/ray_current_cluster):
-    # a temp dir of its own keeps any other Ray session on this machine from joining it meanwhile.
-    with tempfile.TemporaryDirectory(prefix="rl-iso-", ignore_cleanup_errors=True) as ray_tmp:
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "RAY_TMPDIR": ray_tmp,
-        }
-        done = subprocess.run(
-            [sys.executable, __file__], capture_output=True, text=True, timeout=240, env=env, cwd=REPO
-        )
-    assert done.returncode == 0, done.stderr[-4000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = run_cluster_script(__file__, timeout=240)
     assert seen["resident_started_on_b"]
     assert seen["isolated"] and seen["record"]["ray_drained"], seen["record"]
     assert seen["tasks_on_b"] == 0 and seen["tasks_on_a"] == 8, seen

@@ -203,6 +203,7 @@ def run_worker(config: SupervisedJobConfig, objective: Objective, model_dir: str
         metrics["throughput/train_tokens"] = tokens
         metrics["throughput/train_tokens_per_s"] = tokens / max(seconds, 1e-9)
         metrics["timing/step_s"] = seconds
+        metrics["train/workers"] = float(ranks.world)  # fewer after an elastic restart on lost nodes
         if resumed_from is not None:
             metrics["resumed_from_step"] = float(resumed_from)
             resumed_from = None
