@@ -10,7 +10,12 @@ Faults (rotating over the ranks of a 4-rank group):
                 collective: a communication hang), latency from the signal
   hang_inside   SIGSTOP inside collective k (armed on the rank's probe), latency from the rank's
                 entry into k as the detector records it
-  straggler     every all-reduce of the rank 50 ms late, latency in training steps
+  straggler     every all-reduce of the rank 50 ms late, latency in training steps (from the
+                start of the run) and in collectives (the event's ``last_in``)
+
+The synthetic step all-reduces its gradient in ``--grad-buckets`` buckets (4 by default), as DDP
+does; a step of one collective per op is the hardest case for the straggler rule, which needs
+several collectives of an op (5 with 4 ranks) before chance cannot explain the order.
 
 Rollout cells (``--rollout``): a disaggregated RL job (one trainer rank, two rollout replicas of one
 rank: the elastic rollout pool) of ~200-token generations; in each faulty step a replica's process is
@@ -21,7 +26,14 @@ count rising, polled every 5 ms), whether the replaced replica is the killed one
 prompts lost (answers missing from the step's batch), steps lost, and the step's extra seconds over
 the median fault-free step. The same number of fault-free steps count false alarms (replacements).
 
-The reward and whole-node cells are not measured yet.
+Whole-node cell (``--node``): a local multi-node cluster (``ray.cluster_utils.Cluster``: a head
+without CPUs and two nodes holding two ranks each); before each trial a spare node joins, then the
+node of the group's last rank is removed mid-training (its raylet and workers die). Per trial: how
+long the detector takes to name a crash on that node, whether the ranks replaced are exactly the
+lost ones and now run on the spare, and the time until the group trains again.
+
+The reward worker runs in the trainer ranks' processes (a role of the same actor), so its faults
+are trainer-rank faults; it has no cell of its own.
 
 Goodput (``--goodput``): the RL job of ``raylane train`` (tiny model, 2 colocated gloo trainer
 ranks by default) under a fault schedule, trainer rank 1 SIGKILLed from outside during every N-th step, run
@@ -34,6 +46,7 @@ lost (started but not kept) and rollouts lost (generated in steps not kept).
 
     python benchmarks/bench_faults.py [--trials 5]
     python benchmarks/bench_faults.py --rollout [--trials 5]
+    python benchmarks/bench_faults.py --node [--trials 5]
     python benchmarks/bench_faults.py --goodput [--steps 12 --fault-every 4 --checkpoint-every 1 --trainer-ranks 2]
 """
 
@@ -74,6 +87,7 @@ from raylane.fault_tolerance import (
     RankReplacer,
     find_rank,
     phase,
+    remove_node,
     signal_process,
     start_detector,
 )
@@ -87,20 +101,24 @@ TARGETS = {"crash": 2.0, "hang_outside": 10.0, "hang_inside": 10.0, "straggler_s
 
 
 class SyntheticStep(ProbedWorker):
-    """A data-parallel step without a model: compute (a sleep), a gradient all-reduce, a parameter all-gather."""
+    """A data-parallel step without a model: compute (a sleep), the gradient all-reduced in
+    ``grad_buckets`` buckets as DDP does (FSDP2 runs a reduce-scatter per layer), then a parameter
+    all-gather."""
 
     def __init__(self) -> None:
         self.grads = torch.ones(1 << 14)
         self.params = torch.empty((1 << 14) * self.world_size)
 
     @register
-    def train(self, steps: int) -> float:
+    def train(self, steps: int, grad_buckets: int = 1) -> float:
         start = time.perf_counter()
+        buckets = self.grads.chunk(grad_buckets)
         for step in range(steps):
             with phase("compute", step):
                 time.sleep(STEP_COMPUTE_S)
             with phase("update", step):
-                dist.all_reduce(self.grads)
+                for bucket in buckets:
+                    dist.all_reduce(bucket)
                 dist.all_gather_into_tensor(self.params, self.grads)
                 self.grads.fill_(1.0)
         return (time.perf_counter() - start) / steps
@@ -116,7 +134,7 @@ def wait_events(detector, seen: int, timeout_s: float) -> list:
     return []
 
 
-def run_trial(group, detector, replacer, fault: str, victim: int, seen: int) -> dict:
+def run_trial(group, detector, replacer, fault: str, victim: int, seen: int, grad_buckets: int = 1) -> dict:
     """One injected fault; returns the trial's record (the group is healthy again afterwards)."""
     # An outside SIGSTOP lands at a random moment: in a collective (comm hang) or in compute.
     expected = {
@@ -128,18 +146,21 @@ def run_trial(group, detector, replacer, fault: str, victim: int, seen: int) -> 
     if fault == "straggler":
         group.on_ranks([victim]).arm_fault(InRankFault("delay", delay_s=0.05, ops=("allreduce",)))
         start = time.time()
-        step_s = group.train(40)[0]
+        step_s = group.train(40, grad_buckets)[0]
         events = wait_events(detector, seen, 5.0)
         group.arm_fault(None)
         first = events[0] if events else None
         record = {
             "latency_steps": (first.detected_at - start) / step_s if first else None,
+            "latency_s": first.detected_at - start if first else None,
             "step_s": step_s,
+            "grad_buckets": grad_buckets,
+            "last_in": first.evidence.get("last_in") if first else None,
         }
     else:
         if fault == "hang_inside":
             group.on_ranks([victim]).arm_fault(InRankFault("stop", at_seq=40, inside=True))
-        pending = group.train.remote(100_000)
+        pending = group.train.remote(100_000, grad_buckets)
         time.sleep(1.0)
         fault_at = None
         if fault == "crash":
@@ -156,7 +177,7 @@ def run_trial(group, detector, replacer, fault: str, victim: int, seen: int) -> 
         if first is not None and first.rank >= 0:
             replacement = replacer.replace(first, pending)
             check = time.monotonic()
-            group.train(5)
+            group.train(5, grad_buckets)
             record["recovery_s"] = replacement.seconds + (time.monotonic() - check)
             record["replaced_ranks"] = list(replacement.ranks)
     record.update(
@@ -168,6 +189,16 @@ def run_trial(group, detector, replacer, fault: str, victim: int, seen: int) -> 
         events=len(events),
     )
     return record
+
+
+def fault_free_events(group, config: DetectorConfig, seconds: float, grad_buckets: int) -> list[dict]:
+    """The events (false alarms) of a fresh detector over ``seconds`` of fault-free training."""
+    clean = start_detector(config)
+    group.start_probes(clean)
+    step_s = group.train(3, grad_buckets)[0]
+    group.train(max(1, int(seconds / step_s)), grad_buckets)
+    time.sleep(2 * config.hang_s)
+    return [e.to_dict() for e in ray.get(clean.events.remote())]
 
 
 def summarize(records: list[dict]) -> dict:
@@ -211,7 +242,6 @@ class ScheduledFaultJob(RLJob):
         return super().train_batch(batch, phase)
 
     def checkpoint(self, step: int) -> str:
-        # Only a checkpoint whose save returned is one to restart from (as Ray Train's reported ones).
         self.counts["last_checkpoint"] = super().checkpoint(step)
         return self.counts["last_checkpoint"]
 
@@ -248,7 +278,9 @@ def goodput_run(mode: str, root: Path, args: argparse.Namespace) -> dict:
     restarts = 0
     start = time.monotonic()
     while True:
-        resume = counts["last_checkpoint"]
+        # A save may still have been persisting in the background when the job died: restart from
+        # the newest complete checkpoint, as Ray Train restarts from its last reported one.
+        resume = "latest" if counts["last_checkpoint"] else None
         job = ScheduledFaultJob(config.model_copy(update={"resume_from": resume}), fault_steps, fired, counts)
         try:
             history = job.run()
@@ -258,7 +290,7 @@ def goodput_run(mode: str, root: Path, args: argparse.Namespace) -> dict:
                 raise
             restarts += 1
             print(
-                f"  restart {restarts} from {counts['last_checkpoint']} after: {str(exc)[:100]}",
+                f"  restart {restarts} from the newest complete checkpoint after: {str(exc)[:100]}",
                 flush=True,
             )
     seconds = time.monotonic() - start
@@ -475,6 +507,100 @@ def rollout_matrix(args: argparse.Namespace) -> None:
     )
 
 
+def node_trial(cluster, group, detector, replacer, seen: int, grad_buckets: int) -> dict:
+    """A spare node joins, then the node of the group's last rank is removed mid-training: the ranks
+    on it must be named (crash) and replaced on the spare, and the group must train again."""
+    spare = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    lost_id = group.nodes[RANKS - 1].node_id
+    victims = [r for r in range(RANKS) if group.nodes[r].node_id == lost_id]
+    pending = group.train.remote(100_000, grad_buckets)
+    time.sleep(1.0)
+    lost = next(node for node in cluster.worker_nodes if node.node_id == lost_id)
+    fault_at = time.time()
+    remove_node(cluster, lost)
+    events = wait_events(detector, seen, 30.0)
+    first = events[0] if events else None
+    record = {
+        "victims": victims,
+        "latency_s": first.detected_at - fault_at if first else None,
+        "event": first.to_dict() if first else None,
+        "class_correct": bool(first and first.kind == "crash"),
+        "culprit_correct": bool(first and first.rank in victims and first.node_id == lost_id),
+    }
+    if first is not None and first.rank in victims:
+        replacement = replacer.replace(first, pending)
+        check = time.monotonic()
+        group.train(5, grad_buckets)
+        record |= {
+            "recovery_s": replacement.seconds + (time.monotonic() - check),
+            "replaced_ranks": sorted(replacement.ranks),
+            "victims_replaced": sorted(replacement.ranks) == victims,
+            "victims_now_on_spare": all(group.nodes[r].node_id == spare.node_id for r in victims),
+        }
+    return record
+
+
+def node_matrix(args: argparse.Namespace) -> None:
+    """The whole-node cells, on a local multi-node Ray cluster (a head without CPUs, two nodes of
+    two ranks each, and a spare node added before each trial)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(RANKS // 2):
+        cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    config = DetectorConfig()
+    detector = start_detector(config)
+    group_config = WorkerGroupConfig(dist=DistConfig(backend="gloo", timeout_s=120), start_timeout_s=300)
+    records = []
+    try:
+        with (
+            ResourcePool([2] * (RANKS // 2), num_cpus_per_bundle=1) as pool,
+            WorkerGroup(pool, SyntheticStep, name="trainer", config=group_config) as group,
+        ):
+            group.start_probes(detector)
+            replacer = RankReplacer(group, detector, max_replacements=10_000)
+            started = time.monotonic()
+            for trial in range(args.trials):
+                seen = len(ray.get(detector.events.remote()))
+                record = node_trial(cluster, group, detector, replacer, seen, args.grad_buckets)
+                records.append(record)
+                print(
+                    f"node trial {trial}: ranks {record['victims']} lost, event "
+                    f"{record['event']['event'] if record['event'] else None} rank "
+                    f"{record['event']['rank'] if record['event'] else None}, latency {record['latency_s']} s, "
+                    f"replaced {record.get('replaced_ranks')}, recovery {record.get('recovery_s')}",
+                    flush=True,
+                )
+                ray.get(detector.forget_group.remote(group.name))
+                group.start_probes(detector)
+            faulty_s = time.monotonic() - started
+            false_alarms = fault_free_events(group, config, faulty_s, args.grad_buckets)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    cell = summarize(records) | {
+        "victims_replaced_pct": 100.0 * sum(r.get("victims_replaced", False) for r in records) / len(records),
+        "victims_on_spare_pct": 100.0
+        * sum(r.get("victims_now_on_spare", False) for r in records)
+        / len(records),
+    }
+    print(f"\nwhole node ({args.trials} trials): {json.dumps(cell, indent=1)}")
+    print(f"false alarms in a fault-free run of {faulty_s:.0f} s: {len(false_alarms)}")
+    write_result(
+        RESULT.with_name("bench_faults_node.json"),
+        ranks=RANKS,
+        grad_buckets=args.grad_buckets,
+        detector=config.model_dump(),
+        cells={"node_lost": cell},
+        fault_free_seconds=faulty_s,
+        false_alarms=false_alarms,
+        trials=records,
+    )
+
+
 def write_result(path: Path, **fields) -> None:
     """``fields`` as JSON at ``path``, after what was run where and when."""
     result = {
@@ -497,6 +623,9 @@ def main() -> None:
     parser.add_argument(
         "--rollout", action="store_true", help="the rollout-replica cells instead of the matrix"
     )
+    parser.add_argument(
+        "--node", action="store_true", help="the whole-node cells (a multi-node local cluster) instead"
+    )
     parser.add_argument("--rollout-faults", nargs="*", default=["crash", "hang"], choices=["crash", "hang"])
     parser.add_argument("--hang-timeout-s", type=float, default=5.0, help="rollout_pool.hang_timeout_s")
     parser.add_argument("--steps", type=int, default=12)
@@ -504,12 +633,22 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=1)
     parser.add_argument("--trainer-ranks", type=int, default=2)
     parser.add_argument("--output-dir", default="/tmp/bench_faults_goodput")
+    parser.add_argument(
+        "--grad-buckets",
+        type=int,
+        default=4,
+        help="gradient all-reduces per step of the matrix's synthetic step",
+    )
+    parser.add_argument("--output", type=Path, default=RESULT, help="the matrix's JSON")
     args = parser.parse_args()
     if args.goodput:
         goodput(args)
         return
     if args.rollout:
         rollout_matrix(args)
+        return
+    if args.node:
+        node_matrix(args)
         return
 
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
@@ -528,27 +667,22 @@ def main() -> None:
             for trial in range(args.trials):
                 seen = len(ray.get(detector.events.remote()))
                 record = run_trial(
-                    group, detector, replacer, fault, victim=1 + trial % (RANKS - 1), seen=seen
+                    group, detector, replacer, fault, 1 + trial % (RANKS - 1), seen, args.grad_buckets
                 )
                 records.append(record)
+                latency = record.get("latency_steps") if fault == "straggler" else record["latency_s"]
                 print(
                     f"{fault:<13} trial {trial}: victim {record['victim']}, "
                     f"event {record['event']['event'] if record['event'] else None} "
                     f"rank {record['event']['rank'] if record['event'] else None}, "
-                    f"latency {record.get('latency_s') or record.get('latency_steps')}, "
+                    f"latency {latency} {'steps' if fault == 'straggler' else 's'}, "
                     f"recovery {record.get('recovery_s')}",
                     flush=True,
                 )
                 ray.get(detector.forget_group.remote(group.name))  # fresh sequence numbers per trial
                 group.start_probes(detector)
         faulty_s = time.monotonic() - started
-        # A fault-free run as long as the faulty ones, on a fresh detector.
-        clean = start_detector(config)
-        group.start_probes(clean)
-        step_s = group.train(3)[0]
-        group.train(max(1, int(faulty_s / step_s)))
-        time.sleep(2 * config.hang_s)
-        false_alarms = [e.to_dict() for e in ray.get(clean.events.remote())]
+        false_alarms = fault_free_events(group, config, faulty_s, args.grad_buckets)
 
     cells = {fault: summarize([r for r in records if r["fault"] == fault]) for fault in args.faults}
     print(
@@ -565,8 +699,9 @@ def main() -> None:
         )
     print(f"false alarms in a fault-free run of {faulty_s:.0f} s: {len(false_alarms)}")
     write_result(
-        RESULT,
+        args.output,
         ranks=RANKS,
+        grad_buckets=args.grad_buckets,
         detector=config.model_dump(),
         targets=TARGETS,
         cells=cells,
