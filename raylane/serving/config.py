@@ -78,7 +78,7 @@ class ModelDeploymentConfig(StrictConfig):
     )
     limits: RequestLimits = Field(default_factory=RequestLimits)
     stream_tokens_per_chunk: int = Field(
-        4,
+        1,
         ge=1,
         le=64,
         description="tokens a streamed chunk gathers after the first token, which goes out alone (1: a "
