@@ -238,6 +238,38 @@ class ResourcePool:
                 f"available now: {ray.available_resources()}"
             )
 
+    def move_off(self, node_id: str) -> list[int]:
+        """Reserve again, on other nodes, this pool's placement groups that have a bundle on node
+        ``node_id`` (isolated: Ray places nothing new there, and never moves bundles off a node that
+        is alive). Removing a placement group kills the actors in it; returns the indices of the
+        bundles moved, whose actors must be started again. Only a pool that reserved its bundles
+        can move them, not a sub-pool of :meth:`split`."""
+        if not self._owned:
+            raise ResourcePoolError(
+                f"pool {self.name!r} is a sub-pool or released: move bundles on the pool that reserved them"
+            )
+        moved: list[int] = []
+        for k, old in enumerate(self._owned):
+            table = placement_group_table(old)
+            if node_id not in table["bundles_to_node_id"].values():
+                continue
+            remove_placement_group(old)
+            new = placement_group(list(old.bundle_specs), strategy=table["strategy"], name=table["name"])
+            if not ray.wait([new.ready()], timeout=self.config.ready_timeout_s)[0]:
+                remove_placement_group(new)
+                raise ResourcePoolError(
+                    f"pool {self.name!r} could not reserve {len(old.bundle_specs)} bundles away from node "
+                    f"{node_id} within {self.config.ready_timeout_s:g} s; available now: "
+                    f"{ray.available_resources()}. Add a node with room for them."
+                )
+            self._owned[k] = new
+            for i, bundle in enumerate(self._bundles):
+                if bundle.placement_group.id == old.id:
+                    bundle.placement_group = new
+                    moved.append(i)
+        logger.info("pool %r: bundles %s moved off node %s", self.name, moved, node_id)
+        return moved
+
     # -- placing actors -------------------------------------------------------------------
 
     def actor_options(self, bundle: int) -> dict[str, Any]:

@@ -95,7 +95,9 @@ class FaultPolicies(StrictConfig):
 
     - ``replace_rank``: kill the culprit, start it afresh on its bundle, re-form the process group,
       reload the last checkpoint and redo the steps since.
-    - ``isolate_and_replace``: first keep new work off the culprit's node, then ``replace_rank``.
+    - ``isolate_and_replace``: first keep new work off the culprit's node, then ``replace_rank``
+      on other nodes: the pool's placement groups with a bundle on that node are reserved again
+      elsewhere, and every rank on them is replaced.
     - ``stop``: end the job with the fault report.
     - ``log_only``: the event is logged and counted (as every event is), the job goes on.
 

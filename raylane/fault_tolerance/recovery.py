@@ -73,11 +73,15 @@ class RankReplacer:
     survivor_grace_s: float = 3.0
     history: list[Replacement] = field(default_factory=list)
 
-    def replace(self, event: FaultEvent, pending: GroupFuture | None = None) -> Replacement:
+    def replace(
+        self, event: FaultEvent, pending: GroupFuture | None = None, move_off_node: bool = False
+    ) -> Replacement:
         """Kill the culprit, let ``pending`` (the call it stalled) fail, replace it, restart the probes.
 
         Without ``pending``, every other rank whose call thread stays busy ``survivor_grace_s`` is
-        taken for one still blocked in the stalled call.
+        taken for one still blocked in the stalled call. With ``move_off_node`` (the node was
+        isolated), the pool's bundles on the culprit's node are reserved again elsewhere and every
+        rank on them is replaced there.
         """
         if event.worker_group != self.group.name or not 0 <= event.rank < self.group.world_size:
             raise ValueError(f"event names no rank of group {self.group.name!r}: {event.summary()}")
@@ -110,6 +114,8 @@ class RankReplacer:
         ranks = [event.rank] + [
             r for r, ref in zip(survivors, refs) if r != event.rank and (ref not in ready or _died(ref))
         ]
+        if move_off_node:
+            ranks += [r for r in self.group.pool.move_off(old.node_id) if r not in ranks]
         # A node lost with the culprit: its bundles must be on a live node before ranks start there.
         self.group.pool.wait_placed()
         try:

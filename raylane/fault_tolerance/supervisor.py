@@ -178,7 +178,7 @@ class FaultSupervisor:
                     f"the step is still running {_STEP_END_WAIT_S:.0f} s after the culprit died",
                 )
         try:
-            replacement = self.replacer.replace(event)
+            replacement = self.replacer.replace(event, move_off_node=action == "isolate_and_replace")
         except RetriesExhaustedError as exc:
             self._stop(FaultRecord(event, step, action, "not replaced: retries exhausted"), str(exc))
         self.records.append(
