@@ -175,11 +175,7 @@ def run_trial(group, detector, replacer, fault: str, victim: int, seen: int, gra
             fault_at = first.detected_at - first.evidence.get("waited_s", 0.0)
         record = {"latency_s": first.detected_at - fault_at if first and fault_at else None}
         if first is not None and first.rank >= 0:
-            replacement = replacer.replace(first, pending)
-            check = time.monotonic()
-            group.train(5, grad_buckets)
-            record["recovery_s"] = replacement.seconds + (time.monotonic() - check)
-            record["replaced_ranks"] = list(replacement.ranks)
+            record |= recover(group, replacer, first, pending, grad_buckets)
     record.update(
         fault=fault,
         victim=victim,
@@ -189,6 +185,18 @@ def run_trial(group, detector, replacer, fault: str, victim: int, seen: int, gra
         events=len(events),
     )
     return record
+
+
+def recover(group, replacer, event, pending, grad_buckets: int) -> dict:
+    """Replace what ``event`` names; the seconds until the group has trained 5 steps again and the
+    ranks replaced (the culprit first)."""
+    replacement = replacer.replace(event, pending)
+    check = time.monotonic()
+    group.train(5, grad_buckets)
+    return {
+        "recovery_s": replacement.seconds + (time.monotonic() - check),
+        "replaced_ranks": list(replacement.ranks),
+    }
 
 
 def fault_free_events(group, config: DetectorConfig, seconds: float, grad_buckets: int) -> list[dict]:
@@ -529,13 +537,9 @@ def node_trial(cluster, group, detector, replacer, seen: int, grad_buckets: int)
         "culprit_correct": bool(first and first.rank in victims and first.node_id == lost_id),
     }
     if first is not None and first.rank in victims:
-        replacement = replacer.replace(first, pending)
-        check = time.monotonic()
-        group.train(5, grad_buckets)
+        record |= recover(group, replacer, first, pending, grad_buckets)
         record |= {
-            "recovery_s": replacement.seconds + (time.monotonic() - check),
-            "replaced_ranks": sorted(replacement.ranks),
-            "victims_replaced": sorted(replacement.ranks) == victims,
+            "victims_replaced": sorted(record["replaced_ranks"]) == victims,
             "victims_now_on_spare": all(group.nodes[r].node_id == spare.node_id for r in victims),
         }
     return record

@@ -15,9 +15,9 @@ asymmetry between them.
   arrived.
 - **non-communication slow**: in the last w complete collectives of one op of a group (every w up to
   ``straggler_window``) the same rank arrived last more often than chance explains (a binomial
-  test), by a margin several times the spread of the others. Arrival
-  order comes from durations (everyone leaves a collective together, so the last to arrive waits
-  least), which needs no clock shared between hosts.
+  test), by a margin several times the spread of the others. Arrival order comes from durations
+  (everyone leaves a collective together, so the last to arrive waits least), which needs no clock
+  shared between hosts.
 - **communication slow**: a matrix of point-to-point transfers (the weight sync's sends and
   receives), one cell per (sender, receiver): the seconds per byte a receiver stayed blocked in
   ``wait`` for that sender's data (a receive waited on after its data landed counts ~0, so waiting

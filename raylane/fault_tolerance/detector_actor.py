@@ -1,8 +1,9 @@
 """The detector as a Ray actor: probes ship to it, a thread checks the rules, events go out three ways.
 
 A rank is also known dead when the caller says so (:meth:`DetectorActor.rank_died`, after Ray
-failed a call on its actor). Each event is appended to ``metrics.jsonl`` (when an output directory is given), counted in the
-Ray metric ``raylane_detector_events`` (tags: kind, role) and logged as a warning. Liveness of a
+failed a call on its actor). Each event is appended to ``metrics.jsonl`` (when an output directory
+is given), counted in the Ray metric ``raylane_detector_events`` (tags: kind, role) and logged as a
+warning. Liveness of a
 silent rank is asked of Ray: a call on a dead actor fails at once, while a stopped or busy one
 just does not answer, which is not a crash by itself.
 """
@@ -159,8 +160,8 @@ def start_detector(
     config: DetectorConfig | None = None, output_dir: str | None = None, name: str | None = None
 ) -> ActorHandle:
     """Start the detector actor (threaded: reports, checks and queries run side by side) on the
-    caller's node: a node that fails must not take the detector with it, and a soft affinity lets
-    Ray place it on a worker node (seen with a head node of no CPUs)."""
+    caller's node, so that a worker node that fails does not take the detector with it. The
+    affinity is hard: with a soft one Ray placed it on a worker node when the head had no CPUs."""
     actor = ray.remote(num_cpus=0, max_concurrency=4, concurrency_groups={"reports": 1})(DetectorActor)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     options = {"name": name} if name else {}

@@ -3,9 +3,10 @@
 A gloo collective blocked on a stopped peer cannot be aborted from inside (``ProcessGroup.abort``
 does not wake it), so the culprit's process is killed: the peers waiting on it fail at once with
 "connection closed"; a peer waiting on another peer would wait for the collective timeout, so it
-is replaced as well, and so is a peer found dead too (a node lost with all its ranks). The group starts fresh actors on the same bundles and re-forms its process
-group. Probes start
-again on every rank (sequence numbers restart with the new process group). Reloading the last
+is replaced as well, and so is a peer found dead too (a node lost with all its ranks). The group
+starts fresh actors on the same bundles, once they are on a live node (reserved again elsewhere
+when the culprit's node was isolated), and re-forms its process group. Probes start again on every
+rank (sequence numbers restart with the new process group). Reloading the last
 checkpoint is the caller's next step; the policy bounds how many replacements a job gets.
 """
 
@@ -40,7 +41,7 @@ def _died(ref: ray.ObjectRef) -> bool:
     except ray.exceptions.RayActorError:
         return True
     except ray.exceptions.RayError:
-        return False
+        pass
     return False
 
 
