@@ -172,6 +172,11 @@ def parse_args() -> argparse.Namespace:
         "--no-async-scheduling", action="store_true", help="read each step's tokens before launching the next"
     )
     parser.add_argument("--graph-capture", choices=["eager", "lazy"], default="eager")
+    parser.add_argument(
+        "--no-programmatic-launch",
+        action="store_true",
+        help="EngineOptions.programmatic_launch=False (PDL off)",
+    )
     parser.add_argument("--compile-cache-dir", help="EngineOptions.compile_cache_dir (default: the engine's)")
     parser.add_argument(
         "--startup", action="store_true", help="cold and warm-cache start-up in new processes"
@@ -194,7 +199,8 @@ def engine_kwargs(args: argparse.Namespace, device: torch.device, dtype: torch.d
                   max_num_seqs=max_batch, max_num_batched_tokens=max(4096, max_batch), num_kv_blocks=num_kv_blocks,
                   attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
                   compile_decode=not args.no_compile, graph_capture=args.graph_capture,
-                  async_scheduling=False if args.no_async_scheduling else None)  # fmt: skip
+                  async_scheduling=False if args.no_async_scheduling else None,
+                  programmatic_launch=False if args.no_programmatic_launch else None)  # fmt: skip
     if args.compile_cache_dir:
         kwargs["compile_cache_dir"] = args.compile_cache_dir
     return kwargs
@@ -290,6 +296,7 @@ def bench_preset(args, preset: str, device, dtype, bandwidth: float) -> dict:
         "compile_decode": runner.graphs is not None and not args.no_compile,
         "async_scheduling": llm.engine.async_scheduling,
         "graph_capture": args.graph_capture,
+        "programmatic_launch": runner.graphs is not None and runner.graphs.programmatic_launch,
         "engine_startup_s": startup_s,
         **startup,
         "rows": rows,

@@ -82,6 +82,10 @@ step bench_runner 420 python3 benchmarks/bench_runner.py --preset llama-1b --dev
 step bench_runner_presets 570 python3 benchmarks/bench_runner.py --preset llama-1b qwen-0.5b --device cuda \
   --batch-sizes 1 64 256 --no-hf --grpo-prompts 0 --startup --graph-capture lazy \
   --output "$results/bench_runner_cuda_presets.json"
+# The same without programmatic dependent launch (on by default for the batch-1 graph on Hopper): its effect.
+step bench_runner_presets_no_pdl 400 python3 benchmarks/bench_runner.py --preset qwen-0.5b llama-1b --device cuda \
+  --batch-sizes 1 64 256 --no-hf --grpo-prompts 0 --graph-capture lazy --no-programmatic-launch \
+  --output "$results/bench_runner_cuda_presets_no_pdl.json"
 # The same batch-1 workload with async scheduling off: its effect, measured on this machine.
 step bench_runner_b1_sync 240 python3 benchmarks/bench_runner.py --preset llama-1b --device cuda \
   --batch-sizes 1 --no-hf --no-async-scheduling --output "$results/bench_runner_cuda_llama-1b_b1_sync.json"

@@ -66,6 +66,11 @@ def main() -> None:
         help="torch._inductor.config settings for the compiled decode step",
     )
     parser.add_argument("--shape", choices=["llama-1b", "qwen-0.5b"], default="llama-1b")
+    parser.add_argument(
+        "--no-programmatic-launch",
+        action="store_true",
+        help="EngineOptions.programmatic_launch=False (PDL off)",
+    )
     args = parser.parse_args()
     profiled = set(args.profile or [1, 256]) if args.profile is not None else set()
     for setting in args.inductor:
@@ -74,7 +79,8 @@ def main() -> None:
     start = time.perf_counter()
     config = EngineConfig(model="<in memory>", device="cuda", max_model_len=776, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=4096, num_kv_blocks=16000, enforce_eager=args.eager,
-                          compile_decode=not args.no_compile)  # fmt: skip
+                          compile_decode=not args.no_compile,
+                          programmatic_launch=False if args.no_programmatic_launch else None)  # fmt: skip
     engine = LLMEngine(config, model=random_model(args.shape))
     print(f"start-up {time.perf_counter() - start:.1f} s, CUDA graphs {engine.runner.graphs is not None}")
     for batch in args.batch_sizes:

@@ -230,8 +230,8 @@ def _assert_same_generations(got: dict, reference: dict) -> None:
 @needs_cuda
 @pytest.mark.parametrize(
     "cuda_options",
-    [{}, {"graph_capture": "lazy"}],
-    ids=["eager-capture", "lazy-capture"],
+    [{}, {"graph_capture": "lazy"}, {"programmatic_launch": False}],
+    ids=["eager-capture", "lazy-capture", "no-programmatic-launch"],
 )
 def test_cuda_path_matches_cpu_reference_fp32(tiny_model_dir, cuda_options):
     # The requests' lengths differ, so the last one decodes alone: the batch-1 graph runs too.
@@ -242,6 +242,8 @@ def test_cuda_path_matches_cpu_reference_fp32(tiny_model_dir, cuda_options):
     reference = _generate(LLMEngine(EngineConfig(device="cpu", **options)), prompts)
     engine = LLMEngine(EngineConfig(device="cuda", **options, **cuda_options))
     assert engine.runner.backend.name == "triton" and engine.runner.graphs is not None
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert engine.runner.graphs.programmatic_launch == (hopper and "programmatic_launch" not in cuda_options)
     got = _generate(engine, prompts)
     assert engine.runner.graphs.num_replays > 0, "decode steps should replay CUDA graphs"
     assert 1 in engine.runner.graphs._graphs, "the batch-1 graph should have run"

@@ -39,6 +39,13 @@ class EngineOptions(StrictConfig):
         description="'eager' captures every decode batch-size bucket at start-up; 'lazy' captures a "
         "bucket the first time a decode step of that size runs (faster start-up)",
     )
+    programmatic_launch: bool | None = Field(
+        None,
+        description="launch the kernels of the batch-1 decode graph with programmatic dependent launch, "
+        "each starting while the one before it finishes (Hopper or newer, triton attention backend); "
+        "default: on where supported. Larger batches launch one kernel after another: on an H200 PDL "
+        "made batch 256 slower",
+    )
     compile_cache_dir: str | None = Field(
         "~/.cache/raylane/compile",
         description="where torch.compile and Triton keep compiled kernels across processes (a later "

@@ -151,6 +151,7 @@ class LLMEngine:
             cuda_graphs=not config.enforce_eager,
             compile_decode=config.compile_decode,
             lazy_capture=config.graph_capture == "lazy",
+            programmatic_launch=config.programmatic_launch,
         )
         self.eos_token_ids = set(self.model_config.eos_token_id)
         if tokenizer is not None and tokenizer.eos_token_id is not None:

@@ -15,17 +15,25 @@ import triton
 import triton.language as tl
 
 from raylane.models import use_matvec_kernel
+from raylane.runner.programmatic_launch import launch_options, wait_for_previous_kernel
 
 
 @triton.jit
 def _gemv(
     x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
+    cols = tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    # No kernel of the step writes the weights, so their first tile is read before waiting for the
+    # kernel that computes x (with programmatic launch, while that kernel still runs).
+    w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :])
+    wait_for_previous_kernel(USE_PDL)
+    x = tl.load(x_ptr + cols, mask=col_mask)
+    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    for start in range(BLOCK_K, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         col_mask = cols < K
         w = tl.load(
@@ -59,7 +67,7 @@ def gemv(
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **launch_options(),
     )  # fmt: skip
     return y
 

@@ -129,7 +129,8 @@ class ModelRunner:
     ``cuda_graphs`` (CUDA only; ``max_num_seqs`` and ``max_model_len`` then size the captured
     buffers) decode-only steps replay CUDA graphs, whose model forward is ``torch.compile``'d when
     ``compile_decode`` is set; with ``lazy_capture`` a batch size's graph is captured the first time
-    it runs. On CPU none of these applies and every step runs the eager reference path.
+    it runs; ``programmatic_launch`` (None: where supported) launches the batch-1 graph's kernels
+    with PDL (Hopper or newer, Triton backend). On CPU none of these applies and every step runs the eager reference path.
     """
 
     def __init__(
@@ -144,6 +145,7 @@ class ModelRunner:
         cuda_graphs: bool = False,
         compile_decode: bool = True,
         lazy_capture: bool = False,
+        programmatic_launch: bool | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -211,8 +213,18 @@ class ModelRunner:
                 scratch_block=num_blocks,
                 compile_model=compile_decode,
                 lazy=lazy_capture,
+                programmatic_launch=self._programmatic_launch(programmatic_launch),
             )
             self.graphs.capture()
+
+    def _programmatic_launch(self, wanted: bool | None) -> bool:
+        supported = self.backend.name == "triton" and torch.cuda.get_device_capability(self.device)[0] >= 9
+        if wanted and not supported:
+            logger.warning(
+                "programmatic_launch needs the triton attention backend on a Hopper or newer GPU; "
+                "launching the decode step's kernels one after another"
+            )
+        return supported and wanted is not False
 
     def execute(self, plan: SchedulerOutput) -> StepResult:
         """Run one step and wait for it: ``launch(plan).result()``."""

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from raylane.runner.programmatic_launch import launch_options, wait_for_previous_kernel
+
 _CHUNK = 4096
 _BLOCK = 1024
 
@@ -33,8 +35,9 @@ def _splitmix64(x):
 @triton.jit
 def _sample_chunks(
     logits_ptr, stride_logits, temperatures_ptr, seeds_ptr, steps_ptr, part_ptr, part_idx_ptr, vocab_size,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
@@ -86,8 +89,9 @@ def _sample_chunks(
 @triton.jit
 def _sample_merge(
     logits_ptr, stride_logits, temperatures_ptr, part_ptr, part_idx_ptr, tokens_ptr, logprobs_ptr,
-    num_chunks, CHUNKS_PAD: tl.constexpr,
+    num_chunks, CHUNKS_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, CHUNKS_PAD)
     mask = offs < num_chunks
@@ -132,9 +136,10 @@ def fused_sample(
         vocab,
         CHUNK=_CHUNK,
         BLOCK=_BLOCK,
+        **launch_options(),
     )
     _sample_merge[(rows,)](
         logits, logits.stride(0), temperatures, part, part_idx, tokens, logprobs, chunks,
-        CHUNKS_PAD=triton.next_power_of_2(chunks),
+        CHUNKS_PAD=triton.next_power_of_2(chunks), **launch_options(),
     )  # fmt: skip
     return tokens, logprobs

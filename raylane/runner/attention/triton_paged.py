@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from raylane.runner.attention.base import AttentionBackend, PagedAttentionMetadata, register_attention_backend
+from raylane.runner.programmatic_launch import launch_options, wait_for_previous_kernel
 
 _DECODE_BLOCK_N = 64
 _PREFILL_BLOCK_M = 64
@@ -35,8 +36,9 @@ _MAX_SPLITS = 16
 def _write_kv(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_k_t, stride_v_t, stride_cache_slot,
-    ROW: tl.constexpr, ROW_PAD: tl.constexpr,
+    ROW: tl.constexpr, ROW_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous_kernel(USE_PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     offs = tl.arange(0, ROW_PAD)
@@ -85,7 +87,9 @@ def _decode(
     stride_out_t, stride_out_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -138,8 +142,9 @@ def _decode(
 @triton.jit
 def _combine(
     part_out_ptr, part_lse_ptr, out_ptr, stride_out_t, stride_out_h,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq * tl.num_programs(1) + head
@@ -169,7 +174,9 @@ def _prefill(
     stride_out_t, stride_out_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous_kernel(USE_PDL)
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -267,14 +274,29 @@ def _paged_attention(
     stride_slot = num_kv_heads * head_dim
     row = num_kv_heads * head_dim
     _write_kv[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), stride_slot, row, _pad(row)
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        v.stride(0),
+        stride_slot,
+        row,
+        _pad(row),
+        **launch_options(),
     )
     out = torch.empty_like(q)
     group = num_heads // num_kv_heads
     num_seqs, width = block_tables.shape
     ieee = q.dtype == torch.float32
     common = dict(
-        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=_pad(head_dim, 16), BLOCK_SIZE=block_size, IEEE=ieee
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=_pad(head_dim, 16),
+        BLOCK_SIZE=block_size,
+        IEEE=ieee,
+        **launch_options(),
     )
     if max_query_len == 1:
         splits = _num_splits(num_seqs, num_kv_heads, width * block_size, q.device)
@@ -293,7 +315,7 @@ def _paged_attention(
         if splits > 1:
             _combine[(num_seqs, num_heads)](
                 part_out, part_lse, out, out.stride(0), out.stride(1),
-                HEAD_DIM=head_dim, HEAD_DIM_PAD=common["HEAD_DIM_PAD"], NUM_SPLITS=splits,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=common["HEAD_DIM_PAD"], NUM_SPLITS=splits, **launch_options(),
             )  # fmt: skip
         return out
     group_pad = _pad(group)
