@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import sys
 import time
 
@@ -23,6 +24,7 @@ from raylane.fault_tolerance import (
     RankReplacer,
     RetriesExhaustedError,
     find_rank,
+    RankIdentity,
     phase,
     signal_process,
     start_detector,
@@ -129,6 +131,42 @@ def wait_for_records(detector, timeout_s: float = 30.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("the ranks' probes shipped no collectives")
+
+
+@ray.remote(num_cpus=0)
+class Busy:
+    """An actor in one long call: a liveness ping to it waits behind the call, unanswered."""
+
+    def block(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@pytest.mark.parametrize("raylet_up", [False, True], ids=["raylet-gone", "raylet-up"])
+def test_silent_unanswering_rank_is_a_crash_when_its_raylet_accepts_no_connection(ray_cluster, raylet_up):
+    """Its node is gone (a crash, said before Ray's health checks would), unless its raylet still
+    accepts connections: then it may just be stopped, which the hang rules judge."""
+    with socket.socket() as raylet:
+        raylet.bind(("127.0.0.1", 0))  # bound without listening: a connection is refused
+        if raylet_up:
+            raylet.listen()
+        rank = Busy.remote()
+        rank.block.remote(30)
+        detector = start_detector(DetectorConfig(silence_s=0.5, hang_s=30))
+        host, port = raylet.getsockname()
+        identity = RankIdentity("lost", 0, "trainer", "node-x", host, 1, f"{host}:{port}")
+        try:
+            ray.get(detector.register.remote(identity, rank))
+            if raylet_up:
+                time.sleep(3)
+                assert ray.get(detector.events.remote()) == []
+            else:
+                event = wait_for_event(detector, 5, kinds=("crash",))
+                assert (event.worker_group, event.rank) == ("lost", 0)
+                assert event.evidence["reason"].startswith(f"node unreachable: its raylet at {host}:{port}")
+        finally:
+            ray.get(detector.shutdown.remote())
+            ray.kill(detector)
+            ray.kill(rank)
 
 
 def test_fault_free_run_raises_no_alarm(shared_group, tmp_path):

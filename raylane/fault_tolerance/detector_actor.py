@@ -5,7 +5,9 @@ failed a call on its actor). Each event is appended to ``metrics.jsonl`` (when a
 is given), counted in the Ray metric ``raylane_detector_events`` (tags: kind, role) and logged as a
 warning. Liveness of a
 silent rank is asked of Ray: a call on a dead actor fails at once, while a stopped or busy one
-just does not answer, which is not a crash by itself.
+just does not answer, which is not a crash by itself. A silent rank that does not answer is also
+gone when its node's raylet accepts no connection: Ray itself learns of a lost node only when its
+health checks fail, seconds later.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 
@@ -32,6 +35,8 @@ __all__ = ["DetectorActor", "start_detector"]
 logger = logging.getLogger(__name__)
 
 _PING_WAIT_S = 0.05
+# A live raylet accepts a connection within milliseconds, even on another host of the cluster.
+_RAYLET_CONNECT_TIMEOUT_S = 0.2
 
 
 class DetectorActor:
@@ -147,6 +152,20 @@ class DetectorActor:
                 ray.get(ref)
             except RayActorError:
                 self._dead[key] = "actor died"
+        self._check_nodes([key for key in self._pings if key not in self._dead])
+
+    def _check_nodes(self, unanswered: list[RankKey]) -> None:
+        """Silent ranks that did not answer are dead if their node's raylet accepts no connection."""
+        by_raylet: dict[str, list[RankKey]] = {}
+        for key in unanswered:
+            state = self._detector.ranks.get(key)
+            if state is not None and state.identity.raylet_address:
+                by_raylet.setdefault(state.identity.raylet_address, []).append(key)
+        for address, keys in by_raylet.items():
+            problem = _unreachable(address)
+            if problem:
+                for key in keys:
+                    self._dead[key] = f"node unreachable: {problem}"
 
     def _emit(self, event: FaultEvent) -> None:
         logger.warning("fault detected: %s", event.summary())
@@ -154,6 +173,16 @@ class DetectorActor:
         if self._metrics_path:
             with open(self._metrics_path, "a") as out:
                 out.write(json.dumps(event.to_dict()) + "\n")
+
+
+def _unreachable(raylet_address: str) -> str | None:
+    """Why the raylet at ``host:port`` accepts no TCP connection, or None when it does."""
+    host, _, port = raylet_address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=_RAYLET_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        return f"its raylet at {raylet_address} accepts no connection ({error.strerror or 'timed out'})"
+    return None
 
 
 def start_detector(

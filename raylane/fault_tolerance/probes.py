@@ -84,6 +84,8 @@ class RankIdentity:
     node_id: str
     node_ip: str
     pid: int
+    # "host:port" of the node's raylet, which the detector tries when this rank goes silent.
+    raylet_address: str = ""
 
     @property
     def key(self) -> tuple[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import ray
 from ray.actor import ActorHandle
 
 from raylane.actors import Dispatch, Worker, register
@@ -24,7 +25,13 @@ class ProbedWorker(Worker):
     def start_probes(self, detector: ActorHandle, config: ProbeConfig | None = None) -> None:
         """Record this rank's collectives and ship them to ``detector`` (replaces an earlier probe)."""
         identity = RankIdentity(
-            self.group_name, self.rank, self.role, self.node_id, self.node_ip, os.getpid()
+            self.group_name,
+            self.rank,
+            self.role,
+            self.node_id,
+            self.node_ip,
+            os.getpid(),
+            _raylet_address(self.node_id),
         )
         CollectiveProbe(identity, detector, config).install()
 
@@ -43,3 +50,11 @@ class ProbedWorker(Worker):
                 f"rank {self.rank} of {self.group_name!r} has no probe: call start_probes first"
             )
         probe.arm(fault)
+
+
+def _raylet_address(node_id: str) -> str:
+    """``host:port`` of the raylet of node ``node_id`` ("" if Ray does not list it)."""
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
+    return ""
