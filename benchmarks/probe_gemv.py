@@ -1,29 +1,45 @@
-"""Batch-1 projections of the Llama-3.2-1B shape: cuBLAS (``F.linear``) against the Triton GEMV.
+"""Batch-1 projections of a bench_runner shape: cuBLAS (``F.linear``) against the Triton GEMV.
 
 At batch 1 a decode step is a chain of matrix-vector products whose speed is the bandwidth they
 reach reading the weights. Each shape is timed from a CUDA graph that runs it over enough weight
 copies (>= 400 MB) that no weight is still in the L2 cache when it is read again, as in a real
 step. Prints GB/s of ``F.linear``, of the tile ``gemv_tile`` picks, and of the best tile swept.
 
-    python benchmarks/probe_gemv.py
+    python benchmarks/probe_gemv.py [--shape qwen-0.5b] [--programmatic-launch]
+
+``--programmatic-launch`` launches the GEMVs as the batch-1 decode graph does on Hopper: each one
+starts while the one before it finishes.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import functools
 import itertools
 
 import torch
+import triton
 import triton.testing
 
 from raylane.runner.gemv_kernel import gemv, gemv_tile
+from raylane.runner.programmatic_launch import programmatic_launch
 
-SHAPES = {  # name: (out_features, in_features)
-    "qkv": (3072, 2048),
-    "o": (2048, 2048),
-    "gate_up": (16384, 2048),
-    "down": (2048, 8192),
-    "lm_head": (128256, 2048),
+SHAPES = {  # preset: {projection: (out_features, in_features)}
+    "llama-1b": {
+        "qkv": (3072, 2048),
+        "o": (2048, 2048),
+        "gate_up": (16384, 2048),
+        "down": (2048, 8192),
+        "lm_head": (128256, 2048),
+    },
+    "qwen-0.5b": {
+        "qkv": (1152, 896),
+        "o": (896, 896),
+        "gate_up": (9728, 896),
+        "down": (896, 4864),
+        "lm_head": (151936, 896),
+    },
 }
 
 
@@ -38,9 +54,20 @@ def per_weight_us(fn, x, weights) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
+    parser.add_argument("--programmatic-launch", action="store_true")
+    args = parser.parse_args()
     torch.manual_seed(0)
+    with programmatic_launch(True) if args.programmatic_launch else contextlib.nullcontext():
+        sweep(SHAPES[args.shape])
+
+
+def sweep(shapes: dict[str, tuple[int, int]]) -> None:
     print(f"{'shape':<8} {'MB':>6} {'cuBLAS GB/s':>12} {'gemv_tile GB/s':>15} {'best GB/s':>10}  best tile")
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in shapes.items():
         mb = n * k * 2 / 1e6
         weights = [
             torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -51,8 +78,8 @@ def main() -> None:
         cublas = per_weight_us(torch.nn.functional.linear, x, weights)
         picked = per_weight_us(functools.partial(gemv, bias=None), x, weights)
         best = None
-        for tile in itertools.product((1, 2, 4, 8), (512, 1024, 2048), (2, 4, 8)):
-            if tile[0] * tile[1] > 16384 or tile[1] > max(k, 512):
+        for tile in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048), (1, 2, 4, 8)):
+            if tile[0] * tile[1] > 16384 or tile[1] > max(triton.next_power_of_2(k), 256):
                 continue
             torch.testing.assert_close(gemv(x, weights[0], None, tile), reference, rtol=2e-2, atol=2e-2)
             us = per_weight_us(functools.partial(gemv, bias=None, tile=tile), x, weights)
