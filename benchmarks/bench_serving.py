@@ -3,9 +3,12 @@
 A seeded load generator sends streaming completion requests with Poisson arrivals and random
 prompt/output lengths (``ignore_eos``, so every request produces exactly its output length),
 first over HTTP to a raylane Ray Serve application on a local Ray cluster, once per ingress layout
-(``--ingress``: the ingress in a deployment of its own, two Ray hops per streamed chunk, and in the
-model's replica, one hop), then in-process to an `AsyncLLMEngine` with the same engine
-configuration; several request rates give one load each, on the same application and engine. It
+(``--ingress``: the ingress in a deployment of its own, two Ray hops per streamed chunk; in the
+model's replica, one hop, the proxy's; ``direct``, the same replica called on its own port, no
+hop), then in-process to an `AsyncLLMEngine` with the same engine configuration; several request
+rates give one load each, on the same application and engine. With ``--rounds N`` every load runs
+N times per layout and on the engine, the layouts of one deployment taking turns in alternating
+order, and each figure pools the N runs' requests: a busy machine's drift falls on all alike. It
 reports time to first token (TTFT), time per output token after the first (TPOT), inter-token
 latency between streamed chunks (ITL), at p50 and p99, and request and token throughput; the
 Serve/engine ratios give the cost of the HTTP + Serve path. Prints a table and writes JSON under
@@ -13,6 +16,7 @@ Serve/engine ratios give the cost of the HTTP + Serve path. Prints a table and w
 
     python benchmarks/bench_serving.py                          # tiny model, ~2-3 min on 2 cores
     python benchmarks/bench_serving.py --model DIR --num-requests 500 --request-rate 8 32 128 --device cuda
+    python benchmarks/bench_serving.py --ingress with_model direct --rounds 3   # the proxy's cost alone
 """
 
 from __future__ import annotations
@@ -118,7 +122,18 @@ def summarize(traces: list[Trace], duration_s: float, prompt_tokens: int) -> dic
     }
 
 
-async def replay(workload: list[Request], send) -> tuple[list[Trace], float]:
+# One load's traces and the wall time it took.
+Run = tuple[list[Trace], float]
+
+
+def pooled(runs: list[Run], workload: list[Request]) -> dict:
+    """The figures of one load over all its runs' requests (`summarize`)."""
+    traces = [trace for run, _ in runs for trace in run]
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in workload) * len(runs)
+    return summarize(traces, sum(duration for _, duration in runs), prompt_tokens)
+
+
+async def replay(workload: list[Request], send) -> Run:
     """Start each request at its arrival time; returns the traces and the wall time of the whole load."""
     start = time.perf_counter()
 
@@ -130,7 +145,10 @@ async def replay(workload: list[Request], send) -> tuple[list[Trace], float]:
     return list(traces), time.perf_counter() - start
 
 
-async def run_engine(engine_config: EngineConfig, workloads: list[list[Request]]) -> list[dict]:
+async def run_engine(
+    engine_config: EngineConfig, workloads: list[list[Request]], rounds: int
+) -> list[list[Run]]:
+    """Each round's traces of each load, on one in-process engine."""
     engine = AsyncLLMEngine.from_config(engine_config)
     counter = iter(range(10**9))
 
@@ -148,18 +166,15 @@ async def run_engine(engine_config: EngineConfig, workloads: list[list[Request]]
         trace.num_tokens = seen
         return trace
 
-    results = []
     try:
         await send(Request(0.0, workloads[0][0].prompt_token_ids, 4))  # warm-up
-        for workload in workloads:
-            traces, duration = await replay(workload, send)
-            results.append(summarize(traces, duration, sum(len(r.prompt_token_ids) for r in workload)))
+        return [[await replay(workload, send) for workload in workloads] for _ in range(rounds)]
     finally:
         engine.shutdown()
-    return results
 
 
-async def run_http(base_url: str, model: str, workloads: list[list[Request]]) -> list[dict]:
+async def run_http(base_url: str, model: str, workloads: list[list[Request]]) -> list[Run]:
+    """The traces of each load, sent over HTTP to ``base_url``."""
     import aiohttp
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
@@ -191,11 +206,7 @@ async def run_http(base_url: str, model: str, workloads: list[list[Request]]) ->
             return trace
 
         await send(Request(0.0, workloads[0][0].prompt_token_ids, 4))  # warm-up
-        results = []
-        for workload in workloads:
-            traces, duration = await replay(workload, send)
-            results.append(summarize(traces, duration, sum(len(r.prompt_token_ids) for r in workload)))
-    return results
+        return [await replay(workload, send) for workload in workloads]
 
 
 def free_port() -> int:
@@ -204,17 +215,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Layouts and the deployment each is measured on: `direct` calls the with_model replica on its own port.
+DEPLOYMENT_OF = {"separate": "separate", "with_model": "with_model", "direct": "with_model"}
+
+
 def run_serve(
     engine_config: EngineConfig,
     workloads: list[list[Request]],
     threads: int,
     ingress: list[str],
     tokens_per_chunk: int,
-) -> tuple[dict[str, list[dict]], dict[str, float]]:
-    """The loads through a Serve application with each ingress layout in turn, on one local cluster."""
+    rounds: int,
+) -> tuple[dict[str, list[list[Run]]], dict[str, float]]:
+    """Each round's runs of the loads through a Serve application per ingress layout, on one local
+    cluster; the layouts of one deployment take turns, in alternating order."""
     import ray
 
-    from raylane.serving import ServingConfig, deploy, undeploy
+    from raylane.serving import ServingConfig, deploy, direct_ingress_urls, undeploy
 
     # A cluster of its own: a plain init would join another Ray instance running on this machine.
     ray.init(
@@ -224,9 +241,12 @@ def run_serve(
     )
     # Serve's proxy keeps the port it first started with: every layout uses it.
     port = free_port()
-    results, startups = {}, {}
+    direct = "direct" in ingress
+    results: dict[str, list[list[Run]]] = {layout: [] for layout in ingress}
+    startups = {}
     try:
-        for layout in ingress:
+        for kind in dict.fromkeys(DEPLOYMENT_OF[layout] for layout in ingress):
+            layouts = [layout for layout in ingress if DEPLOYMENT_OF[layout] == kind]
             config = ServingConfig(
                 app_name="bench",
                 models=[
@@ -239,16 +259,23 @@ def run_serve(
                 ],
                 port=port,
                 grpc_port=None,
-                ingress=layout,
+                ingress=kind,
+                # Serve starts with direct ingress for the whole run when one layout needs it; the
+                # proxy's path is the same with it (the proxy runs on the head node only: here, all).
+                direct_ingress=direct,
             )
-            print(f"ingress {layout}...", flush=True)
+            print(f"deployment {kind}, layouts {layouts}...", flush=True)
             start = time.perf_counter()
             deploy(config)
-            startups[layout] = time.perf_counter() - start
+            startups[kind] = time.perf_counter() - start
             try:
-                results[layout] = asyncio.run(
-                    run_http(f"http://127.0.0.1:{config.port}", "bench-model", workloads)
-                )
+                urls = {layout: f"http://127.0.0.1:{config.port}" for layout in layouts}
+                if "direct" in layouts:
+                    urls["direct"] = direct_ingress_urls(config)[0]
+                for i in range(rounds):
+                    for layout in layouts if i % 2 == 0 else layouts[::-1]:
+                        print(f"  round {i + 1}/{rounds}: {layout} ({urls[layout]})", flush=True)
+                        results[layout].append(asyncio.run(run_http(urls[layout], "bench-model", workloads)))
             finally:
                 undeploy(config)
     finally:
@@ -324,9 +351,16 @@ def main() -> int:
     parser.add_argument(
         "--ingress",
         nargs="+",
-        choices=["separate", "with_model"],
+        choices=list(DEPLOYMENT_OF),
         default=["separate", "with_model"],
-        help="ingress layouts of the Serve application to measure, each against the same engine runs",
+        help="ingress layouts of the Serve application to measure, each against the same engine runs "
+        "(direct: the with_model replica on its own port, Serve's direct ingress; no proxy)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of every load per layout and on the engine, alternating; figures pool their requests",
     )
     parser.add_argument(
         "--tokens-per-chunk",
@@ -360,14 +394,17 @@ def main() -> int:
     # an engine in this process could keep its share of the GPU and starve the replica.
     print(f"{args.num_requests} requests at each of {args.request_rate}/s; through Ray Serve...", flush=True)
     serve_runs, startups = run_serve(
-        engine_config, workloads, args.threads, args.ingress, args.tokens_per_chunk
+        engine_config, workloads, args.threads, args.ingress, args.tokens_per_chunk, args.rounds
     )
     print("same loads on the engine in-process...", flush=True)
-    engine_runs = asyncio.run(run_engine(engine_config, workloads))
+    engine_runs = asyncio.run(run_engine(engine_config, workloads, args.rounds))
 
     runs = []
-    for i, (rate, engine) in enumerate(zip(args.request_rate, engine_runs, strict=True)):
-        serves = {layout: serve_runs[layout][i] for layout in args.ingress}
+    for i, (rate, workload) in enumerate(zip(args.request_rate, workloads, strict=True)):
+        engine = pooled([rounds[i] for rounds in engine_runs], workload)
+        serves = {
+            layout: pooled([rounds[i] for rounds in serve_runs[layout]], workload) for layout in args.ingress
+        }
         ratios = {layout: serve_over_engine(engine, serve) for layout, serve in serves.items()}
         print_table(rate, engine, serves, ratios)
         runs.append(
@@ -376,6 +413,10 @@ def main() -> int:
                 "engine": engine,
                 "serve": serves,
                 "serve_over_engine": ratios,
+                "ttft_p50_ms_per_round": {
+                    name: [pooled([r[i]], workload)["ttft_ms"]["p50"] for r in rounds]
+                    for name, rounds in {"engine": engine_runs, **serve_runs}.items()
+                },
             }
         )
 
@@ -393,6 +434,7 @@ def main() -> int:
             "output_len_mean": args.output_len,
             "length_dist": args.length_dist,
             "seed": args.seed,
+            "rounds": args.rounds,
         },
         "ingress": args.ingress,
         "stream_tokens_per_chunk": args.tokens_per_chunk,

@@ -63,6 +63,11 @@ step bench_serving_gpu 420 python3 benchmarks/bench_serving.py --model "$serving
 step bench_serving_gpu_chunk4 420 python3 benchmarks/bench_serving.py --model "$serving_model" --device cuda \
   --gpu-memory-utilization 0.3 --max-model-len 128 --prompt-len 24 --output-len 24 --num-requests 200 \
   --request-rate 8 32 128 --ingress with_model --tokens-per-chunk 4 --output "$results/bench_serving_cuda_chunk4.json"
+# Issue 14's last target: the same loads through the proxy and on the replica's own port (Serve's direct
+# ingress: no proxy hop), on one deployment, taking turns over 2 rounds, against the engine's 2 runs.
+step bench_serving_gpu_direct 540 python3 benchmarks/bench_serving.py --model "$serving_model" --device cuda \
+  --gpu-memory-utilization 0.3 --max-model-len 128 --prompt-len 24 --output-len 24 --num-requests 200 \
+  --request-rate 8 32 128 --ingress with_model direct --rounds 2 --output "$results/bench_serving_cuda_direct.json"
 # Issue 14's in-job rollout gap: the job at one and at eight CPUs per bundle (Ray sets an actor's torch
 # threads from its CPU share) against the standalone runner with all its threads and with one.
 step bench_rollout_in_job 420 python3 benchmarks/bench_rollout_in_job.py --cpus 1 8 --output "$results"

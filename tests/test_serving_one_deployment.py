@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
+from collections.abc import Callable
 
 import grpc
 import openai
@@ -108,24 +109,31 @@ def _engine_stats() -> dict:
     return serve.get_deployment_handle(deployment_name_for("tiny"), APP).engine_stats.remote().result()
 
 
-def test_a_client_leaving_mid_stream_aborts_its_request_in_the_same_replica(served):
-    config, _ = served
-    before = _engine_stats()
-    conn = http.client.HTTPConnection("127.0.0.1", config.port, timeout=60)
+def assert_leaving_mid_stream_aborts(
+    host: str, port: int, api_key: str, engine_stats: Callable[[], dict]
+) -> None:
+    """A streaming client that leaves after its first chunk: its engine request stops, its KV blocks free."""
+    before = engine_stats()
+    conn = http.client.HTTPConnection(host, port, timeout=60)
     body = {"model": "tiny", "prompt": "long", "max_tokens": 4000, "ignore_eos": True, "stream": True}
     conn.request(
         "POST",
         "/v1/completions",
         json.dumps(body),
-        {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+        {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
     )
     response = conn.getresponse()
     assert response.status == 200
     assert response.readline().startswith(b"data: ")
-    assert _engine_stats()["num_running"] == 1
+    assert engine_stats()["num_running"] == 1
     conn.close()
     deadline = time.monotonic() + 30
-    while (after := _engine_stats())["num_running"] and time.monotonic() < deadline:
+    while (after := engine_stats())["num_running"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert after["num_running"] == 0 and after["num_free_blocks"] == after["num_total_blocks"]
     assert after["num_generated_tokens"] - before["num_generated_tokens"] < 4000
+
+
+def test_a_client_leaving_mid_stream_aborts_its_request_in_the_same_replica(served):
+    config, _ = served
+    assert_leaving_mid_stream_aborts("127.0.0.1", config.port, API_KEY, _engine_stats)

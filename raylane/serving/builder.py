@@ -3,7 +3,10 @@
 A Serve config's ``import_path`` may point at a function of one argument, the application's
 ``args`` mapping; this one validates that mapping as a `ServingConfig`, so a bad field fails the
 deployment with pydantic's message instead of starting replicas. The proxies' addresses come from
-the config file's ``http_options`` / ``grpc_options``, not from these args.
+the config file's ``http_options`` / ``grpc_options``, not from these args; with ``direct_ingress``,
+the file's ``controller_options`` must also set ``runtime_env: {env_vars:
+{RAY_SERVE_ENABLE_DIRECT_INGRESS: "1"}}`` (`raylane.serving.app.DIRECT_INGRESS_ENV`), which
+`raylane.serving.deploy` does itself.
 """
 
 from __future__ import annotations

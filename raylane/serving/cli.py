@@ -63,6 +63,13 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="where the HTTP/gRPC ingress runs: with_model (in the model's replicas, one model only), "
         "separate (its own deployment); default auto: with_model for one model",
     )
+    parser.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        default=None,
+        help="the ingress replicas also serve HTTP on ports of their own (Ray Serve's direct ingress, "
+        "printed at start), skipping the proxy's hop; the proxy keeps serving at --host/--port",
+    )
     scaling = parser.add_argument_group("scaling (per model)")
     scaling.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
     scaling.add_argument("--min-replicas", type=int, help="enable autoscaling with this minimum")
@@ -115,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
         "api_key_env",
         "api_key_file",
         "ingress",
+        "direct_ingress",
     ):
         if getattr(args, field) is not None:
             base[field] = getattr(args, field)

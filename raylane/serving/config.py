@@ -143,6 +143,8 @@ class ServingConfig(StrictConfig):
     by every application and fixed when Serve first starts on the cluster. Ray Serve's gRPC proxy
     always listens on every interface (``[::]``), whatever ``host`` says, so gRPC is off unless
     ``grpc_port`` is set, and then needs an API key unless ``grpc_without_api_key`` is set.
+    With ``direct_ingress``, each replica of the ingress deployment also listens on ``host`` at a
+    port of its own, and a request sent there skips the proxy (see `raylane.serving.app`).
     """
 
     app_name: str = Field("raylane", min_length=1)
@@ -169,6 +171,14 @@ class ServingConfig(StrictConfig):
         description="where the HTTP/gRPC ingress runs: 'with_model' in the model's own replicas (one "
         "model only; a streamed chunk crosses one Ray hop, the proxy's), 'separate' in a deployment of "
         "its own that routes to one deployment per model (two hops); auto: with_model for one model",
+    )
+
+    direct_ingress: bool = Field(
+        False,
+        description="the ingress replicas also serve HTTP themselves, each on a port of its own (Ray "
+        "Serve's direct ingress; 30000-31000 by default), so a request skips the proxy's hop; the proxy "
+        "keeps serving at host:port. Clients must call a replica's address (`direct_ingress_urls`); "
+        "Serve must start on the cluster with it (`start_proxies`)",
     )
 
     @model_validator(mode="after")

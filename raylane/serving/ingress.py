@@ -11,8 +11,9 @@ request.
 Before anything is parsed, a request must bring the API key (when one is set) and stay under
 ``max_request_bytes``; health and model listing stay open. Every error, expected or not, is
 answered in OpenAI's JSON shape (HTTP) or as a gRPC status, never as a plain-text page; only
-a request that Serve's proxy refuses before it reaches this deployment (its queue is full, see
-`ModelDeploymentConfig.max_queued_requests`) gets Serve's own 503.
+a request that Serve refuses before it reaches this deployment (its queue is full, see
+`ModelDeploymentConfig.max_queued_requests`; the proxy's queue, or with direct ingress the
+replica's) gets Serve's own 503.
 """
 
 import json
