@@ -4,8 +4,9 @@ Collectives are periodic and homogeneous: every rank of a group runs the same se
 so the k-th collective of a group is comparable across its ranks, and a fault shows up as an
 asymmetry between them.
 
-- **crash**: a rank's actor is dead (asked once its heartbeat went quiet for ``silence_s``), or its
-  heartbeat stayed silent for ``2 * hang_s`` with no hang explaining it. Heartbeats and records
+- **crash**: a rank's actor is dead (asked once its heartbeat went quiet for ``silence_s``; the
+  actor also reports a rank as dead with its node when that node's raylet accepts no connection),
+  or its heartbeat stayed silent for ``2 * hang_s`` with no hang explaining it. Heartbeats and records
   are stamped with the rank host's clock: hosts are assumed synchronised (NTP) to well within
   ``silence_s``.
 - **hangs**: a rank has been inside collective k for ``hang_s``. If some rank of the group never
