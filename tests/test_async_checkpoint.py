@@ -147,7 +147,8 @@ def test_lazy_killed_mid_disk_persist_resumes_from_the_memory_tier_losing_at_mos
     root = str(tmp_path / "checkpoints")
     child = _start_training(root, 8, "lazy")
     deadline = time.monotonic() + 240
-    while not any(name.endswith(".partial") and name != ".step_1.partial" for name in _listdir(root)):
+    # Killed once the first shard of a checkpoint after step 1 is on its way to the disk tier.
+    while not _copy_begun(root):
         assert child.poll() is None, "the training process ended before a copy to disk was caught"
         assert time.monotonic() < deadline, "no copy to the disk tier after step 1 began"
         time.sleep(0.001)
@@ -167,6 +168,15 @@ def test_lazy_killed_mid_disk_persist_resumes_from_the_memory_tier_losing_at_mos
 
 def _listdir(path: str) -> list[str]:
     return os.listdir(path) if os.path.isdir(path) else []
+
+
+def _copy_begun(root: str) -> bool:
+    return any(
+        name.endswith(".distcp")
+        for folder in _listdir(root)
+        if folder not in ("step_1", ".step_1.partial")
+        for name in _listdir(os.path.join(root, folder, "dcp"))
+    )
 
 
 # ---- the RL job on Ray -------------------------------------------------------------------------------
