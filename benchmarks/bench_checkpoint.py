@@ -1,16 +1,21 @@
-"""Cost of checkpointing every step: the RL job's step time with no checkpoint, a synchronous one and
-an asynchronous one (snapshot to host memory, persist in the background), in one run.
+"""Cost of checkpointing every step: the RL job's step time with no checkpoint, a synchronous one, an
+asynchronous one (snapshot to host memory, persist in the background) and a lazy one (the snapshot
+overlaps the next step, committed to a memory tier on tmpfs, copied to disk as fast as the disk
+allows, newest first), in one run.
 
 One colocated GRPO job is built once: by default on CPU (two gloo trainer ranks, FSDP2), or the job of
 ``--config`` (a job YAML with ``key=value`` overrides, e.g. ``examples/grpo_gpu.yaml`` on a GPU). Blocks of steps rotate
-between the three modes, so drift of a shared machine hits all alike. A step's time is the loop's:
+between the four modes, so drift of a shared machine hits all alike. A step's time is the loop's:
 ``rl_step``, the commit of the previous checkpoint (a wait if its persist is still running) and the
-checkpoint call (async: the snapshot to host memory; sync: the whole write), as in ``RLJob.run``.
+checkpoint call (async: the snapshot to host memory; lazy: starting it; sync: the whole write), as in
+``RLJob.run``.
 Reported: median step seconds per mode, the overhead in percent of the no-checkpoint step (also
 paired: each block against the no-checkpoint block of the same round), and the step's parts: the
 ``rl_step`` (longer when a background persist shares the cores), the commit wait and the save call,
-whose sum is the time the loop is blocked per checkpoint. At the end of an async block the loop waits for the last persist; that wait is reported
-apart (``drain_s``) and not counted in the step times.
+whose sum is the time the loop is blocked per checkpoint. At the end of an async or lazy block the
+loop waits for the last persist (lazy: until the disk has caught up); that wait is reported apart
+(``drain_s``) and not counted in the step times. For lazy mode also: how many of the block's
+checkpoints reached the disk (the others were skipped for a newer one).
 
     python benchmarks/bench_checkpoint.py [--rounds 4] [--steps 4] [--hidden 384] [--layers 6]
     python benchmarks/bench_checkpoint.py --config examples/grpo_gpu.yaml --output results/x.json
@@ -36,7 +41,7 @@ from raylane.config import load_config
 from raylane.controllers import JobConfig, RLJob
 
 RESULT = Path(__file__).parent / "results" / "bench_checkpoint.json"
-MODES = ("none", "sync", "async")
+MODES = ("none", "sync", "async", "lazy")
 
 
 def job_config(args: argparse.Namespace, output_dir: str) -> JobConfig:
@@ -79,7 +84,7 @@ PARTS = ("step_s", "rl_step_s", "commit_wait_s", "save_call_s")
 
 def run_block(job: RLJob, mode: str, first_step: int, steps: int) -> tuple[dict[str, list[float]], float]:
     """``steps`` loop iterations in ``mode``: per iteration its seconds and their parts (``PARTS``);
-    then the seconds the last persist takes to drain."""
+    then the seconds the last persist (lazy: the disk tier) takes to drain."""
     if mode != "none":
         job.config = job.config.model_copy(update={"checkpoint_mode": mode})
     times: dict[str, list[float]] = {part: [] for part in PARTS}
@@ -95,7 +100,7 @@ def run_block(job: RLJob, mode: str, first_step: int, steps: int) -> tuple[dict[
         for part, seconds in zip(PARTS, (end - start, trained - start, committed - trained, end - committed)):
             times[part].append(seconds)
     drain_start = time.perf_counter()
-    job.wait_for_checkpoint()
+    job.drain_checkpoints()
     return times, time.perf_counter() - drain_start
 
 
@@ -120,20 +125,24 @@ def main() -> None:
     try:
         job.rl_step(0)  # warm-up
         times: dict[str, dict[str, list[float]]] = {mode: {part: [] for part in PARTS} for mode in MODES}
-        drains: list[float] = []
+        drains: dict[str, list[float]] = {"async": [], "lazy": []}
+        on_disk: list[int] = []  # per lazy block: its checkpoints that reached the disk
         block_medians: dict[str, list[float]] = {mode: [] for mode in MODES}
         step = 1
         for round_index in range(args.rounds):
             # Rotate the order so that no mode always follows another.
-            order = MODES[round_index % 3 :] + MODES[: round_index % 3]
+            order = MODES[round_index % len(MODES) :] + MODES[: round_index % len(MODES)]
             for mode in order:
+                skipped = job.persister.skipped if job.persister is not None else 0
                 block, drain = run_block(job, mode, step, args.steps)
+                if mode == "lazy":
+                    on_disk.append(args.steps - (job.persister.skipped - skipped))
                 step += args.steps
                 for part in PARTS:
                     times[mode][part] += block[part]
                 block_medians[mode].append(statistics.median(block["step_s"]))
-                if mode == "async":
-                    drains.append(drain)
+                if mode in drains:
+                    drains[mode].append(drain)
             medians = ", ".join(f"{mode} {block_medians[mode][-1]:.3f} s" for mode in MODES)
             print(f"round {round_index + 1}/{args.rounds}: {medians}", flush=True)
         size = checkpoint_bytes(job.checkpoints.latest())
@@ -141,6 +150,7 @@ def main() -> None:
         job.metrics.close()
         job.shutdown()
         shutil.rmtree(output_dir, ignore_errors=True)
+        shutil.rmtree(job.memory_checkpoints.root, ignore_errors=True)
 
     base = statistics.median(times["none"]["step_s"])
     result = {
@@ -180,8 +190,10 @@ def main() -> None:
             ),
             "times": times[mode],
         }
-        if mode == "async":
-            entry["drain_s_median"] = statistics.median(drains)
+        if mode in drains:
+            entry["drain_s_median"] = statistics.median(drains[mode])
+        if mode == "lazy":
+            entry["checkpoints_on_disk_per_block"] = on_disk
         result["modes"][mode] = entry
         print(
             f"{mode:<7}{median:>8.3f}{entry['overhead_pct']:>+12.1f}"
@@ -189,12 +201,18 @@ def main() -> None:
             f"{entry['rl_step_s_median']:>11.3f}{entry['commit_wait_s_median']:>15.3f}"
             f"{entry['save_call_s_median']:>13.3f}"
         )
-    asynchronous, synchronous = result["modes"]["async"], result["modes"]["sync"]
+    synchronous = result["modes"]["sync"]
+    for mode in ("async", "lazy"):
+        entry = result["modes"][mode]
+        print(
+            f"{mode} blocks the loop {entry['blocked_s_median']:.3f} s per checkpoint against "
+            f"{synchronous['blocked_s_median']:.3f} s synchronous "
+            f"({synchronous['blocked_s_median'] / max(entry['blocked_s_median'], 1e-9):.1f}x less); "
+            f"its last persist of a block drains in {entry['drain_s_median']:.3f} s"
+        )
     print(
-        f"async blocks the loop {asynchronous['blocked_s_median']:.3f} s per checkpoint against "
-        f"{synchronous['blocked_s_median']:.3f} s synchronous "
-        f"({synchronous['blocked_s_median'] / max(asynchronous['blocked_s_median'], 1e-9):.1f}x less); "
-        f"its last persist of a block drains in {asynchronous['drain_s_median']:.3f} s"
+        f"lazy: {sum(on_disk)} of {len(on_disk) * args.steps} checkpoints reached the disk during their "
+        "block (the others were skipped for a newer one); every one reached the memory tier"
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

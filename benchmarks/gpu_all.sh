@@ -71,8 +71,9 @@ step bench_serving_gpu_direct 540 python3 benchmarks/bench_serving.py --model "$
 # Issue 14's in-job rollout gap: the job at one and at eight CPUs per bundle (Ray sets an actor's torch
 # threads from its CPU share) against the standalone runner with all its threads and with one.
 step bench_rollout_in_job 420 python3 benchmarks/bench_rollout_in_job.py --cpus 1 8 --output "$results"
-# Issue 17's checkpoint cost in the GPU job: none, sync and async (snapshot to host memory, persist in
-# the background) every step, in rotated blocks of one run; no warm-start, only steps and checkpoints.
+# Issue 17's checkpoint cost in the GPU job: none, sync, async (snapshot to host memory, persist in
+# the background) and lazy (the snapshot overlaps the next step, a memory tier in /dev/shm, the disk
+# coalesced) every step, in rotated blocks of one run; no warm-start, only steps and checkpoints.
 step bench_checkpoint_gpu 540 python3 benchmarks/bench_checkpoint.py --config examples/grpo_gpu.yaml \
   --rounds 2 --steps 3 --output "$results/bench_checkpoint_gpu.json"
 # The GPU job checkpointing asynchronously, then resumed from its latest complete checkpoint.

@@ -5,8 +5,12 @@ checkpoint takes a while, checkpoints each step in the background through a ``Ch
 (two writer threads, so its shards span two files; poll, commit when persisted, as the RL job does), and prints ``snapshot N`` once step N's state is
 in host memory and ``committed N`` once it is complete on disk, so the parent can SIGKILL it at
 either point. Before each save it also writes the step's weights and first moments with a plain
-``torch.save`` (``ROOT.reference/step_N.pt``). ``check ROOT``: loads the newest complete checkpoint and
-prints, as JSON, its step and whether its tensors are bit for bit the ones training held at that step.
+``torch.save`` (``ROOT.reference/step_N.pt``). ``lazy ROOT STEPS``: the same steps checkpointed as
+``checkpoint_mode=lazy`` does, a :class:`BackgroundSaver` with ``lazy`` into a memory tier (``ROOT.memory``) whose snapshot
+overlaps the next step, committed before that step's save, then copied to ROOT by a
+:class:`DiskPersister`; it prints ``memory N`` once step N is committed to the memory tier.
+``check ROOT``: loads the newest complete checkpoint (of both tiers) and prints, as JSON, its step and
+whether its tensors are bit for bit the ones training held at that step.
 The reference is what training held, not a recomputation: a CPU GEMM need not give the same bits in
 two processes, and a check that retrains would fail on that rather than on the checkpoint.
 """
@@ -21,7 +25,13 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from raylane.fault_tolerance import BackgroundSaver, CheckpointStore, load_train_state
+from raylane.fault_tolerance import (
+    BackgroundSaver,
+    CheckpointStore,
+    DiskPersister,
+    load_train_state,
+    newest_checkpoint,
+)
 
 # 8 layers of 1024 x 1024 with AdamW's two moments: about 100 MB to persist per checkpoint.
 LAYERS, WIDTH = 8, 1024
@@ -35,16 +45,25 @@ def train_objects():
     return model, optimizer, scheduler
 
 
-def train_step(model, optimizer, scheduler, step: int) -> None:
+def backward(model, step: int) -> None:
     inputs = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(step))
     model(inputs).square().mean().backward()
+
+
+def update(optimizer, scheduler) -> None:
     optimizer.step()
     optimizer.zero_grad()
     scheduler.step()
 
 
+def train_step(model, optimizer, scheduler, step: int) -> None:
+    backward(model, step)
+    update(optimizer, scheduler)
+
+
 def _reference_path(root: str, step: int) -> str:
-    return os.path.join(f"{root}.reference", f"step_{step}.pt")
+    # The memory tier ``ROOT.memory`` shares the disk tier's references.
+    return os.path.join(f"{root.removesuffix('.memory')}.reference", f"step_{step}.pt")
 
 
 def _tensors(model, optimizer) -> dict[str, list[torch.Tensor]]:
@@ -66,8 +85,7 @@ def train(root: str, steps: int) -> None:
     store, saver = CheckpointStore(root), BackgroundSaver()
     for step in range(1, steps + 1):
         train_step(model, optimizer, scheduler, step)
-        os.makedirs(os.path.dirname(_reference_path(root, step)), exist_ok=True)
-        torch.save(_tensors(model, optimizer), _reference_path(root, step))
+        _save_reference(root, model, optimizer, step)
         saver.save(
             store.staging(step),
             model,
@@ -84,22 +102,66 @@ def train(root: str, steps: int) -> None:
         print(f"committed {step}", flush=True)
 
 
-def check(root: str) -> None:
+def _save_reference(root: str, model, optimizer, step: int) -> None:
+    os.makedirs(os.path.dirname(_reference_path(root, step)), exist_ok=True)
+    torch.save(_tensors(model, optimizer), _reference_path(root, step))
+
+
+def lazy(root: str, steps: int) -> None:
     _init_world()
-    path = CheckpointStore(root).latest()
+    model, optimizer, scheduler = train_objects()
+    memory, saver = CheckpointStore(f"{root}.memory"), BackgroundSaver(lazy=True)
+    persister = DiskPersister(memory, CheckpointStore(root), threads=2)
+    backward(model, 1)
+    for step in range(1, steps + 1):
+        # Step's gradients were computed before the previous save: its optimizer step comes right
+        # after that save, while the snapshot is being copied, and must wait for it.
+        update(optimizer, scheduler)
+        if step > 1:
+            saver.wait()
+            memory.commit(step - 1)
+            persister.offer(step - 1)
+            print(f"memory {step - 1}", flush=True)
+        _save_reference(root, model, optimizer, step)
+        if step < steps:
+            backward(model, step + 1)
+        saver.save(memory.staging(step), model, optimizer, scheduler, step, rank=0, extra={"step": step})
+    saver.wait()
+    memory.commit(steps)
+    persister.offer(steps)
+    print(f"memory {steps}", flush=True)
+    persister.drain()
+    print("drained", flush=True)
+
+
+def _compare(path: str) -> dict:
+    """Load the checkpoint ``path``; its step and whether its tensors are the ones training held then."""
     model, optimizer, scheduler = train_objects()
     step, _ = load_train_state(path, model, optimizer, scheduler, rank=0)
-    loaded, held = _tensors(model, optimizer), torch.load(_reference_path(root, step))
+    loaded, held = _tensors(model, optimizer), torch.load(_reference_path(os.path.dirname(path), step))
     same = {
         f"same_{kind}": all(torch.equal(a, b) for a, b in zip(loaded[kind], held[kind], strict=True))
         for kind in ("weights", "moments")
     }
-    print(json.dumps({"step": step, **same}))
+    return {"step": step, **same}
+
+
+def check(root: str, which: str = "newest") -> None:
+    """``newest``: the newest complete checkpoint of both tiers; ``all``: every one, oldest first."""
+    _init_world()
+    stores = [CheckpointStore(root), CheckpointStore(f"{root}.memory")]
+    if which == "newest":
+        print(json.dumps(_compare(newest_checkpoint(*stores))))
+    else:
+        paths = sorted((step, store.path(step)) for store in stores for step in store.complete_steps())
+        print(json.dumps([_compare(path) for _, path in paths]))
 
 
 if __name__ == "__main__":
     command, root, *rest = sys.argv[1:]
     if command == "train":
         train(root, int(rest[0]))
+    elif command == "lazy":
+        lazy(root, int(rest[0]))
     else:
-        check(root)
+        check(root, *rest)

@@ -1,9 +1,11 @@
 """Checkpoints persisted in the background and committed atomically.
 
 A real training process (``tests/persist_child.py``, a gloo world) is SIGKILLed in the middle of a
-persist and right after a commit; the RL job on real Ray actors writes the same tensors in async and
-sync mode, and a driver killed mid-persist resumes from the newest complete checkpoint, losing at
-most one step.
+persist and right after a commit; the lazy mode's snapshots hold their own step's state although the
+next optimizer step follows each save at once, and a process killed while the disk tier copies one
+resumes from the memory tier. The RL job on real Ray actors writes the same tensors in async, lazy and
+sync mode, resumes from a lazy checkpoint to the weights of a straight run, and a driver killed
+mid-persist resumes from the newest complete checkpoint, losing at most one step.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import yaml
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from raylane.controllers import JobConfig, RLJob
-from raylane.fault_tolerance import COMPLETE_MARKER, CheckpointLoadError, CheckpointStore, is_complete
+from raylane.fault_tolerance import (
+    COMPLETE_MARKER,
+    CheckpointLoadError,
+    CheckpointStore,
+    is_complete,
+    memory_tier_dir,
+    newest_checkpoint,
+)
 from tests.test_async_rl_recovery import start_driver
 from tests.test_rl_job import _config as tiny_job_config
 
@@ -66,9 +75,9 @@ def test_a_step_folder_without_the_marker_is_not_complete(tmp_path):
 # ---- a training process killed mid-persist -----------------------------------------------------------
 
 
-def _start_training(root: str, steps: int) -> subprocess.Popen:
+def _start_training(root: str, steps: int, command: str = "train") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.persist_child", "train", root, str(steps)],
+        [sys.executable, "-m", "tests.persist_child", command, root, str(steps)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": ROOT},
         stdout=subprocess.PIPE,
@@ -87,9 +96,9 @@ def _kill_at(child: subprocess.Popen, line: str, timeout_s: float = 120) -> None
     raise AssertionError(f"the training process ended (code {child.wait()}) before printing {line!r}")
 
 
-def _check(root: str) -> dict:
+def _check(root: str, which: str = "newest"):
     done = subprocess.run(
-        [sys.executable, "-m", "tests.persist_child", "check", root],
+        [sys.executable, "-m", "tests.persist_child", "check", root, which],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": ROOT},
         capture_output=True,
@@ -122,6 +131,54 @@ def test_a_committed_checkpoint_is_whole_even_if_the_process_dies_right_after(tm
     ]
 
 
+def test_a_lazy_snapshot_holds_its_steps_state_not_the_next_ones(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    child = _start_training(root, 6, "lazy")
+    out, _ = child.communicate(timeout=300)
+    assert child.returncode == 0 and out.split()[-1] == "drained", out
+    checked = _check(root, "all")
+    # Steps 1-5 were each followed at once by the next optimizer step; the disk tier may have skipped
+    # some for a newer one (the memory tier keeps only step 6).
+    assert len([c for c in checked if c["step"] < 6]) >= 3, checked
+    assert all(c["same_weights"] and c["same_moments"] for c in checked), checked
+
+
+def test_lazy_killed_mid_disk_persist_resumes_from_the_memory_tier_losing_at_most_one_step(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    child = _start_training(root, 8, "lazy")
+    deadline = time.monotonic() + 240
+    # Killed once the first shard of a checkpoint after step 1 is on its way to the disk tier.
+    while not _copy_begun(root):
+        assert child.poll() is None, "the training process ended before a copy to disk was caught"
+        assert time.monotonic() < deadline, "no copy to the disk tier after step 1 began"
+        time.sleep(0.001)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    partial = [name for name in _listdir(root) if name.endswith(".partial")]
+    assert partial, "the kill did not land mid-copy"
+    trained = max(int(name[5:-3]) for name in os.listdir(f"{root}.reference"))
+    newest = newest_checkpoint(CheckpointStore(root), CheckpointStore(f"{root}.memory"))
+    # Every complete checkpoint of both tiers loads to what training held; the newest is the memory
+    # tier's unless the disk had caught up.
+    checked = _check(root, "all")
+    assert all(c["same_weights"] and c["same_moments"] for c in checked), checked
+    assert _check(root) == {"step": int(newest.rsplit("_", 1)[1]), "same_weights": True, "same_moments": True}
+    assert trained - int(newest.rsplit("_", 1)[1]) <= 1, (trained, newest, partial)
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+def _copy_begun(root: str) -> bool:
+    return any(
+        name.endswith(".distcp")
+        for folder in _listdir(root)
+        if folder not in ("step_1", ".step_1.partial")
+        for name in _listdir(os.path.join(root, folder, "dcp"))
+    )
+
+
 # ---- the RL job on Ray -------------------------------------------------------------------------------
 
 
@@ -143,23 +200,45 @@ def _flatten(state, prefix: str = "") -> dict[str, torch.Tensor]:
     return {}
 
 
-def test_async_checkpoints_hold_the_tensors_of_sync_ones(ray_cluster, tmp_path):
-    # The async snapshot of step 1 is persisted while step 2 updates the same parameters in place.
-    async_job = RLJob(_job_config(tmp_path, "async", checkpoint_mode="async"))
-    async_job.run()
+@pytest.mark.parametrize("mode", ["async", "lazy"])
+def test_background_checkpoints_hold_the_tensors_of_sync_ones(ray_cluster, tmp_path, mode):
+    # The async snapshot of step 1 is persisted while step 2 updates the same parameters in place;
+    # the lazy one is taken while step 2 runs.
+    background_job = RLJob(_job_config(tmp_path, mode, checkpoint_mode=mode))
+    background_job.run()
+    # A clean end leaves every checkpoint on disk and frees the memory tier.
+    assert not os.path.exists(background_job.memory_checkpoints.root)
     sync_job = RLJob(_job_config(tmp_path, "sync", checkpoint_mode="sync"))
     sync_job.run()
     saved = {
-        (mode, step): _flatten(_saved_tensors(job.checkpoints.path(step), tmp_path, f"{mode}{step}"))
-        for mode, job in (("async", async_job), ("sync", sync_job))
+        (name, step): _flatten(_saved_tensors(job.checkpoints.path(step), tmp_path, f"{name}{step}"))
+        for name, job in ((mode, background_job), ("sync", sync_job))
         for step in (1, 2)
     }
     for step in (1, 2):
-        assert saved["async", step].keys() == saved["sync", step].keys() and len(saved["sync", step]) > 10
+        assert saved[mode, step].keys() == saved["sync", step].keys() and len(saved["sync", step]) > 10
         for key, tensor in saved["sync", step].items():
-            assert torch.equal(saved["async", step][key], tensor), (step, key)
+            assert torch.equal(saved[mode, step][key], tensor), (step, key)
     # Step 2 changed the weights: the comparison above is not between identical states.
     assert any(not torch.equal(tensor, saved["sync", 2][key]) for key, tensor in saved["sync", 1].items())
+
+
+def test_resume_from_a_lazy_checkpoint_reaches_the_weights_of_a_straight_run(ray_cluster, tmp_path):
+    straight = RLJob(_job_config(tmp_path, "straight", steps=3, checkpoint_mode="lazy"))
+    straight.run()
+    resumed = RLJob(
+        _job_config(
+            tmp_path, "resumed", steps=3, checkpoint_mode="lazy", resume_from=straight.checkpoints.path(2)
+        )
+    )
+    resumed.run()
+    final = {
+        name: _flatten(_saved_tensors(job.checkpoints.path(3), tmp_path, name))
+        for name, job in (("straight", straight), ("resumed", resumed))
+    }
+    assert final["straight"].keys() == final["resumed"].keys() and len(final["straight"]) > 10
+    for key, tensor in final["straight"].items():
+        assert torch.equal(final["resumed"][key], tensor), key
 
 
 def test_resume_refuses_an_incomplete_checkpoint(ray_cluster, tmp_path):
@@ -178,17 +257,25 @@ def _metrics(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.endswith("\n")]
 
 
-def test_driver_killed_mid_persist_resumes_from_the_latest_losing_at_most_one_step(ray_cluster, tmp_path):
+@pytest.mark.parametrize("mode", ["async", "lazy"])
+def test_driver_killed_mid_persist_resumes_from_the_latest_losing_at_most_one_step(
+    ray_cluster, tmp_path, mode
+):
     steps = 4
-    config = _job_config(tmp_path, "job", steps=steps, ray_address=ray.get_runtime_context().gcs_address)
+    config = _job_config(
+        tmp_path, "job", steps=steps, checkpoint_mode=mode, ray_address=ray.get_runtime_context().gcs_address
+    )
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
     driver = start_driver(str(config_path))
-    store = CheckpointStore(os.path.join(config.output_dir, "checkpoints"))
+    disk = CheckpointStore(os.path.join(config.output_dir, "checkpoints"))
+    # Lazy mode writes to the memory tier first (a tmpfs folder named after output_dir).
+    memory = CheckpointStore(memory_tier_dir(config.output_dir))
+    written = memory if mode == "lazy" else disk
     deadline = time.monotonic() + 240
     # Killed as soon as the save of step 2 has begun: its persist is in flight unless it was quicker
     # than this poll.
-    while not any(os.path.isdir(os.path.join(store.root, name)) for name in (".step_2.partial", "step_2")):
+    while not any(os.path.isdir(os.path.join(written.root, name)) for name in (".step_2.partial", "step_2")):
         assert driver.poll() is None, driver.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "the checkpoint of step 2 not begun"
         time.sleep(0.001)
@@ -196,12 +283,14 @@ def test_driver_killed_mid_persist_resumes_from_the_latest_losing_at_most_one_st
     driver.wait(timeout=30)
     before = {row["step"]: row for row in _metrics(config.output_dir)}
     trained = max(before)
-    assert trained >= 2 and store.latest() is not None
-    assert trained - int(store.latest().rsplit("_", 1)[1]) <= 1
+    newest = newest_checkpoint(disk, memory)
+    assert trained >= 2 and newest is not None
+    assert trained - int(newest.rsplit("_", 1)[1]) <= 1
 
     resumed = start_driver(str(config_path), "resume_from=latest")
     _, err = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, err[-3000:]
+    assert not os.path.exists(memory.root)
     after = _metrics(config.output_dir)
     assert [row["step"] for row in after] == list(range(steps + 1))
     # The steps trained again after the resume see the same prompts and weights as before the kill.

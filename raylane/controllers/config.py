@@ -225,10 +225,18 @@ class JobConfig(StrictConfig):
     eval_prompts: int = Field(200, ge=1)
     use_reference: bool = Field(False, description="keep a frozen reference for a KL term")
     checkpoint_every: int = Field(0, ge=0, description="save a checkpoint every N steps (0: only at the end)")
-    checkpoint_mode: Literal["async", "sync"] = Field(
+    checkpoint_mode: Literal["async", "sync", "lazy"] = Field(
         "async",
         description="async: snapshot the trainer state to host memory at the step boundary and persist it "
-        "while the next step runs (at most one persist in flight); sync: the loop waits for the write",
+        "while the next step runs (at most one persist in flight); sync: the loop waits for the write; "
+        "lazy: the snapshot overlaps the next step (only its optimizer step waits for it), is committed to "
+        "a memory tier on tmpfs within that step and copied to disk as fast as the disk allows, newest "
+        "first (trainer ranks and driver on one node)",
+    )
+    checkpoint_memory_dir: str | None = Field(
+        None,
+        description="lazy mode's memory tier, a tmpfs folder with room for 3 checkpoints (None: a folder "
+        "under /dev/shm named after output_dir)",
     )
     checkpoint_keep_last: int | None = Field(
         None, ge=1, description="keep only the newest K complete checkpoints (None: keep all)"

@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from raylane.controllers.weight_sync import WeightSync
 from raylane.fault_tolerance import FaultSupervisor, RanksReplaced
 from raylane.fault_tolerance.checkpoint import CheckpointLoadError
 from raylane.fault_tolerance.checkpoint_store import COMPLETE_MARKER, CheckpointStore, is_complete
+from raylane.fault_tolerance.checkpoint_tiers import DiskPersister, memory_tier_dir, newest_checkpoint
 from raylane.models import Tokenizer
 from raylane.rlhf import (
     AdvantageConfig,
@@ -141,7 +143,14 @@ class RLJob:
         self.checkpoints = CheckpointStore(
             os.path.join(config.output_dir, "checkpoints"), config.checkpoint_keep_last
         )
-        self._persisting: int | None = None  # the step whose checkpoint is being persisted
+        # Lazy mode's memory tier on tmpfs, and the thread that copies it to ``checkpoints``.
+        self.memory_checkpoints = CheckpointStore(
+            config.checkpoint_memory_dir or memory_tier_dir(config.output_dir)
+        )
+        self.persister: DiskPersister | None = None
+        self._acknowledged = -1  # the newest step checkpoint_committed was called for
+        # The step whose checkpoint is being written, and the store it is committed to.
+        self._persisting: tuple[int, CheckpointStore] | None = None
         self.last_checkpoint: str | None = None  # the newest committed checkpoint, what recovery reloads
         self.supervisor: FaultSupervisor | None = None
         self._fault_metrics: dict[str, float] = {}
@@ -291,6 +300,10 @@ class RLJob:
         }
 
     def shutdown(self) -> None:
+        if self.persister is not None:
+            # What it had not copied yet stays in the memory tier, where resume_from=latest finds it.
+            self.persister.close()
+            self.persister = None
         if self.supervisor is not None:
             self.supervisor.close()
             self.supervisor = None
@@ -467,8 +480,9 @@ class RLJob:
 
     def checkpoint(self, step: int) -> str:
         """Checkpoint the trainers and the driver state after ``step``; returns the folder it commits to.
-        In async mode this returns once the trainers have snapshotted their state: the persist goes on
-        in the background and :meth:`wait_for_checkpoint` commits it."""
+        In async mode this returns once the trainers have snapshotted their state, in lazy mode at once
+        (each trainer rank snapshots it before its next optimizer step); the write goes on in the
+        background and :meth:`wait_for_checkpoint` commits it."""
         self.wait_for_checkpoint()
         extra = {
             "step": step,
@@ -476,46 +490,87 @@ class RLJob:
             "history": self.metrics.history,
             **self.driver_state(),
         }
-        staging = self.checkpoints.staging(step)
-        # A background write runs collectives on a process group of all trainer ranks, which a dead rank
-        # would hang; with fault tolerance on, checkpoints are written before the loop goes on.
-        background = self.config.checkpoint_mode == "async" and not self.config.fault_tolerance.enabled
+        mode = self.config.checkpoint_mode
+        if self.config.fault_tolerance.enabled:
+            # A background write runs collectives on a process group of all trainer ranks, which a dead
+            # rank would hang; with fault tolerance on, checkpoints are written before the loop goes on.
+            mode = "sync"
+        store = self._memory_tier() if mode == "lazy" else self.checkpoints
+        staging = store.staging(step)
         for name, role in self._checkpointed_roles():
             role.save_checkpoint(
                 os.path.join(staging, name),
                 extra if name == "actor" else {},
-                background,
+                mode,
                 self.config.checkpoint_writer_threads,
             )
-        self._persisting = step
-        if not background:
+        self._persisting = (step, store)
+        if mode == "sync":
             self.wait_for_checkpoint()
-        return self.checkpoints.path(step)
+        return store.path(step)
+
+    def _memory_tier(self) -> CheckpointStore:
+        """Lazy mode's memory store, its disk persister started at the first lazy checkpoint."""
+        if self.persister is None:
+            here = ray.get_runtime_context().get_node_id()
+            away = sorted({node.node_ip for node in self.trainer_group.nodes if node.node_id != here})
+            if away:
+                raise ValueError(
+                    f"checkpoint_mode=lazy commits its memory tier ({self.memory_checkpoints.root}) on the "
+                    f"driver's node, but trainer ranks run on {away}: use checkpoint_mode=async on "
+                    "several nodes"
+                )
+            # What an earlier run left, except the checkpoint this one resumed from, would pass for newer.
+            for step in self.memory_checkpoints.complete_steps():
+                if self.memory_checkpoints.path(step) != self.last_checkpoint:
+                    shutil.rmtree(self.memory_checkpoints.path(step))
+            self.persister = DiskPersister(
+                self.memory_checkpoints, self.checkpoints, self.config.checkpoint_writer_threads
+            )
+        return self.memory_checkpoints
 
     def _checkpointed_roles(self) -> list[tuple[str, WorkerGroup]]:
         return [("actor", self.actor)] + ([("critic", self.critic)] if self.critic is not None else [])
 
     def wait_for_checkpoint(self) -> None:
-        """Block until the checkpoint in flight (if any) is persisted, then commit it."""
+        """Block until the checkpoint in flight (if any) is written, then commit it (lazy mode: to the
+        memory tier, handing it to the disk persister)."""
         if self._persisting is None:
             return
         for _, role in self._checkpointed_roles():
             role.wait_checkpoint()
-        step, self._persisting = self._persisting, None
-        self.checkpoints.commit(step)
-        self.last_checkpoint = self.checkpoints.path(step)
-        self.checkpoint_committed(step)
+        (step, store), self._persisting = self._persisting, None
+        self.last_checkpoint = store.commit(step)
+        if store is self.checkpoints:
+            self._acknowledged = step
+            self.checkpoint_committed(step)
+        else:
+            self.persister.offer(step)
+        self._acknowledge_persisted()
+
+    def _acknowledge_persisted(self) -> None:
+        if self.persister is not None and (self.persister.persisted or -1) > self._acknowledged:
+            self._acknowledged = self.persister.persisted
+            self.checkpoint_committed(self._acknowledged)
+
+    def drain_checkpoints(self) -> None:
+        """Block until the checkpoint in flight is committed and (lazy mode) the disk has caught up."""
+        self.wait_for_checkpoint()
+        if self.persister is not None:
+            self.persister.drain()
+            self._acknowledge_persisted()
 
     def checkpoint_committed(self, step: int) -> None:
-        """Called once the checkpoint of ``step`` is complete on disk; a subclass acts on it."""
+        """Called once the checkpoint of ``step`` is complete on disk (lazy mode: that of a step at
+        least as new as every step acknowledged before); a subclass acts on it."""
 
     def resume(self, path: str) -> None:
         if path == "latest":
-            path = self.checkpoints.latest()
+            path = newest_checkpoint(self.checkpoints, self.memory_checkpoints)
             if path is None:
                 raise FileNotFoundError(
-                    f"resume_from=latest: no complete checkpoint under {self.checkpoints.root}; "
-                    "start without resume_from"
+                    f"resume_from=latest: no complete checkpoint under {self.checkpoints.root} (or "
+                    f"{self.memory_checkpoints.root}); start without resume_from"
                 )
         elif not is_complete(path):
             raise CheckpointLoadError(
@@ -621,7 +676,12 @@ class RLJob:
                         continue
                     step += 1
                     bar.update()
-            self.wait_for_checkpoint()
+            self.drain_checkpoints()
+            if self.persister is not None:
+                # Every checkpoint is on disk: the memory tier's copy of the last one is no longer needed.
+                self.persister.close()
+                self.persister = None
+                shutil.rmtree(self.memory_checkpoints.root, ignore_errors=True)
             self.actor.export_hf(os.path.join(cfg.output_dir, "final_model"))
             self.metrics.plot(
                 os.path.join(cfg.output_dir, "reward_curve.png"), f"{cfg.algorithm.name} on {cfg.task.name}"

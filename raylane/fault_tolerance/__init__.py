@@ -19,6 +19,12 @@ from raylane.fault_tolerance.checkpoint import (
     save_train_state,
 )
 from raylane.fault_tolerance.checkpoint_store import COMPLETE_MARKER, CheckpointStore, is_complete
+from raylane.fault_tolerance.checkpoint_tiers import (
+    DiskPersister,
+    copy_checkpoint,
+    memory_tier_dir,
+    newest_checkpoint,
+)
 from raylane.fault_tolerance.config import (
     DetectorConfig,
     FaultAction,
@@ -63,6 +69,7 @@ __all__ = [
     "Detector",
     "DetectorActor",
     "DetectorConfig",
+    "DiskPersister",
     "FaultAction",
     "FaultEvent",
     "FaultPolicies",
@@ -85,11 +92,14 @@ __all__ = [
     "Replacement",
     "RetriesExhaustedError",
     "active_probe",
+    "copy_checkpoint",
     "drain_ray_node",
     "find_rank",
     "is_complete",
     "kill_process",
     "load_train_state",
+    "memory_tier_dir",
+    "newest_checkpoint",
     "node_isolation",
     "phase",
     "remove_node",

@@ -4,7 +4,8 @@ DCP stores every rank's shards with their global layout, so a checkpoint written
 loads at another: each rank reads exactly the slices its new shards cover. Next to the DCP files:
 the LR-schedule state and step (identical on every rank), each rank's RNG state, and a small
 ``extra`` dict from the controller (data position, metrics history). :class:`BackgroundSaver`
-writes the same files, persisting the shards in the background.
+writes the same files, persisting the shards in the background (``lazy``: also taking the snapshot
+while the next step runs).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -143,19 +145,31 @@ def save_train_state(
 
 class BackgroundSaver:
     """One rank's asynchronous checkpoints: :meth:`save` snapshots the shards to host memory and returns,
-    while a thread of ``dcp.async_save`` writes them. At most one persist is in flight: a new save
-    first waits for the previous one. The writes run their collectives on a process group of their
-    own (gloo), so they never interleave with the training step's collectives on the model's group.
+    while a thread of ``dcp.async_save`` writes them. At most one write is in flight: a new save first
+    waits for the previous one, whose host copies it overwrites. The writes run their collectives on a
+    process group of their own (gloo), so they never interleave with the training step's collectives
+    on the model's group.
 
     Where CUDA is present, the host copies are pinned and kept from one save to the next: a snapshot
     is then one device-to-host copy into memory that is already paged in, instead of an allocation of
     the whole state each time. The price is host memory the size of this rank's shards, held while
-    the saver lives."""
+    the saver lives.
 
-    def __init__(self) -> None:
+    With ``lazy`` (DataStates' idea) :meth:`save` returns before the snapshot is taken: the copy to
+    host memory runs while the next step's rollout, forward and backward read the state. Parameters
+    and optimizer state change only in the optimizer step, so that is what waits: a step pre-hook on
+    the snapshotted optimizer blocks it until the copy is done (so the snapshot of step k cannot hold
+    step k+1's state); anything else that writes the state in place calls :meth:`wait_snapshot` first.
+    The copy is torch's ``DefaultStager`` (kept, pinned host buffers; on CUDA a side stream)."""
+
+    def __init__(self, lazy: bool = False) -> None:
+        self.lazy = lazy
         self._group: dist.ProcessGroup | None = None
-        self._persist: Future | None = None
         self._writer: FileSystemWriter | None = None
+        self._stager: DefaultStager | None = None
+        self._snapshot: Future | None = None
+        self._persist: Future | None = None
+        self._hooked: set[int] = set()
 
     def save(
         self,
@@ -168,15 +182,18 @@ class BackgroundSaver:
         extra: dict,
         writer_threads: int = 1,
     ) -> None:
-        """Collective, like :func:`save_train_state`; returns once the snapshot is taken."""
-        # The previous persist reads the host copies this snapshot overwrites: it must be done first.
+        """Collective, like :func:`save_train_state`; returns once the snapshot is taken (``lazy``: at once)."""
         self.wait()
         if self._group is None:
             self._group = dist.new_group(backend="gloo")
+        # Small and host-side (RNG, schedule, ``extra``): written now, at the step boundary.
+        _save_rank_files(path, scheduler, step, rank, extra)
+        if self.lazy:
+            self._save_lazily(path, model, optimizer, writer_threads)
+            return
         if self._writer is None or self._writer.thread_count != writer_threads:
             # The writer holds the host copies; DCP points it at each new checkpoint_id.
             self._writer = _shard_writer(path, writer_threads, keep_host_copy=torch.cuda.is_available())
-        _save_rank_files(path, scheduler, step, rank, extra)
         # The writer stages synchronously: the shards are in host memory when async_save returns, so
         # the next optimizer step may change the parameters in place.
         self._persist = dcp.async_save(
@@ -186,9 +203,43 @@ class BackgroundSaver:
             process_group=self._group,
         )
 
+    def _save_lazily(
+        self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer, writer_threads: int
+    ) -> None:
+        cuda = torch.cuda.is_available()
+        if self._stager is None:
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=cuda,
+                    use_shared_memory=False,
+                    use_async_staging=True,
+                    use_non_blocking_copy=cuda,
+                )
+            )
+        if id(optimizer) not in self._hooked:
+            optimizer.register_step_pre_hook(lambda *_: self.wait_snapshot())
+            self._hooked.add(id(optimizer))
+        if cuda:
+            # The stager copies on its own stream: the optimizer step still queued on this one must land first.
+            torch.cuda.current_stream().synchronize()
+        response = dcp.async_save(
+            _train_state(model, optimizer),
+            storage_writer=_shard_writer(path, writer_threads),
+            process_group=self._group,
+            async_stager=self._stager,
+        )
+        self._snapshot, self._persist = response.staging_completion, response.upload_completion
+
+    def wait_snapshot(self) -> None:
+        """Block until the state of the save in flight is in host memory; raises if the copy failed."""
+        if self._snapshot is not None:
+            self._snapshot.result()
+
     def wait(self) -> None:
-        """Block until the persist in flight (if any) has written every shard; raises if it failed."""
-        persist, self._persist = self._persist, None
+        """Block until the save in flight (if any) is written; raises if it failed."""
+        snapshot, persist, self._snapshot, self._persist = self._snapshot, self._persist, None, None
+        if snapshot is not None:
+            snapshot.result()
         if persist is not None:
             persist.result()
 

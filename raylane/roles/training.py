@@ -173,28 +173,39 @@ class CheckpointedTrainer(Worker):
     def _background_saver(self) -> BackgroundSaver:
         return BackgroundSaver()
 
+    @functools.cached_property
+    def _lazy_saver(self) -> BackgroundSaver:
+        return BackgroundSaver(lazy=True)
+
     @register(Dispatch.ONE_TO_ALL)
     def save_checkpoint(
-        self, path: str, extra: dict | None = None, background: bool = False, writer_threads: int = 1
+        self, path: str, extra: dict | None = None, mode: str = "sync", writer_threads: int = 1
     ) -> None:
         """Distributed checkpoint of model, optimizer, LR schedule, RNG and ``extra`` (e.g. data position),
-        its shards written by ``writer_threads`` threads per rank. With ``background``, return once the
-        state is snapshotted to host memory and persist it while the caller goes on (:meth:`wait_checkpoint`)."""
+        its shards written by ``writer_threads`` threads per rank. ``mode`` is the job's
+        ``checkpoint_mode``: ``sync`` returns once written; ``async`` once the state is snapshotted to
+        host memory, persisting it while the caller goes on; ``lazy`` at once, the snapshot taken
+        before this role's next optimizer step. :meth:`wait_checkpoint` waits for the write."""
         state = (self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {})
-        if background:
+        self.wait_checkpoint()
+        if mode == "lazy":
+            self._lazy_saver.save(path, *state, writer_threads=writer_threads)
+        elif mode == "async":
             self._background_saver.save(path, *state, writer_threads=writer_threads)
         else:
-            self._background_saver.wait()
             save_train_state(path, *state, writer_threads=writer_threads)
 
     @register(Dispatch.ONE_TO_ALL)
     def wait_checkpoint(self) -> None:
-        """Block until this rank's background persist is done; raises if it failed."""
+        """Block until this rank's checkpoint in flight is written; raises if it failed."""
+        self._lazy_saver.wait()
         self._background_saver.wait()
 
     @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, path: str) -> dict:
         """Restore a checkpoint (any DP size); returns the ``extra`` state saved with it."""
+        # A lazy snapshot still reading the parameters must not see them overwritten.
+        self.wait_checkpoint()
         self.global_step, extra = load_train_state(
             path, self.model, self.optimizer, self.scheduler, self.rank
         )
