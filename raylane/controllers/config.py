@@ -316,6 +316,12 @@ class JobConfig(StrictConfig):
                 "fault_tolerance.enabled works with the synchronous loop only so far: drop async_rl, or set "
                 "fault_tolerance.enabled=false and resume an async job from its last checkpoint"
             )
+        if self.checkpoint_mode == "lazy":
+            raise ValueError(
+                "checkpoint_mode=lazy does not work with async_rl yet: the stream records trajectories as "
+                "trained when a checkpoint reaches the disk, so a run resumed from a newer memory-tier "
+                "checkpoint would train some of them twice; use checkpoint_mode=async"
+            )
         if self.task.reward_model is not None:
             raise ValueError(
                 "async_rl scores each group on the rollout worker with a verifier: use task.reward_fn, "
