@@ -152,9 +152,7 @@ class AsyncRLJob(RLJob):
         return path
 
     def checkpoint_committed(self, step: int) -> None:
-        # Lazy mode's disk tier skips the steps it had no time for: a newer step covers their receipts.
-        for done in sorted(s for s in self._persisting_receipts if s <= step):
-            self.stream.commit(self._persisting_receipts.pop(done))
+        self.stream.commit(self._persisting_receipts.pop(step))
 
     def shutdown(self) -> None:
         self._stop_rollout()
