@@ -212,6 +212,29 @@ def test_gpu_workers_request_gpus_on_the_selected_nodes():
     assert groups == ["cpu"]
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_every_ray_pod_has_a_memory_backed_dev_shm(case):
+    """Ray's object store and lazy checkpoints' memory tier need more than a container's 64 MiB."""
+    for spec in cluster_specs(case):
+        for pod in pod_specs(spec):
+            (dshm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+            assert dshm["emptyDir"] == {"medium": "Memory"}
+            mounts = pod["containers"][0]["volumeMounts"]
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in mounts
+
+
+def test_dev_shm_size_limit_and_switch():
+    def dshm_volumes(values):
+        manifests = {path: text for path, text in render(values).items() if not path.endswith("NOTES.txt")}
+        objects = [doc for text in manifests.values() for doc in yaml.safe_load_all(text) if doc]
+        cluster = next(obj for obj in objects if obj["kind"] == "RayCluster")
+        return [v for pod in pod_specs(cluster["spec"]) for v in pod["volumes"] if v["name"] == "dshm"]
+
+    limited = dshm_volumes({"sharedMemory": {"sizeLimit": "8Gi"}})
+    assert limited and all(v["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"} for v in limited)
+    assert dshm_volumes({"sharedMemory": {"enabled": False}}) == []
+
+
 @pytest.mark.parametrize("case", ["default", "external-redis"])
 def test_the_job_trains_on_the_config_in_its_configmap(case, tmp_path):
     from raylane.config import load_config
@@ -458,6 +481,7 @@ def test_dashboard_panels_plot_metrics_raylane_registers():
             r"/rayService/models/0/path'",
         ),
         ({"redis": {"external": {"address": "redis://r:6379"}}}, r"/redis/external/address'"),
+        ({"sharedMemory": {"sizeLimit": "lots"}}, r"/sharedMemory/sizeLimit'"),
     ],
 )
 def test_schema_rejects_bad_values_naming_the_field(values, message):

@@ -74,6 +74,10 @@ resources:
 volumeMounts:
   - name: shared
     mountPath: {{ $root.Values.sharedStorage.mountPath }}
+{{- if $root.Values.sharedMemory.enabled }}
+  - name: dshm
+    mountPath: /dev/shm
+{{- end }}
 {{- if .jobConfig }}
   - name: job-config
     mountPath: /config
@@ -106,6 +110,14 @@ volumes:
       claimName: {{ $root.Values.sharedStorage.existingClaim }}
 {{- else }}
     emptyDir: {}
+{{- end }}
+{{- if $root.Values.sharedMemory.enabled }}
+  - name: dshm
+    emptyDir:
+      medium: Memory
+      {{- with $root.Values.sharedMemory.sizeLimit }}
+      sizeLimit: {{ . }}
+      {{- end }}
 {{- end }}
 {{- if .jobConfig }}
   - name: job-config
