@@ -128,14 +128,18 @@ class AsyncRLJob(RLJob):
             "receipts": [receipt.to_dict() for receipt in self._uncommitted],
         }
 
-    def load_driver_state(self, extra: dict) -> None:
-        self.admission.load_state_dict(extra["admission"])
+    def load_driver_state(self, extra: dict, in_place: bool = False) -> None:
+        # In place, the driver's own view of admission (groups started, generating, read) is newer
+        # than the checkpoint's and still true: the groups it admitted since are in the stream or
+        # generating, and are trained, not admitted again.
+        if not in_place:
+            self.admission.load_state_dict(extra["admission"])
         self._base_version = int(extra["base_version"])
         # The crash may have come between the checkpoint and its commit: committing again is harmless.
         self.stream.commit(Receipt.from_dict(raw) for raw in extra["receipts"])
 
-    def resume(self, path: str) -> None:
-        super().resume(path)
+    def resume(self, path: str, in_place: bool = False) -> None:
+        super().resume(path, in_place)
         # The trained-samples log continues the checkpoint's lineage, as metrics.jsonl does.
         if os.path.exists(self.trained_log):
             with open(self.trained_log) as f:
@@ -154,16 +158,44 @@ class AsyncRLJob(RLJob):
     def checkpoint_committed(self, step: int) -> None:
         self.stream.commit(self._persisting_receipts.pop(step))
 
+    def warm_start(self) -> None:
+        super().warm_start()
+        # RL starts here: the first checkpoint (fault tolerance writes one before any step) records it.
+        self._base_version = self.version
+
     def shutdown(self) -> None:
         self._stop_rollout()
         super().shutdown()
+
+    # ---- fault tolerance ---------------------------------------------------------------------------
+
+    def _recover(self, step_in_flight: int) -> None:
+        """Trainer ranks were replaced: roll the trainer back to the last checkpoint while the
+        rollout engine goes on generating.
+
+        The batches trained since the checkpoint (and the one in flight) were never committed, so
+        the stream holds them for this trainer: it delivers them again, with the groups that were
+        ready, and the redone steps train them once more; nothing accepted is lost and each
+        trajectory is trained once in the run's lineage. Admission carries on from where it was
+        (``load_driver_state`` in place). The engine gets the checkpoint's weights as version
+        ``v`` again, and the versions after it are numbered again as the redone steps make them;
+        groups sampled by the discarded versions keep their numbers, so the staleness bound still
+        holds for them as counted, and their behaviour log-probs are the ones they were sampled with.
+        """
+        with self._state:
+            self._ready = []
+        self._uncommitted, self._persisting_receipts = [], {}
+        self.stream.redeliver()
+        super()._recover(step_in_flight)
+        with self._state:
+            self._admission_version = self.version
+            self._state.notify_all()
+        self._last_step_end = time.perf_counter()
 
     # ---- the rollout thread ------------------------------------------------------------------------
 
     def _start_rollout(self) -> None:
         """Take back what an earlier run of this job left in the stream, then start generating."""
-        if self.start_step == 0 and self.admission.started == 0:
-            self._base_version = self.version
         while True:
             entries = self.stream.get(self.bound.batch_groups * _READ_BATCHES)
             if not entries:

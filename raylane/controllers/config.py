@@ -303,11 +303,6 @@ class JobConfig(StrictConfig):
                 f"rollout replica (placement.rollout_ranks = placement.rollout_tp); got mode "
                 f"{self.placement.mode!r} and {rollout_replicas} replicas"
             )
-        if self.fault_tolerance.enabled:
-            raise ValueError(
-                "fault_tolerance.enabled works with the synchronous loop only so far: drop async_rl, or set "
-                "fault_tolerance.enabled=false and resume an async job from its last checkpoint"
-            )
         if self.task.reward_model is not None:
             raise ValueError(
                 "async_rl scores each group on the rollout worker with a verifier: use task.reward_fn, "

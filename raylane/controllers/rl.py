@@ -462,7 +462,9 @@ class RLJob:
         """What the driver saves with a checkpoint besides step, version and metrics: the data position."""
         return {"loader": self.loader.state_dict()}
 
-    def load_driver_state(self, extra: dict) -> None:
+    def load_driver_state(self, extra: dict, in_place: bool = False) -> None:
+        """Restore what :meth:`driver_state` saved; ``in_place``: the job rolls back to the checkpoint
+        after a fault, in the driver that wrote it (the data position rolls back with the steps)."""
         self.loader.load_state_dict(extra["loader"])
 
     def checkpoint(self, step: int) -> str:
@@ -509,7 +511,9 @@ class RLJob:
     def checkpoint_committed(self, step: int) -> None:
         """Called once the checkpoint of ``step`` is complete on disk; a subclass acts on it."""
 
-    def resume(self, path: str) -> None:
+    def resume(self, path: str, in_place: bool = False) -> None:
+        """Load checkpoint ``path`` (or ``"latest"``): trainers, driver state, metrics, step and
+        version, and sync the engines; ``in_place`` as in :meth:`load_driver_state`."""
         if path == "latest":
             path = self.checkpoints.latest()
             if path is None:
@@ -527,7 +531,7 @@ class RLJob:
         extra = self.actor.load_checkpoint(os.path.join(path, "actor"))[0]
         if self.critic is not None:
             self.critic.load_checkpoint(os.path.join(path, "critic"))
-        self.load_driver_state(extra)
+        self.load_driver_state(extra, in_place)
         self.metrics.restore(extra["history"])
         self.start_step = extra["step"]
         self.version = extra["version"] - 1
@@ -581,7 +585,9 @@ class RLJob:
             self.trainer_group.rebuild_roles(survivors)
         # The old sync's ranks are gone or rebuilt: nothing is left to close on the trainer side.
         self._connect_weight_sync()
-        self.resume(self.last_checkpoint)
+        # A checkpoint the fault interrupted is not waited on (its writers are gone) nor committed.
+        self._persisting = None
+        self.resume(self.last_checkpoint, in_place=True)
         self._fault_metrics = {
             "fault_tolerance/replacements": float(len(self.supervisor.replacer.history)),
             "fault_tolerance/steps_lost": float(step_in_flight + 1 - self.start_step),
