@@ -26,9 +26,18 @@ class KilledAsyncJob(AsyncRLJob):
     ``"before_update"`` (the trainer is waiting for its batch: the next call on the rank fails) or
     ``"before_checkpoint"`` (the step's update and weight sync are done, its checkpoint not begun)."""
 
-    phase: str
+    phase: str = "before_update"
     killed_pid: int | None = None
     replacements: tuple = ()
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.admitted: list[str] = []  # every group sent to the engine, in order
+
+    def _admit(self):
+        requests = super()._admit()
+        self.admitted += [request.group_id for request in requests]
+        return requests
 
     def _kill_rank_1(self) -> None:
         if self.killed_pid is None:
@@ -71,9 +80,7 @@ def _lines(output_dir: str, name: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize(
-    ("phase", "backend"), [("before_update", "memory"), ("before_checkpoint", "redis")]
-)
+@pytest.mark.parametrize(("phase", "backend"), [("before_update", "memory"), ("before_checkpoint", "redis")])
 def test_killed_trainer_rank_is_replaced_and_every_accepted_trajectory_is_trained_once(
     ray_cluster, request, tmp_path, phase, backend
 ):
@@ -94,6 +101,8 @@ def test_killed_trainer_rank_is_replaced_and_every_accepted_trajectory_is_traine
     assert [r["step"] for r in history] == list(range(STEPS + 1))
     [recovery] = [r for r in history if "fault_tolerance/steps_lost" in r]
     assert recovery["step"] == KILL_STEP and recovery["fault_tolerance/steps_lost"] == 1
+    # The engine went on with its groups: none was generated twice.
+    assert sorted(job.admitted) == sorted(f"g{g}" for g in range(STEPS * PROMPTS))
     # Each accepted trajectory trained once in the run's lineage, none lost, none beyond the bound.
     lineage = _lines(config.output_dir, "trained.jsonl")
     assert [r["step"] for r in lineage] == list(range(1, STEPS + 1))
@@ -101,7 +110,10 @@ def test_killed_trainer_rank_is_replaced_and_every_accepted_trajectory_is_traine
     expected = {f"g{g}-{s}" for g in range(STEPS * PROMPTS) for s in range(SAMPLES)}
     assert len(trained) == len(set(trained)) and set(trained) == expected
     assert all(
-        r["policy_version"] - v <= MAX_STALENESS for r in lineage for vs in r["trajectories"].values() for v in vs
+        r["policy_version"] - v <= MAX_STALENESS
+        for r in lineage
+        for vs in r["trajectories"].values()
+        for v in vs
     )
     # The stream recorded exactly those as trained, and holds nothing else.
     assert all(job.stream._trained(sorted(expected)))
