@@ -2,7 +2,8 @@
 trainer rank SIGKILLed mid-run is named and replaced, the trainer rolls back to its last checkpoint
 in place while the engine goes on generating, and the stream delivers again what the trainer took
 since: the run finishes every step, at most one step is redone, and every accepted trajectory is
-trained exactly once (by uid, over the run's lineage)."""
+trained exactly once (by uid, over the run's lineage). A rollout engine that dies is not replaced
+yet: the job stops naming it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import uuid
 
 import pytest
 
-from raylane.controllers import AsyncRLJob
+from raylane.controllers import AsyncRLJob, RolloutEngineDiedError
 from raylane.fault_tolerance import signal_process
 from tests.test_rl_job import _config
 
@@ -118,3 +119,27 @@ def test_killed_trainer_rank_is_replaced_and_every_accepted_trajectory_is_traine
     # The stream recorded exactly those as trained, and holds nothing else.
     assert all(job.stream._trained(sorted(expected)))
     assert job.stream.depth() == 0
+
+
+class EngineKilledJob(AsyncRLJob):
+    """The async job with its rollout engine SIGKILLed as step 2 begins."""
+
+    killed_pid: int | None = None
+
+    def rl_step(self, step: int) -> dict[str, float]:
+        if step == 1 and self.killed_pid is None:
+            node = self.rollout_group.nodes[0]
+            signal_process(node.node_id, node.pid, signal.SIGKILL)
+            self.killed_pid = node.pid
+        return super().rl_step(step)
+
+
+def test_a_dead_rollout_engine_stops_the_job_naming_it(ray_cluster, tmp_path):
+    # The failure may surface on a trainer rank (its weight send finds the connection closed) or in
+    # the rollout loop; either way the engine is named, not the trainer rank that reported it.
+    job = EngineKilledJob(_job_config(tmp_path, {"stream_key": f"async-ft-{uuid.uuid4().hex}"}))
+    with pytest.raises(RolloutEngineDiedError) as stopped:
+        job.run()
+    message = str(stopped.value)
+    assert f"rank 0 (pid {job.killed_pid}) of worker group 'rollout'" in message, message
+    assert "resume_from=" in message and "step_1" in message, message

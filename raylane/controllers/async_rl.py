@@ -24,6 +24,7 @@ import threading
 import time
 from collections import Counter, deque
 
+from raylane.actors import WorkerGroupError
 from raylane.controllers.config import JobConfig
 from raylane.controllers.rl import PhaseTimer, RLJob
 from raylane.rlhf import PromptExample, PromptLoader, StalenessBound, groups_to_batch
@@ -75,6 +76,11 @@ class GroupAdmission:
         self.started, self._batches, self._pending = int(state["started"]), int(state["batches"]), deque()
         if state["consumed"]:
             self._pending.extend(self.loader.next_batch()[state["consumed"] :])
+
+
+class RolloutEngineDiedError(RuntimeError):
+    """The asynchronous job's rollout engine died: the job stops (the engine is not replaced yet);
+    the message names its ranks and says how to resume."""
 
 
 def _group_number(group_id: str) -> int:
@@ -289,14 +295,38 @@ class AsyncRLJob(RLJob):
                 "checkpoint, or give the job a fresh async_rl.stream.stream_key"
             )
 
+    def _stop_if_engine_died(self, error: BaseException) -> None:
+        """Raise :class:`RolloutEngineDiedError` from ``error`` if a rank of the rollout engine is
+        dead: a failed call that involved it (the rollout loop's, a weight sync's) is the engine's
+        fault, whichever side reported it (a trainer rank's send fails on the closed connection)."""
+        dead = self.rollout_group.check_alive()
+        if dead:
+            ranks = ", ".join(f"rank {r} (pid {self.rollout_group.nodes[r].pid})" for r in dead)
+            raise RolloutEngineDiedError(
+                f"the rollout engine died: {ranks} of worker group {self.rollout_group.name!r}; the "
+                "asynchronous job does not replace its engine yet, so it stops here. Resume it from its "
+                f"last checkpoint (resume_from={self.last_checkpoint or 'latest'}): with the Redis stream "
+                "nothing accepted is lost"
+            ) from error
+
+    def sync_weights(self) -> None:
+        try:
+            super().sync_weights()
+        except WorkerGroupError as error:
+            self._stop_if_engine_died(error)
+            raise
+
     def _next_batch(self) -> list[StreamEntry]:
         """Wait for the batch the bound allows at the current version; returns its entries in
         admission order (with max_staleness 0, the synchronous loop's batch row for row)."""
         version = self.version - self._base_version
         while True:
             with self._state:
-                if self._rollout_error is not None:
-                    raise RuntimeError("the rollout loop failed") from self._rollout_error
+                failed = self._rollout_error
+            if failed is not None:
+                self._stop_if_engine_died(failed)
+                raise RuntimeError("the rollout loop failed") from failed
+            with self._state:
                 chosen = self.bound.select_batch(
                     version,
                     [entry.group.start_version - self._base_version for entry in self._ready],

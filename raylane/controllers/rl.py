@@ -146,6 +146,7 @@ class RLJob:
         self.supervisor: FaultSupervisor | None = None
         self._fault_metrics: dict[str, float] = {}
         self.rollout_pool: RolloutPool | None = None  # disaggregated synchronous jobs only
+        self.rollout_group: WorkerGroup | None = None  # the engines' group, without a rollout pool
         self._control = None  # the rollout pool's mailbox for `raylane rollout scale`
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -214,6 +215,7 @@ class RLJob:
                 self._groups.append(rollouts)
         self.actor, self.reward = trainers.actor, trainers.reward
         self.rollout = rollouts.rollout if self.rollout_pool is None else self.rollout_pool
+        self.rollout_group = rollouts if self.rollout_pool is None else None
         self.trainer_group = trainers
         self._connect_weight_sync()
         self.ref = trainers.ref if cfg.use_reference else None
