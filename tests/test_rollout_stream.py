@@ -130,6 +130,21 @@ def test_a_restarted_consumer_gets_its_held_entries_back_at_once(open_stream):
     assert uids_of(after_restart.get(max_groups=2)) == uids_of(before_crash[1:]) + group_uids([make_group(2)])
 
 
+def test_redeliver_gives_back_what_the_handle_took_and_did_not_commit(open_stream):
+    # A trainer rolled back in place: the batch it committed stays trained, the rest comes back in order.
+    producer, trainer = open_stream("producer"), open_stream("trainer-0", claim_idle_s=60)
+    for i in range(4):
+        producer.put(make_group(i))
+    committed, *rolled_back = trainer.get(max_groups=3)
+    trainer.commit([committed.receipt])
+    trainer.redeliver()
+    assert trainer.held == []
+    again = trainer.get(max_groups=1) + trainer.get(max_groups=1)
+    assert uids_of(again) == uids_of(rolled_back)
+    assert uids_of(trainer.get(max_groups=4)) == group_uids([make_group(3)])
+    assert trainer.get(max_groups=4) == []
+
+
 def test_a_live_consumer_keeps_its_entries(open_stream):
     producer, slow, other = open_stream("producer"), open_stream("trainer-0"), open_stream("trainer-1")
     producer.put(make_group(0))

@@ -1,7 +1,7 @@
 """Single controllers on the driver: the RL job's config and dataflow (synchronous or streaming
 asynchronous), its metrics and loggers, weight-sync planning and the elastic rollout pool."""
 
-from raylane.controllers.async_rl import AsyncRLJob
+from raylane.controllers.async_rl import AsyncRLJob, RolloutEngineDiedError
 from raylane.controllers.config import (
     AlgorithmConfig,
     AsyncRLConfig,
@@ -29,6 +29,7 @@ __all__ = [
     "ModelSpec",
     "PlacementConfig",
     "RLJob",
+    "RolloutEngineDiedError",
     "RolloutPool",
     "RolloutPoolConfig",
     "RolloutPoolError",

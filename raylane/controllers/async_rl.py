@@ -24,6 +24,7 @@ import threading
 import time
 from collections import Counter, deque
 
+from raylane.actors import WorkerGroupError
 from raylane.controllers.config import JobConfig
 from raylane.controllers.rl import PhaseTimer, RLJob
 from raylane.rlhf import PromptExample, PromptLoader, StalenessBound, groups_to_batch
@@ -77,6 +78,11 @@ class GroupAdmission:
             self._pending.extend(self.loader.next_batch()[state["consumed"] :])
 
 
+class RolloutEngineDiedError(RuntimeError):
+    """The asynchronous job's rollout engine died: the job stops (the engine is not replaced yet);
+    the message names its ranks and says how to resume."""
+
+
 def _group_number(group_id: str) -> int:
     return int(group_id[1:])
 
@@ -128,14 +134,18 @@ class AsyncRLJob(RLJob):
             "receipts": [receipt.to_dict() for receipt in self._uncommitted],
         }
 
-    def load_driver_state(self, extra: dict) -> None:
-        self.admission.load_state_dict(extra["admission"])
+    def load_driver_state(self, extra: dict, in_place: bool = False) -> None:
+        # In place, the driver's own view of admission (groups started, generating, read) is newer
+        # than the checkpoint's and still true: the groups it admitted since are in the stream or
+        # generating, and are trained, not admitted again.
+        if not in_place:
+            self.admission.load_state_dict(extra["admission"])
         self._base_version = int(extra["base_version"])
         # The crash may have come between the checkpoint and its commit: committing again is harmless.
         self.stream.commit(Receipt.from_dict(raw) for raw in extra["receipts"])
 
-    def resume(self, path: str) -> None:
-        super().resume(path)
+    def resume(self, path: str, in_place: bool = False) -> None:
+        super().resume(path, in_place)
         # The trained-samples log continues the checkpoint's lineage, as metrics.jsonl does.
         if os.path.exists(self.trained_log):
             with open(self.trained_log) as f:
@@ -154,16 +164,44 @@ class AsyncRLJob(RLJob):
     def checkpoint_committed(self, step: int) -> None:
         self.stream.commit(self._persisting_receipts.pop(step))
 
+    def warm_start(self) -> None:
+        super().warm_start()
+        # RL starts here: the first checkpoint (fault tolerance writes one before any step) records it.
+        self._base_version = self.version
+
     def shutdown(self) -> None:
         self._stop_rollout()
         super().shutdown()
+
+    # ---- fault tolerance ---------------------------------------------------------------------------
+
+    def _recover(self, step_in_flight: int) -> None:
+        """Trainer ranks were replaced: roll the trainer back to the last checkpoint while the
+        rollout engine goes on generating.
+
+        The batches trained since the checkpoint (and the one in flight) were never committed, so
+        the stream holds them for this trainer: it delivers them again, with the groups that were
+        ready, and the redone steps train them once more; nothing accepted is lost and each
+        trajectory is trained once in the run's lineage. Admission carries on from where it was
+        (``load_driver_state`` in place). The engine gets the checkpoint's weights as version
+        ``v`` again, and the versions after it are numbered again as the redone steps make them;
+        groups sampled by the discarded versions keep their numbers, so the staleness bound still
+        holds for them as counted, and their behaviour log-probs are the ones they were sampled with.
+        """
+        with self._state:
+            self._ready = []
+        self._uncommitted, self._persisting_receipts = [], {}
+        self.stream.redeliver()
+        super()._recover(step_in_flight)
+        with self._state:
+            self._admission_version = self.version
+            self._state.notify_all()
+        self._last_step_end = time.perf_counter()
 
     # ---- the rollout thread ------------------------------------------------------------------------
 
     def _start_rollout(self) -> None:
         """Take back what an earlier run of this job left in the stream, then start generating."""
-        if self.start_step == 0 and self.admission.started == 0:
-            self._base_version = self.version
         while True:
             entries = self.stream.get(self.bound.batch_groups * _READ_BATCHES)
             if not entries:
@@ -257,14 +295,38 @@ class AsyncRLJob(RLJob):
                 "checkpoint, or give the job a fresh async_rl.stream.stream_key"
             )
 
+    def _stop_if_engine_died(self, error: BaseException) -> None:
+        """Raise :class:`RolloutEngineDiedError` from ``error`` if a rank of the rollout engine is
+        dead: a failed call that involved it (the rollout loop's, a weight sync's) is the engine's
+        fault, whichever side reported it (a trainer rank's send fails on the closed connection)."""
+        dead = self.rollout_group.check_alive()
+        if dead:
+            ranks = ", ".join(f"rank {r} (pid {self.rollout_group.nodes[r].pid})" for r in dead)
+            raise RolloutEngineDiedError(
+                f"the rollout engine died: {ranks} of worker group {self.rollout_group.name!r}; the "
+                "asynchronous job does not replace its engine yet, so it stops here. Resume it from its "
+                f"last checkpoint (resume_from={self.last_checkpoint or 'latest'}): with the Redis stream "
+                "nothing accepted is lost"
+            ) from error
+
+    def sync_weights(self) -> None:
+        try:
+            super().sync_weights()
+        except WorkerGroupError as error:
+            self._stop_if_engine_died(error)
+            raise
+
     def _next_batch(self) -> list[StreamEntry]:
         """Wait for the batch the bound allows at the current version; returns its entries in
         admission order (with max_staleness 0, the synchronous loop's batch row for row)."""
         version = self.version - self._base_version
         while True:
             with self._state:
-                if self._rollout_error is not None:
-                    raise RuntimeError("the rollout loop failed") from self._rollout_error
+                failed = self._rollout_error
+            if failed is not None:
+                self._stop_if_engine_died(failed)
+                raise RuntimeError("the rollout loop failed") from failed
+            with self._state:
                 chosen = self.bound.select_batch(
                     version,
                     [entry.group.start_version - self._base_version for entry in self._ready],

@@ -311,11 +311,6 @@ class JobConfig(StrictConfig):
                 f"rollout replica (placement.rollout_ranks = placement.rollout_tp); got mode "
                 f"{self.placement.mode!r} and {rollout_replicas} replicas"
             )
-        if self.fault_tolerance.enabled:
-            raise ValueError(
-                "fault_tolerance.enabled works with the synchronous loop only so far: drop async_rl, or set "
-                "fault_tolerance.enabled=false and resume an async job from its last checkpoint"
-            )
         if self.checkpoint_mode == "lazy":
             raise ValueError(
                 "checkpoint_mode=lazy does not work with async_rl yet: the stream records trajectories as "

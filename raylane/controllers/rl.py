@@ -155,6 +155,7 @@ class RLJob:
         self.supervisor: FaultSupervisor | None = None
         self._fault_metrics: dict[str, float] = {}
         self.rollout_pool: RolloutPool | None = None  # disaggregated synchronous jobs only
+        self.rollout_group: WorkerGroup | None = None  # the engines' group, without a rollout pool
         self._control = None  # the rollout pool's mailbox for `raylane rollout scale`
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -223,6 +224,7 @@ class RLJob:
                 self._groups.append(rollouts)
         self.actor, self.reward = trainers.actor, trainers.reward
         self.rollout = rollouts.rollout if self.rollout_pool is None else self.rollout_pool
+        self.rollout_group = rollouts if self.rollout_pool is None else None
         self.trainer_group = trainers
         self._connect_weight_sync()
         self.ref = trainers.ref if cfg.use_reference else None
@@ -475,7 +477,9 @@ class RLJob:
         """What the driver saves with a checkpoint besides step, version and metrics: the data position."""
         return {"loader": self.loader.state_dict()}
 
-    def load_driver_state(self, extra: dict) -> None:
+    def load_driver_state(self, extra: dict, in_place: bool = False) -> None:
+        """Restore what :meth:`driver_state` saved; ``in_place``: the job rolls back to the checkpoint
+        after a fault, in the driver that wrote it (the data position rolls back with the steps)."""
         self.loader.load_state_dict(extra["loader"])
 
     def checkpoint(self, step: int) -> str:
@@ -564,7 +568,9 @@ class RLJob:
         """Called once the checkpoint of ``step`` is complete on disk (lazy mode: that of a step at
         least as new as every step acknowledged before); a subclass acts on it."""
 
-    def resume(self, path: str) -> None:
+    def resume(self, path: str, in_place: bool = False) -> None:
+        """Load checkpoint ``path`` (or ``"latest"``): trainers, driver state, metrics, step and
+        version, and sync the engines; ``in_place`` as in :meth:`load_driver_state`."""
         if path == "latest":
             path = newest_checkpoint(self.checkpoints, self.memory_checkpoints)
             if path is None:
@@ -582,7 +588,7 @@ class RLJob:
         extra = self.actor.load_checkpoint(os.path.join(path, "actor"))[0]
         if self.critic is not None:
             self.critic.load_checkpoint(os.path.join(path, "critic"))
-        self.load_driver_state(extra)
+        self.load_driver_state(extra, in_place)
         self.metrics.restore(extra["history"])
         self.start_step = extra["step"]
         self.version = extra["version"] - 1
@@ -636,7 +642,9 @@ class RLJob:
             self.trainer_group.rebuild_roles(survivors)
         # The old sync's ranks are gone or rebuilt: nothing is left to close on the trainer side.
         self._connect_weight_sync()
-        self.resume(self.last_checkpoint)
+        # A checkpoint the fault interrupted is not waited on (its writers are gone) nor committed.
+        self._persisting = None
+        self.resume(self.last_checkpoint, in_place=True)
         self._fault_metrics = {
             "fault_tolerance/replacements": float(len(self.supervisor.replacer.history)),
             "fault_tolerance/steps_lost": float(step_in_flight + 1 - self.start_step),

@@ -138,6 +138,13 @@ class RolloutStream(ABC):
         for r in receipts:
             self._held.pop(r.entry_id, None)
 
+    def redeliver(self) -> None:
+        """Deliver every entry this handle holds again, oldest first, from the next :meth:`get` on, as
+        a restarted consumer gets its pending entries back: for a trainer that rolls back to its
+        last checkpoint in place, the entries it took since are untrained again."""
+        self._held.clear()
+        self._pending_cursor = "0"
+
     @property
     def held(self) -> list[Receipt]:
         """Receipts of the entries this handle got and has not committed."""
