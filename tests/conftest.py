@@ -151,7 +151,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # supervised jobs spent most of their time there (40 steps, checkpoints every 5: 28 s, 4 s at 0.25 s).
 # A poll that misses this interval is only an error after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S
 # (10 min). Set here, before any TorchTrainer: the driver passes it to the controller, and child
-# drivers (examples/pipeline.py) inherit it.
+# drivers (examples/pipeline.py) inherit it. test_killed_worker_resumes_from_the_last_checkpoint keeps
+# the default: with 0.25 s it no longer notices a checkpoint the controller had not yet taken.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
