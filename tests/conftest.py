@@ -146,6 +146,14 @@ def tmp_dir(tmp_path):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s by default, and each ray.train.report (every
+# checkpoint, every report_every steps) waits for the next poll: with checkpoints every few steps the
+# supervised jobs spent most of their time there (40 steps, checkpoints every 5: 28 s, 4 s at 0.25 s).
+# A poll that misses this interval is only an error after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S
+# (10 min). Set here, before any TorchTrainer: the driver passes it to the controller, and child
+# drivers (examples/pipeline.py) inherit it. test_killed_worker_resumes_from_the_last_checkpoint keeps
+# the default: with 0.25 s it no longer notices a checkpoint the controller had not yet taken.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")

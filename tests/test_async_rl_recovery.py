@@ -131,6 +131,10 @@ def test_driver_killed_mid_run_resumes_and_trains_each_trajectory_once(
     code, err = finish(resumed)
     assert code == 0, err[-3000:]
     check_exactly_once(output_dir, redis_url, key)
+    if checkpoint_mode == "async":
+        # The check below compares the stream's commits with the resumed step, whichever way that
+        # checkpoint was written (resuming from an async one is checked just above): once is enough.
+        return
     # Resuming from an older checkpoint than the stream's commits stops with what to do, not a hang.
     stale = start_driver(config, f"resume_from={os.path.join(output_dir, 'checkpoints', 'step_3')}")
     code, err = finish(stale)

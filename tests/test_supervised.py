@@ -225,7 +225,10 @@ def _run_and_kill_a_worker(out: str, every: int, overrides: list[str]) -> None:
     assert history[-1]["sft/loss"] < 0.5 * history[1]["sft/loss"]
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
+def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path, monkeypatch):
+    # Ray Train's default poll (2 s; the suite's is 0.25 s, tests/conftest.py): a checkpoint report
+    # waits longest for the controller then, which is what the loop's second report is there for.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")
     _run_and_kill_a_worker(str(tmp_path / "sft_kill"), 5, ["ray.num_workers=2", "ray.max_failures=1"])
 
 
