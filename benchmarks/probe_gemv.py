@@ -21,26 +21,25 @@ import itertools
 import torch
 import triton
 import triton.testing
+from bench_runner import PRESETS  # this script's folder is on sys.path
 
 from raylane.runner.gemv_kernel import gemv, gemv_tile
 from raylane.runner.programmatic_launch import programmatic_launch
 
-SHAPES = {  # preset: {projection: (out_features, in_features)}
-    "llama-1b": {
-        "qkv": (3072, 2048),
-        "o": (2048, 2048),
-        "gate_up": (16384, 2048),
-        "down": (2048, 8192),
-        "lm_head": (128256, 2048),
-    },
-    "qwen-0.5b": {
-        "qkv": (1152, 896),
-        "o": (896, 896),
-        "gate_up": (9728, 896),
-        "down": (896, 4864),
-        "lm_head": (151936, 896),
-    },
-}
+
+def projections(preset: str) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of each batch-1 GEMV of a bench_runner preset, q/k/v and
+    gate/up fused as the runner fuses them on CUDA."""
+    shape = PRESETS[preset]
+    hidden, heads, kv_heads = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"]
+    head_dim, intermediate = hidden // heads, shape["intermediate_size"]
+    return {
+        "qkv": ((heads + 2 * kv_heads) * head_dim, hidden),
+        "o": (hidden, heads * head_dim),
+        "gate_up": (2 * intermediate, hidden),
+        "down": (hidden, intermediate),
+        "lm_head": (shape["vocab_size"], hidden),
+    }
 
 
 def per_weight_us(fn, x, weights) -> float:
@@ -57,12 +56,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
+    parser.add_argument("--shape", choices=["llama-1b", "qwen-0.5b"], default="llama-1b")
     parser.add_argument("--programmatic-launch", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     with programmatic_launch(True) if args.programmatic_launch else contextlib.nullcontext():
-        sweep(SHAPES[args.shape])
+        sweep(projections(args.shape))
 
 
 def sweep(shapes: dict[str, tuple[int, int]]) -> None:
