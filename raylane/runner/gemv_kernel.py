@@ -19,28 +19,30 @@ from raylane.runner.programmatic_launch import launch_options, wait_for_previous
 
 
 @triton.jit
+def _weight_tile(w_ptr, rows, row_mask, stride_w, start, K, BLOCK_K: tl.constexpr):
+    """Columns ``[start, start + BLOCK_K)`` of the program's rows of ``W``, with the columns and their mask."""
+    cols = start + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :])
+    return w, cols, col_mask
+
+
+@triton.jit
 def _gemv(
     x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    cols = tl.arange(0, BLOCK_K)
-    col_mask = cols < K
     # No kernel of the step writes the weights, so their first tile is read before waiting for the
-    # kernel that computes x (with programmatic launch, while that kernel still runs).
-    w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :])
+    # kernel that computes x (with programmatic launch, while that kernel still runs). The wait
+    # stays outside the loop, so no load of x from a later tile can be scheduled before it.
+    w, cols, col_mask = _weight_tile(w_ptr, rows, row_mask, stride_w, 0, K, BLOCK_K)
     wait_for_previous_kernel(USE_PDL)
-    x = tl.load(x_ptr + cols, mask=col_mask)
-    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    acc = w.to(tl.float32) * tl.load(x_ptr + cols, mask=col_mask).to(tl.float32)[None, :]
     for start in range(BLOCK_K, K, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        w = tl.load(
-            w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :]
-        )
-        x = tl.load(x_ptr + cols, mask=col_mask)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w, cols, col_mask = _weight_tile(w_ptr, rows, row_mask, stride_w, start, K, BLOCK_K)
+        acc += w.to(tl.float32) * tl.load(x_ptr + cols, mask=col_mask).to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_mask).to(tl.float32)
