@@ -2,8 +2,9 @@
 trainer rank SIGKILLed mid-run is named and replaced, the trainer rolls back to its last checkpoint
 in place while the engine goes on generating, and the stream delivers again what the trainer took
 since: the run finishes every step, at most one step is redone, and every accepted trajectory is
-trained exactly once (by uid, over the run's lineage). A rollout engine that dies is not replaced
-yet: the job stops naming it."""
+trained exactly once (by uid, over the run's lineage). A rollout engine that dies is replaced while
+the trainer goes on, and the groups it held are generated again; past the replacement limit the job
+stops naming it."""
 
 from __future__ import annotations
 
@@ -122,24 +123,62 @@ def test_killed_trainer_rank_is_replaced_and_every_accepted_trajectory_is_traine
 
 
 class EngineKilledJob(AsyncRLJob):
-    """The async job with its rollout engine SIGKILLed as step 2 begins."""
+    """The async job with its rollout engine SIGKILLed as it is handed the groups of the third batch
+    (so it dies holding them); records every group sent to an engine, in order."""
 
     killed_pid: int | None = None
 
-    def rl_step(self, step: int) -> dict[str, float]:
-        if step == 1 and self.killed_pid is None:
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.admitted: list[str] = []
+
+    def _admit(self):
+        requests = super()._admit()
+        self.admitted += [request.group_id for request in requests]
+        if self.killed_pid is None and any(int(r.group_id[1:]) >= 2 * PROMPTS for r in requests):
             node = self.rollout_group.nodes[0]
             signal_process(node.node_id, node.pid, signal.SIGKILL)
             self.killed_pid = node.pid
-        return super().rl_step(step)
+        return requests
 
 
-def test_a_dead_rollout_engine_stops_the_job_naming_it(ray_cluster, tmp_path):
+def test_a_dead_rollout_engine_is_replaced_and_what_it_held_is_generated_again(ray_cluster, tmp_path):
+    config = _job_config(tmp_path, {"stream_key": f"async-ft-{uuid.uuid4().hex}"})
+    job = EngineKilledJob(config)
+    history = job.run()
+
+    assert [r["step"] for r in history] == list(range(STEPS + 1))
+    [replaced] = [r for r in history if "rollout/engine_replacements" in r]
+    assert replaced["rollout/engine_replacements"] == 1
+    assert job.rollout_group.nodes[0].pid != job.killed_pid
+    # The groups the dead engine held went to the new one; every other group was admitted once.
+    requeued = int(replaced["rollout/requeued_groups"])
+    again = [g for g in set(job.admitted) if job.admitted.count(g) > 1]
+    assert requeued >= 1 and len(again) == requeued, (requeued, job.admitted)
+    assert sorted(set(job.admitted)) == sorted(f"g{g}" for g in range(STEPS * PROMPTS))
+    # Nothing lost, nothing trained twice, nothing beyond the bound; no trainer rank was replaced.
+    lineage = _lines(config.output_dir, "trained.jsonl")
+    trained = [uid for r in lineage for uid in r["trajectories"]]
+    assert sorted(trained) == sorted(f"g{g}-{s}" for g in range(STEPS * PROMPTS) for s in range(SAMPLES))
+    assert all(
+        r["policy_version"] - v <= MAX_STALENESS
+        for r in lineage
+        for vs in r["trajectories"].values()
+        for v in vs
+    )
+    assert not [r for r in _lines(config.output_dir, "metrics.jsonl") if r.get("event") == "crash"]
+
+
+def test_a_dead_rollout_engine_past_the_replacement_limit_stops_the_job_naming_it(ray_cluster, tmp_path):
     # The failure may surface on a trainer rank (its weight send finds the connection closed) or in
     # the rollout loop; either way the engine is named, not the trainer rank that reported it.
-    job = EngineKilledJob(_job_config(tmp_path, {"stream_key": f"async-ft-{uuid.uuid4().hex}"}))
+    config = _job_config(tmp_path, {"stream_key": f"async-ft-{uuid.uuid4().hex}"})
+    config = config.model_copy(
+        update={"rollout_pool": config.rollout_pool.model_copy(update={"max_replacements": 0})}
+    )
+    job = EngineKilledJob(config)
     with pytest.raises(RolloutEngineDiedError) as stopped:
         job.run()
     message = str(stopped.value)
     assert f"rank 0 (pid {job.killed_pid}) of worker group 'rollout'" in message, message
-    assert "resume_from=" in message and "step_1" in message, message
+    assert "rollout_pool.max_replacements=0" in message, message

@@ -9,9 +9,10 @@ Two loops share the driver:
 The rollout engine waits for the trainer only when the bound admits nothing more: a weight sync
 lands between two of its calls and the samples in flight carry on (``async_rl.partial_rollout``).
 The trainer waits for groups still generating only as long as the deadlines require (see
-``StalenessBound.select_batch``). Training is exactly-once by trajectory uid through the stream (``raylane.streaming``); a checkpoint saves the
-receipts of the batches since the last one and commits them once it is complete on disk, and a
-resumed job commits them again.
+``StalenessBound.select_batch``). Training is exactly-once by trajectory uid through the stream
+(``raylane.streaming``); a checkpoint saves the receipts of the batches since the last one and commits them once it is complete on disk, and a
+resumed job commits them again. A rollout engine that dies is replaced while the trainer goes on:
+the new one joins with the current weights and generates again the groups the dead one held.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ class GroupAdmission:
 
 
 class RolloutEngineDiedError(RuntimeError):
-    """The asynchronous job's rollout engine died: the job stops (the engine is not replaced yet);
-    the message names its ranks and says how to resume."""
+    """The asynchronous job's rollout engine died once more than ``rollout_pool.max_replacements``
+    allow: the job stops; the message names its ranks and says how to resume."""
 
 
 def _group_number(group_id: str) -> int:
@@ -107,6 +108,8 @@ class AsyncRLJob(RLJob):
         # Guarded by _state: shared with the rollout thread.
         self._admission_version = 0  # the version the engine holds; admission reasons about it
         self._generating: dict[str, int] = {}  # admitted, not yet read back from the stream -> start version
+        self._requests: dict[str, GroupRequest] = {}  # the same groups' requests, to generate again
+        self._requeued: list[GroupRequest] = []  # held by an engine that died: admitted first
         self._seen: set[str] = set()  # groups read from the stream by this run
         self._engine_seconds = 0.0
         self._samples_in_flight = 0
@@ -120,6 +123,7 @@ class AsyncRLJob(RLJob):
         self._persisting_receipts: dict[int, list[Receipt]] = {}  # by step, until its checkpoint commits
         self._last_step_end = 0.0
         self._engine_seconds_seen = 0.0
+        self._engine_replacements = 0
 
     # ---- set-up and state --------------------------------------------------------------------------
 
@@ -202,15 +206,23 @@ class AsyncRLJob(RLJob):
 
     def _start_rollout(self) -> None:
         """Take back what an earlier run of this job left in the stream, then start generating."""
+        self._take_all()
+        self._admission_version = self.version
+        self._last_step_end = time.perf_counter()
+        self._start_thread()
+
+    def _start_thread(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._rollout_loop, name="raylane-rollout", daemon=True)
+        self._thread.start()
+
+    def _take_all(self) -> None:
+        """Read everything the stream holds now into the ready groups."""
         while True:
             entries = self.stream.get(self.bound.batch_groups * _READ_BATCHES)
             if not entries:
                 break
             self._take(entries)
-        self._admission_version = self.version
-        self._last_step_end = time.perf_counter()
-        self._thread = threading.Thread(target=self._rollout_loop, name="raylane-rollout", daemon=True)
-        self._thread.start()
 
     def _admissible(self) -> int:
         """How many groups may start now (called with _state held)."""
@@ -219,26 +231,24 @@ class AsyncRLJob(RLJob):
         return min(self.bound.admission_capacity(version, self.admission.started), limit)
 
     def _admit(self) -> list[GroupRequest]:
-        """The groups the bound lets start now (called with _state held)."""
-        count = self._admissible()
-        requests = []
-        for _ in range(count):
+        """The groups the bound lets start now, after any a dead engine held (called with _state held)."""
+        requests, self._requeued = self._requeued, []
+        for _ in range(self._admissible()):
             group_id, example, seed = self.admission.next()
             if group_id in self._seen:
                 continue  # an earlier run of the job generated it; it is in the stream already
             self._generating[group_id] = self._admission_version
-            requests.append(
-                GroupRequest(
-                    group_id=group_id,
-                    prompt_index=example.index,
-                    prompt=example.prompt,
-                    messages=example.messages,
-                    ground_truth=example.ground_truth,
-                    reward_fn=example.reward_fn or self.config.task.reward_fn,
-                    extra=example.extra,
-                    seed=seed,
-                )
+            self._requests[group_id] = GroupRequest(
+                group_id=group_id,
+                prompt_index=example.index,
+                prompt=example.prompt,
+                messages=example.messages,
+                ground_truth=example.ground_truth,
+                reward_fn=example.reward_fn or self.config.task.reward_fn,
+                extra=example.extra,
+                seed=seed,
             )
+            requests.append(self._requests[group_id])
         return requests
 
     def _rollout_loop(self) -> None:
@@ -283,6 +293,7 @@ class AsyncRLJob(RLJob):
         with self._state:
             for entry in entries:
                 self._generating.pop(entry.group.group_id, None)
+                self._requests.pop(entry.group.group_id, None)
                 self._seen.add(entry.group.group_id)
                 self._ready.append(entry)
             lost = sorted(set(skipped) & self._generating.keys(), key=_group_number)
@@ -295,26 +306,70 @@ class AsyncRLJob(RLJob):
                 "checkpoint, or give the job a fresh async_rl.stream.stream_key"
             )
 
-    def _stop_if_engine_died(self, error: BaseException) -> None:
-        """Raise :class:`RolloutEngineDiedError` from ``error`` if a rank of the rollout engine is
-        dead: a failed call that involved it (the rollout loop's, a weight sync's) is the engine's
-        fault, whichever side reported it (a trainer rank's send fails on the closed connection)."""
+    def _replace_engine(self, error: BaseException) -> None:
+        """A failed call that involved the rollout engine (the rollout loop's, a weight sync's): if a
+        rank of it is dead, start a new engine on its bundles with the current weights and generate
+        again the groups the dead one held, while training goes on; else re-raise ``error``.
+
+        The failure may surface on a trainer rank (its weight send finds the connection closed), so
+        the engine's ranks are checked, not the reporter blamed. Groups the dead engine finished are
+        in the stream already; the ones it was still generating are admitted first to the new engine,
+        from their prompts, with the current policy version as their start (their staleness can only
+        be lower than it would have been). Past ``rollout_pool.max_replacements`` the job stops with
+        :class:`RolloutEngineDiedError`."""
         dead = self.rollout_group.check_alive()
-        if dead:
-            ranks = ", ".join(f"rank {r} (pid {self.rollout_group.nodes[r].pid})" for r in dead)
+        if not dead:
+            raise error
+        ranks = ", ".join(f"rank {r} (pid {self.rollout_group.nodes[r].pid})" for r in dead)
+        limit = self.config.rollout_pool.max_replacements
+        if self._engine_replacements >= limit:
             raise RolloutEngineDiedError(
-                f"the rollout engine died: {ranks} of worker group {self.rollout_group.name!r}; the "
-                "asynchronous job does not replace its engine yet, so it stops here. Resume it from its "
-                f"last checkpoint (resume_from={self.last_checkpoint or 'latest'}): with the Redis stream "
-                "nothing accepted is lost"
+                f"the rollout engine died: {ranks} of worker group {self.rollout_group.name!r}, after "
+                f"{self._engine_replacements} engine replacement(s) this run (rollout_pool.max_replacements="
+                f"{limit}), so the job stops here. Look for the cause on its node, then resume from the last "
+                f"checkpoint (resume_from={self.last_checkpoint or 'latest'}): with the Redis stream nothing "
+                "accepted is lost"
             ) from error
+        started = time.monotonic()
+        logger.warning("rollout engine died (%s): replacing it; training goes on", ranks)
+        with self._state:
+            self._stop = True
+        # Killing the old ranks first ends a call the rollout thread may still wait on (a hung engine).
+        self.rollout_group.replace_ranks(range(self.rollout_group.world_size))
+        self._stop_rollout()
+        self.rollout.open_stream(self.stream, self.async_config.partial_rollout)
+        self._connect_weight_sync()
+        self.weight_sync.sync(self.version)
+        self._take_all()
+        with self._state:
+            lost = sorted(self._generating, key=_group_number)
+            self._admission_version = self.version
+            for group_id in lost:
+                self._generating[group_id] = self.version
+            self._requeued = [self._requests[group_id] for group_id in lost]
+            self._rollout_error, self._samples_in_flight = None, 0
+        self._engine_replacements += 1
+        self._start_thread()
+        self._fault_metrics.update(
+            {
+                "rollout/engine_replacements": float(self._engine_replacements),
+                "rollout/requeued_groups": float(len(lost)),
+                "rollout/engine_recovery_s": time.monotonic() - started,
+            }
+        )
+        logger.warning(
+            "rollout engine replaced in %.1f s; %d group(s) it held generate again: %s",
+            time.monotonic() - started,
+            len(lost),
+            lost,
+        )
 
     def sync_weights(self) -> None:
         try:
             super().sync_weights()
         except WorkerGroupError as error:
-            self._stop_if_engine_died(error)
-            raise
+            # A new engine gets the current weights as it joins.
+            self._replace_engine(error)
 
     def _next_batch(self) -> list[StreamEntry]:
         """Wait for the batch the bound allows at the current version; returns its entries in
@@ -324,8 +379,7 @@ class AsyncRLJob(RLJob):
             with self._state:
                 failed = self._rollout_error
             if failed is not None:
-                self._stop_if_engine_died(failed)
-                raise RuntimeError("the rollout loop failed") from failed
+                self._replace_engine(failed)
             with self._state:
                 chosen = self.bound.select_batch(
                     version,

@@ -132,8 +132,8 @@ class RolloutPoolConfig(StrictConfig):
     max_replacements: int = Field(
         3,
         ge=0,
-        description="failed replicas replaced over the whole run; the next failure stops the job with a "
-        "report naming the replica",
+        description="failed replicas replaced over the whole run (the asynchronous job's one engine: "
+        "its replacements); the next failure stops the job with a report naming the replica",
     )
     max_replicas: int = Field(
         8, ge=1, description="the most replicas the pool may be scaled to (each takes rollout_tp bundles)"
