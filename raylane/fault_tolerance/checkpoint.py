@@ -143,6 +143,25 @@ def save_train_state(
         logger.info("saved checkpoint of step %d to %s", step, path)
 
 
+def _host_stager(cuda: bool) -> DefaultStager:
+    """torch's ``DefaultStager``, with kept, pinned host buffers on CUDA."""
+    return DefaultStager(
+        StagingOptions(
+            use_pinned_memory=cuda,
+            use_shared_memory=False,
+            use_async_staging=True,
+            use_non_blocking_copy=cuda,
+        )
+    )
+
+
+def _closed_after_each_snapshot(stager: DefaultStager) -> bool:
+    """Whether ``stager`` cleared its copy machinery after its last snapshot, as torch 2.11's does
+    (its next snapshot would fail, on the H200 with ``KeyError: <class 'type'>``): it is single-use."""
+    inner = getattr(stager, "_state_dict_stager", None)
+    return inner is not None and not getattr(inner, "_deepcopy_dispatch", True)
+
+
 class BackgroundSaver:
     """One rank's asynchronous checkpoints: :meth:`save` snapshots the shards to host memory and returns,
     while a thread of ``dcp.async_save`` writes them. At most one write is in flight: a new save first
@@ -160,7 +179,8 @@ class BackgroundSaver:
     and optimizer state change only in the optimizer step, so that is what waits: a step pre-hook on
     the snapshotted optimizer blocks it until the copy is done (so the snapshot of step k cannot hold
     step k+1's state); anything else that writes the state in place calls :meth:`wait_snapshot` first.
-    The copy is torch's ``DefaultStager`` (kept, pinned host buffers; on CUDA a side stream)."""
+    The copy is torch's ``DefaultStager`` (pinned host buffers and a side stream on CUDA; kept from one
+    snapshot to the next where the torch version allows, see :func:`_closed_after_each_snapshot`)."""
 
     def __init__(self, lazy: bool = False) -> None:
         self.lazy = lazy
@@ -207,15 +227,11 @@ class BackgroundSaver:
         self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer, writer_threads: int
     ) -> None:
         cuda = torch.cuda.is_available()
+        if self._stager is not None and _closed_after_each_snapshot(self._stager):
+            self._stager.close()
+            self._stager = None
         if self._stager is None:
-            self._stager = DefaultStager(
-                StagingOptions(
-                    use_pinned_memory=cuda,
-                    use_shared_memory=False,
-                    use_async_staging=True,
-                    use_non_blocking_copy=cuda,
-                )
-            )
+            self._stager = _host_stager(cuda)
         if id(optimizer) not in self._hooked:
             optimizer.register_step_pre_hook(lambda *_: self.wait_snapshot())
             self._hooked.add(id(optimizer))
