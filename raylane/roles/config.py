@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raylane.config import StrictConfig
 from raylane.rlhf.kl import KL_ESTIMATORS
@@ -66,11 +66,27 @@ class TrainConfig(StrictConfig):
         description="rows per optimizer step, over all ranks; None: the whole batch in one step",
     )
     ppo_epochs: int = Field(1, ge=1, description="passes over each batch, one optimizer step per mini-batch")
+    group_by_length: bool = Field(
+        False,
+        description="micro-batches of rows of similar response length, each cut to its longest response "
+        "(less padding when lengths are long-tailed); micro-batch losses then weigh by their tokens, so "
+        "the loss must be a token mean",
+    )
     optim: OptimConfig = OptimConfig()
 
 
 class ActorConfig(TrainConfig):
     loss: PolicyLossConfig = PolicyLossConfig()
+
+    @model_validator(mode="after")
+    def _token_mean_when_grouped(self) -> ActorConfig:
+        if self.group_by_length and self.loss.loss_agg_mode != "token-mean":
+            raise ValueError(
+                f"group_by_length weighs micro-batches by their tokens, which only a token-mean loss "
+                f"allows; set loss.loss_agg_mode=token-mean or group_by_length=false (got "
+                f"{self.loss.loss_agg_mode!r})"
+            )
+        return self
 
 
 class CriticConfig(TrainConfig):

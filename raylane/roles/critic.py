@@ -46,7 +46,9 @@ class Critic(CheckpointedTrainer):
     @register(Dispatch.DP_SHARD, pad=True)
     def compute_values(self, batch: Batch) -> Batch:
         self.model.eval()
-        values = forward_micro_batches(batch, self.config.micro_batch_size, lambda m: self._values(m).cpu())
+        values = forward_micro_batches(
+            batch, self.config.micro_batch_size, lambda m: self._values(m).cpu(), self.config.group_by_length
+        )
         return Batch.from_dict({"values": values})
 
     @register(Dispatch.DP_SHARD, pad=True)

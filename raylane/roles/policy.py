@@ -54,6 +54,7 @@ class _PolicyModel(Worker):
             batch,
             self.config.micro_batch_size,
             lambda micro: policy_log_probs(self.model, micro, temperature, self.device)[0].float().cpu(),
+            self.config.group_by_length,
         )
 
 

@@ -81,12 +81,49 @@ def response_slice(per_position: torch.Tensor, prompt_len: int, response_len: in
     return per_position[:, prompt_len - 1 : prompt_len - 1 + response_len]
 
 
+def _cut_responses(micro: Batch, width: int) -> Batch:
+    """``micro`` with its response columns (and the attention mask's) cut to the first ``width``."""
+    response_len, prompt_len = micro["responses"].shape[1], micro["prompts"].shape[1]
+    cut = {}
+    for name, value in micro.tensors.items():
+        if name == "attention_mask":
+            value = value[:, : prompt_len + width]
+        elif name != "prompts" and value.dim() >= 2 and value.shape[1] == response_len:
+            value = value[:, :width]
+        cut[name] = value
+    return Batch(cut, micro.non_tensors, micro.meta)
+
+
+def micro_batches(
+    batch: Batch, size: int, group_by_length: bool = False
+) -> tuple[list[Batch], torch.Tensor | None]:
+    """``batch`` in micro-batches of ``size`` rows, and the row order they follow (None: as given).
+
+    ``group_by_length``: rows sorted by response length, each micro-batch cut to its longest
+    response, so long-tailed lengths no longer pad every row to the longest of the batch."""
+    if not group_by_length:
+        return batch.split(size), None
+    order = torch.argsort(batch["response_mask"].sum(dim=1), stable=True)
+    micros = [
+        _cut_responses(micro, max(1, int(micro["response_mask"].sum(dim=1).max())))
+        for micro in batch.index(order).split(size)
+    ]
+    return micros, order
+
+
 def forward_micro_batches(
-    batch: Batch, micro_batch_size: int, fn: Callable[[Batch], torch.Tensor]
+    batch: Batch, micro_batch_size: int, fn: Callable[[Batch], torch.Tensor], group_by_length: bool = False
 ) -> torch.Tensor:
-    """Run ``fn`` without gradients over micro-batches and concatenate the ``[b, T]`` outputs."""
+    """Run ``fn`` without gradients over micro-batches and concatenate the ``[b, T]`` outputs, in
+    ``batch``'s row order (see :func:`micro_batches`; cut columns come back as zeros)."""
+    micros, order = micro_batches(batch, micro_batch_size, group_by_length)
     with torch.no_grad():
-        return torch.cat([fn(micro) for micro in batch.split(micro_batch_size)], dim=0)
+        outputs = [fn(micro) for micro in micros]
+    if order is None:
+        return torch.cat(outputs, dim=0)
+    width = batch["responses"].shape[1]
+    stacked = torch.cat([nn.functional.pad(out, (0, width - out.shape[1])) for out in outputs], dim=0)
+    return torch.empty_like(stacked).index_copy_(0, order.to(stacked.device), stacked)
 
 
 def policy_log_probs(model: nn.Module, batch: Batch, temperature: float, device: torch.device) -> tuple:
@@ -114,6 +151,7 @@ def optimizer_steps(
     mini_batch_size: int | None = None,
     optimizer=None,
     scheduler=None,
+    group_by_length: bool = False,
 ) -> dict[str, float]:
     """Epochs x mini-batches of gradient-accumulated micro-batches; returns the mean metrics.
 
@@ -124,7 +162,8 @@ def optimizer_steps(
 
     ``worker`` has ``model`` (FSDP2-sharded), ``optimizer``, ``scheduler``, ``config`` (a TrainConfig)
     and ``global_step``; ``optimizer``/``scheduler`` override the worker's (``scheduler=None`` with
-    an override: constant LR). ``loss_fn(micro)`` returns ``(loss, metrics)``.
+    an override: constant LR). ``loss_fn(micro)`` returns ``(loss, metrics)``; ``group_by_length``
+    as in :func:`micro_batches`, each micro-batch's loss weighted by its share of the tokens.
     """
     if optimizer is None:
         optimizer, scheduler = worker.optimizer, worker.scheduler
@@ -135,12 +174,18 @@ def optimizer_steps(
     for _ in range(epochs):
         for mini_batch in batch.split(mini):
             optimizer.zero_grad(set_to_none=True)
-            micros = mini_batch.split(cfg.micro_batch_size)
+            micros, _ = micro_batches(mini_batch, cfg.micro_batch_size, group_by_length)
+            tokens = max(1.0, float(mini_batch["response_mask"].sum())) if group_by_length else 0.0
             for i, micro in enumerate(micros):
                 # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
                 worker.model.set_requires_gradient_sync(i == len(micros) - 1)
                 loss, metrics = loss_fn(micro)
-                (loss * len(micro) / len(mini_batch)).backward()
+                # Grouped by length, a micro-batch's token mean weighs as its share of the tokens:
+                # the sum is the mini-batch's token mean, however the rows were grouped.
+                share = (
+                    float(micro["response_mask"].sum()) / tokens if tokens else len(micro) / len(mini_batch)
+                )
+                (loss * share).backward()
                 for name, value in metrics.items():
                     totals[name].append(float(value))
             if cfg.optim.grad_clip is not None:
@@ -161,7 +206,13 @@ def ppo_update(worker, batch: Batch, loss_fn, prefix: str) -> Batch:
     cfg = worker.config
     return rows_metrics(
         optimizer_steps(
-            worker, batch, loss_fn, prefix, epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size
+            worker,
+            batch,
+            loss_fn,
+            prefix,
+            epochs=cfg.ppo_epochs,
+            mini_batch_size=cfg.mini_batch_size,
+            group_by_length=cfg.group_by_length,
         )
     )
 
