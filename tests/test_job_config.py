@@ -84,3 +84,14 @@ def test_async_job_loads_and_says_what_it_needs(caplog):
     with caplog.at_level(logging.WARNING):
         load_config(JobConfig, "examples/grpo_async.yaml", ["actor.loss.off_policy_correction=none"])
     assert "set actor.loss.off_policy_correction=decoupled" in caplog.text
+
+
+def test_length_grouped_micro_batches_need_a_token_mean_loss():
+    config = load_config(JobConfig, "examples/grpo_async.yaml", ["actor.group_by_length=true"])
+    assert config.actor.group_by_length
+    with pytest.raises(ConfigError, match=r"set loss\.loss_agg_mode=token-mean or group_by_length=false"):
+        load_config(
+            JobConfig,
+            "examples/grpo_async.yaml",
+            ["actor.group_by_length=true", "actor.loss.loss_agg_mode=seq-mean-token-mean"],
+        )
