@@ -15,10 +15,15 @@ Per mode, over the RL steps after ``--warmup-steps`` (the first steps pay one-ti
 samples/s over those steps' wall time, the engine's busy fraction, rollout
 tokens per second of engine time and of wall time, held-out exact match after the last step (greedy, ``--eval``
 prompts, with its binomial standard error) and the ratios to ``sync`` (APRIL to ``async_eta1``).
-Prints a table, writes JSON and a PNG of train reward against wall time under ``benchmarks/results/``.
+With several ``--seeds`` every mode runs once per seed (each seed its own warm-start) and the
+summary gives each ratio and the held-out reward as mean and range over the seeds: one run's
+reward varies far more from seed to seed than its binomial error says.
+Prints a table per seed, writes JSON and a PNG of train reward against wall time (first seed)
+under ``benchmarks/results/``.
 
     python benchmarks/bench_async_rl.py                    # all modes, ~7 minutes on 2 cores
-    python benchmarks/bench_async_rl.py --max-num-seqs 4 --steps 24 --tag cpu_seqs4
+    python benchmarks/bench_async_rl.py --max-num-seqs 4 --steps 120 --warmup-steps 4 \
+        --micro-batch-size 16 --group-by-length --seeds 0 1 2 --tag cpu_grouped_seeds   # ~25 minutes
     python benchmarks/bench_async_rl.py --modes sync async_eta2 --steps 6 --sft-steps 20 --eval 50
 """
 
@@ -29,6 +34,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -48,12 +54,14 @@ MODES = {
 }
 
 
-def job_config(args, output_dir: str, model_path: str | None, steps: int, async_rl: dict | None) -> JobConfig:
+def job_config(
+    args, seed: int, output_dir: str, model_path: str | None, steps: int, async_rl: dict | None
+) -> JobConfig:
     """A mode's job: from ``model_path`` (already warm-started), or the warm-start itself (None)."""
     return JobConfig.model_validate(
         {
             "output_dir": output_dir,
-            "seed": args.seed,
+            "seed": seed,
             "model": {"path": model_path} if model_path else {},
             "task": {"name": "repeat", "n_train": 1200, "n_eval": args.eval},
             "sft": {"steps": 0 if model_path else args.sft_steps, "batch_size": 64, "lr": 3e-3},
@@ -79,9 +87,9 @@ def job_config(args, output_dir: str, model_path: str | None, steps: int, async_
     )
 
 
-def warm_start(args, out: str) -> str:
+def warm_start(args, seed: int, out: str) -> str:
     """SFT once (a job of 0 RL steps exports the warm-started policy), shared by every mode."""
-    config = job_config(args, os.path.join(out, "warm_start"), None, 0, None)
+    config = job_config(args, seed, os.path.join(out, "warm_start"), None, 0, None)
     RLJob(config).run()
     return os.path.join(config.output_dir, "final_model")
 
@@ -160,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sft-steps", type=int, default=60)
     parser.add_argument("--eval", type=int, default=200, help="held-out prompts")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="one warm-start and run of every mode per seed"
+    )
     parser.add_argument("--out", default="/tmp/raylane-bench-async-rl")
     parser.add_argument("--tag", default="cpu")
     args = parser.parse_args(argv)
@@ -173,18 +183,42 @@ def main(argv: list[str] | None = None) -> int:
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
     )
     started = time.perf_counter()
-    model = warm_start(args, args.out)
+    by_seed = {seed: run_seed(args, seed) for seed in args.seeds}
+    summary = summarise_seeds(by_seed) if len(by_seed) > 1 else None
+    os.makedirs(RESULTS, exist_ok=True)
+    stem = os.path.join(RESULTS, f"bench_async_rl_{args.tag}")
+    plot(by_seed[args.seeds[0]], stem + ".png")
+    with open(stem + ".json", "w") as f:
+        json.dump(
+            {
+                "config": vars(args),
+                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+                "total_s": time.perf_counter() - started,
+                "seeds": by_seed,
+                "summary": summary,
+            },
+            f,
+            indent=1,
+        )
+    print(f"wrote {stem}.json and {stem}.png")
+    return 0
+
+
+def run_seed(args, seed: int) -> dict:
+    """Every mode from one warm-start of ``seed``; prints the table and returns each mode's summary."""
+    out = os.path.join(args.out, f"seed{seed}")
+    model = warm_start(args, seed, out)
     results = {}
     for mode in args.modes:
-        config = job_config(args, os.path.join(args.out, mode), model, args.steps, MODES[mode])
+        config = job_config(args, seed, os.path.join(out, mode), model, args.steps, MODES[mode])
         history = (RLJob if config.async_rl is None else AsyncRLJob)(config).run()
         results[mode] = summarise(history, config, args.warmup_steps)
-        print(f"{mode}: {results[mode]['samples_per_s']:.1f} samples/s", file=sys.stderr)
+        print(f"seed {seed}, {mode}: {results[mode]['samples_per_s']:.1f} samples/s", file=sys.stderr)
 
     base = results.get("sync")
     print(
-        f"\n{'mode':<14}{'samples/s':>10}{'x sync':>8}{'engine busy':>13}{'tok/engine-s':>14}{'tok/s':>8}"
-        f"{'held-out':>10}{'+-':>6}{'max stale':>10}"
+        f"\nseed {seed}\n{'mode':<14}{'samples/s':>10}{'x sync':>8}{'engine busy':>13}{'tok/engine-s':>14}"
+        f"{'tok/s':>8}{'held-out':>10}{'+-':>6}{'max stale':>10}"
     )
     for mode, s in results.items():
         if base:
@@ -192,35 +226,48 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{s['speedup_vs_sync']:.2f}" if base else "-"
         print(
             f"{mode:<14}{s['samples_per_s']:>10.1f}{ratio:>8}{s['engine_busy_fraction']:>13.2f}"
-            f"{s['rollout_tokens_per_engine_s']:>14.0f}{s['rollout_tokens_per_s']:>8.0f}{s['held_out_reward']:>10.3f}{s['held_out_stderr']:>6.3f}"
-            f"{s['max_staleness_seen']:>10.0f}"
+            f"{s['rollout_tokens_per_engine_s']:>14.0f}{s['rollout_tokens_per_s']:>8.0f}"
+            f"{s['held_out_reward']:>10.3f}{s['held_out_stderr']:>6.3f}{s['max_staleness_seen']:>10.0f}"
         )
     if "april" in results and "async_eta1" in results:
         april, off = results["april"], results["async_eta1"]
-        gain = april["rollout_tokens_per_engine_s"] / off["rollout_tokens_per_engine_s"]
-        wall_gain = april["rollout_tokens_per_s"] / off["rollout_tokens_per_s"]
+        april["rollout_throughput_vs_april_off"] = (
+            april["rollout_tokens_per_engine_s"] / off["rollout_tokens_per_engine_s"]
+        )
+        april["rollout_tokens_per_s_vs_april_off"] = (
+            april["rollout_tokens_per_s"] / off["rollout_tokens_per_s"]
+        )
         print(
-            f"\nAPRIL rollout throughput vs async_eta1: {gain:.2f}x per engine second, "
-            f"{wall_gain:.2f}x per wall second"
+            f"APRIL rollout throughput vs async_eta1: {april['rollout_throughput_vs_april_off']:.2f}x per "
+            f"engine second, {april['rollout_tokens_per_s_vs_april_off']:.2f}x per wall second"
         )
-        april["rollout_throughput_vs_april_off"] = gain
-        april["rollout_tokens_per_s_vs_april_off"] = wall_gain
-    os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, f"bench_async_rl_{args.tag}")
-    plot(results, stem + ".png")
-    with open(stem + ".json", "w") as f:
-        json.dump(
-            {
-                "config": vars(args),
-                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                "total_s": time.perf_counter() - started,
-                "modes": results,
-            },
-            f,
-            indent=1,
+    return results
+
+
+def summarise_seeds(by_seed: dict) -> dict:
+    """Per mode over the seeds: mean, min and max of the speed-up over sync, of the rollout tokens per
+    second and of the held-out reward (whose spread over seeds is the noise a mode is judged by)."""
+    keys = ("speedup_vs_sync", "rollout_tokens_per_s", "held_out_reward", "rollout_tokens_per_s_vs_april_off")
+    summary = {}
+    print(f"\nover seeds {list(by_seed)}: mean (min..max)")
+    for mode in next(iter(by_seed.values())):
+        rows = [results[mode] for results in by_seed.values()]
+        summary[mode] = {
+            key: {
+                "mean": statistics.fmean(r[key] for r in rows),
+                "min": min(r[key] for r in rows),
+                "max": max(r[key] for r in rows),
+            }
+            for key in keys
+            if all(key in r for r in rows)
+        }
+        print(
+            f"{mode:<14}"
+            + "  ".join(
+                f"{key} {v['mean']:.3f} ({v['min']:.3f}..{v['max']:.3f})" for key, v in summary[mode].items()
+            )
         )
-    print(f"wrote {stem}.json and {stem}.png")
-    return 0
+    return summary
 
 
 if __name__ == "__main__":
