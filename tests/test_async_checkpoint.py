@@ -297,3 +297,19 @@ def test_driver_killed_mid_persist_resumes_from_the_latest_losing_at_most_one_st
     for row in after[1 : trained + 1]:
         assert row["reward_mean"] == before[row["step"]]["reward_mean"], row["step"]
         assert row["actor/pg_loss"] == pytest.approx(before[row["step"]]["actor/pg_loss"], abs=1e-5)
+
+
+def test_a_stager_closed_after_its_snapshot_is_recognised_as_single_use():
+    # torch 2.11's DefaultStager closes its inner copier after every snapshot (the H200 run's second
+    # lazy snapshot failed on it); the lazy saver starts a new stager when it sees one closed.
+    import torch
+
+    from raylane.fault_tolerance.checkpoint import _closed_after_each_snapshot, _host_stager
+
+    stager = _host_stager(cuda=False)
+    assert not _closed_after_each_snapshot(stager)
+    stager._state_dict_stager.stage({"w": torch.ones(2)})
+    assert not _closed_after_each_snapshot(stager)
+    stager._state_dict_stager.close()
+    assert _closed_after_each_snapshot(stager)
+    stager.close()
