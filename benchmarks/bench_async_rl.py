@@ -69,7 +69,7 @@ def job_config(
             "actor": {
                 "micro_batch_size": args.micro_batch_size,
                 "group_by_length": args.group_by_length,
-                "optim": {"lr": 6e-4},
+                "optim": {"lr": args.lr},
                 "loss": {"off_policy_correction": "none" if async_rl is None else "decoupled"},
             },
             "placement": {
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the trainer's micro-batches grouped by response length, each cut to its longest (actor.group_by_length)",
     )
+    parser.add_argument("--lr", type=float, default=6e-4, help="the RL learning rate, every mode")
     parser.add_argument("--sft-steps", type=int, default=60)
     parser.add_argument("--eval", type=int, default=200, help="held-out prompts")
     parser.add_argument(
