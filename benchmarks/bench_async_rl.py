@@ -12,9 +12,9 @@ same number of samples (``--steps`` x ``--prompts`` x ``--samples``). Modes:
   flight, so the bound becomes 2); ``async_eta1`` is APRIL off.
 
 Per mode, over the RL steps after ``--warmup-steps`` (the first steps pay one-time costs): trained
-samples/s over those steps' wall time, the engine's busy fraction, rollout
-tokens per second of engine time and of wall time, held-out exact match after the last step (greedy, ``--eval``
-prompts, with its binomial standard error) and the ratios to ``sync`` (APRIL to ``async_eta1``).
+samples/s over those steps' wall time, the engine's busy fraction, rollout tokens per second of
+engine time and of wall time, held-out exact match after the last step (greedy, ``--eval`` prompts,
+with its binomial standard error) and the ratios to ``sync`` (APRIL to ``async_eta1``).
 With several ``--seeds`` every mode runs once per seed (each seed its own warm-start) and the
 summary gives each ratio and the held-out reward as mean and range over the seeds: one run's
 reward varies far more from seed to seed than its binomial error says.
@@ -23,7 +23,7 @@ under ``benchmarks/results/``.
 
     python benchmarks/bench_async_rl.py                    # all modes, ~7 minutes on 2 cores
     python benchmarks/bench_async_rl.py --max-num-seqs 4 --steps 120 --warmup-steps 4 \
-        --micro-batch-size 16 --group-by-length --seeds 0 1 2 --tag cpu_grouped_seeds   # ~25 minutes
+        --micro-batch-size 16 --group-by-length --seeds 0 1 2 --tag cpu_grouped_seeds   # ~20 minutes
     python benchmarks/bench_async_rl.py --modes sync async_eta2 --steps 6 --sft-steps 20 --eval 50
 """
 

@@ -11,8 +11,9 @@ lands between two of its calls and the samples in flight carry on (``async_rl.pa
 The trainer waits for groups still generating only as long as the deadlines require (see
 ``StalenessBound.select_batch``). Training is exactly-once by trajectory uid through the stream
 (``raylane.streaming``); a checkpoint saves the receipts of the batches since the last one and
-commits them once it is complete on disk, and a resumed job commits them again. A rollout engine that dies is replaced while the trainer goes on:
-the new one joins with the current weights and generates again the groups the dead one held.
+commits them once it is complete on disk, and a resumed job commits them again. A rollout engine
+that dies is replaced while the trainer goes on: the new one joins with the current weights and
+generates again the groups the dead one held.
 """
 
 from __future__ import annotations

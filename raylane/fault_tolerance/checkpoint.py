@@ -144,7 +144,7 @@ def save_train_state(
 
 
 def _host_stager(cuda: bool) -> DefaultStager:
-    """torch's ``DefaultStager``, with kept, pinned host buffers on CUDA."""
+    """torch's ``DefaultStager``: pinned host buffers and non-blocking copies on CUDA."""
     return DefaultStager(
         StagingOptions(
             use_pinned_memory=cuda,

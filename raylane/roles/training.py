@@ -175,16 +175,18 @@ def optimizer_steps(
         for mini_batch in batch.split(mini):
             optimizer.zero_grad(set_to_none=True)
             micros, _ = micro_batches(mini_batch, cfg.micro_batch_size, group_by_length)
-            tokens = max(1.0, float(mini_batch["response_mask"].sum())) if group_by_length else 0.0
+            if group_by_length:
+                tokens = max(1.0, float(mini_batch["response_mask"].sum()))
             for i, micro in enumerate(micros):
                 # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
                 worker.model.set_requires_gradient_sync(i == len(micros) - 1)
                 loss, metrics = loss_fn(micro)
                 # Grouped by length, a micro-batch's token mean weighs as its share of the tokens:
                 # the sum is the mini-batch's token mean, however the rows were grouped.
-                share = (
-                    float(micro["response_mask"].sum()) / tokens if tokens else len(micro) / len(mini_batch)
-                )
+                if group_by_length:
+                    share = float(micro["response_mask"].sum()) / tokens
+                else:
+                    share = len(micro) / len(mini_batch)
                 (loss * share).backward()
                 for name, value in metrics.items():
                     totals[name].append(float(value))
