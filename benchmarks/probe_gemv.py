@@ -5,7 +5,7 @@ reach reading the weights. Each shape is timed from a CUDA graph that runs it ov
 copies (>= 400 MB) that no weight is still in the L2 cache when it is read again, as in a real
 step. Prints GB/s of ``F.linear``, of the tile ``gemv_tile`` picks, and of the best tile swept.
 
-    python benchmarks/probe_gemv.py [--shape qwen-0.5b] [--programmatic-launch]
+    python benchmarks/probe_gemv.py [--shape qwen-0.5b] [--programmatic-launch] [--only down] [--block-n 1 2 4] [--warps 2 4]
 
 ``--programmatic-launch`` launches the GEMVs as the batch-1 decode graph does on Hopper: each one
 starts while the one before it finishes.
@@ -58,13 +58,24 @@ def main() -> None:
     )
     parser.add_argument("--shape", choices=["llama-1b", "qwen-0.5b"], default="llama-1b")
     parser.add_argument("--programmatic-launch", action="store_true")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["qkv", "o", "gate_up", "down", "lm_head"],
+        help="sweep these projections only (default: all)",
+    )
+    parser.add_argument("--block-n", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="rows a program")
+    parser.add_argument("--warps", nargs="+", type=int, default=[1, 2, 4, 8])
     args = parser.parse_args()
     torch.manual_seed(0)
+    shapes = projections(args.shape)
+    if args.only:
+        shapes = {name: shapes[name] for name in args.only}
     with programmatic_launch(True) if args.programmatic_launch else contextlib.nullcontext():
-        sweep(projections(args.shape))
+        sweep(shapes, args.block_n, args.warps)
 
 
-def sweep(shapes: dict[str, tuple[int, int]]) -> None:
+def sweep(shapes: dict[str, tuple[int, int]], block_ns: list[int], warps: list[int]) -> None:
     print(f"{'shape':<8} {'MB':>6} {'cuBLAS GB/s':>12} {'gemv_tile GB/s':>15} {'best GB/s':>10}  best tile")
     for name, (n, k) in shapes.items():
         mb = n * k * 2 / 1e6
@@ -77,7 +88,7 @@ def sweep(shapes: dict[str, tuple[int, int]]) -> None:
         cublas = per_weight_us(torch.nn.functional.linear, x, weights)
         picked = per_weight_us(functools.partial(gemv, bias=None), x, weights)
         best = None
-        for tile in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048), (1, 2, 4, 8)):
+        for tile in itertools.product(block_ns, (256, 512, 1024, 2048, 4096, 8192), warps):
             if tile[0] * tile[1] > 16384 or tile[1] > max(triton.next_power_of_2(k), 256):
                 continue
             torch.testing.assert_close(gemv(x, weights[0], None, tile), reference, rtol=2e-2, atol=2e-2)
