@@ -19,6 +19,7 @@ checkpoints reached the disk (the others were skipped for a newer one).
 
     python benchmarks/bench_checkpoint.py [--rounds 4] [--steps 4] [--hidden 384] [--layers 6]
     python benchmarks/bench_checkpoint.py --config examples/grpo_gpu.yaml --output results/x.json
+    python benchmarks/bench_checkpoint.py --modes lazy     # against none only
 """
 
 from __future__ import annotations
@@ -114,7 +115,11 @@ def main() -> None:
     parser.add_argument("--config", help="a job YAML to measure instead of the tiny CPU job")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --config")
     parser.add_argument("--output", type=Path, default=RESULT)
+    parser.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to measure ('none' always is)"
+    )
     args = parser.parse_args()
+    modes = tuple(mode for mode in MODES if mode in args.modes or mode == "none")
 
     output_dir = tempfile.mkdtemp(prefix="bench_checkpoint_")
     config = job_config(args, output_dir)
@@ -124,14 +129,14 @@ def main() -> None:
     job.build_groups()
     try:
         job.rl_step(0)  # warm-up
-        times: dict[str, dict[str, list[float]]] = {mode: {part: [] for part in PARTS} for mode in MODES}
+        times: dict[str, dict[str, list[float]]] = {mode: {part: [] for part in PARTS} for mode in modes}
         drains: dict[str, list[float]] = {"async": [], "lazy": []}
         on_disk: list[int] = []  # per lazy block: its checkpoints that reached the disk
-        block_medians: dict[str, list[float]] = {mode: [] for mode in MODES}
+        block_medians: dict[str, list[float]] = {mode: [] for mode in modes}
         step = 1
         for round_index in range(args.rounds):
             # Rotate the order so that no mode always follows another.
-            order = MODES[round_index % len(MODES) :] + MODES[: round_index % len(MODES)]
+            order = modes[round_index % len(modes) :] + modes[: round_index % len(modes)]
             for mode in order:
                 skipped = job.persister.skipped if job.persister is not None else 0
                 block, drain = run_block(job, mode, step, args.steps)
@@ -143,7 +148,7 @@ def main() -> None:
                 block_medians[mode].append(statistics.median(block["step_s"]))
                 if mode in drains:
                     drains[mode].append(drain)
-            medians = ", ".join(f"{mode} {block_medians[mode][-1]:.3f} s" for mode in MODES)
+            medians = ", ".join(f"{mode} {block_medians[mode][-1]:.3f} s" for mode in modes)
             print(f"round {round_index + 1}/{args.rounds}: {medians}", flush=True)
         size = checkpoint_bytes(job.checkpoints.latest())
     finally:
@@ -174,7 +179,7 @@ def main() -> None:
         f"{'mode':<7}{'step s':>8}{'overhead %':>12}{'paired % (min..max)':>26}{'rl_step s':>11}"
         f"{'commit wait s':>15}{'save call s':>13}"
     )
-    for mode in MODES:
+    for mode in modes:
         steps = times[mode]["step_s"]
         median = statistics.median(steps)
         paired = [100 * (m / b - 1) for m, b in zip(block_medians[mode], block_medians["none"])]
@@ -201,19 +206,22 @@ def main() -> None:
             f"{entry['rl_step_s_median']:>11.3f}{entry['commit_wait_s_median']:>15.3f}"
             f"{entry['save_call_s_median']:>13.3f}"
         )
-    synchronous = result["modes"]["sync"]
+    synchronous = result["modes"].get("sync")
     for mode in ("async", "lazy"):
-        entry = result["modes"][mode]
+        entry = result["modes"].get(mode)
+        if entry is None or synchronous is None:
+            continue
         print(
             f"{mode} blocks the loop {entry['blocked_s_median']:.3f} s per checkpoint against "
             f"{synchronous['blocked_s_median']:.3f} s synchronous "
             f"({synchronous['blocked_s_median'] / max(entry['blocked_s_median'], 1e-9):.1f}x less); "
             f"its last persist of a block drains in {entry['drain_s_median']:.3f} s"
         )
-    print(
-        f"lazy: {sum(on_disk)} of {len(on_disk) * args.steps} checkpoints reached the disk during their "
-        "block (the others were skipped for a newer one); every one reached the memory tier"
-    )
+    if "lazy" in modes:
+        print(
+            f"lazy: {sum(on_disk)} of {len(on_disk) * args.steps} checkpoints reached the disk during their "
+            "block (the others were skipped for a newer one); every one reached the memory tier"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")

@@ -31,7 +31,7 @@ step() {  # step NAME SECONDS COMMAND...
   echo "== $name"
   timeout "$seconds" "$@" > "$results/$name.log" 2>&1
   echo "   exit $? (log: $results/$name.log)"
-  grep -E "passed|failed|tok/s|GB/s|x$|Error|share|gap|reward|start-up|transition" "$results/$name.log" | grep -v -i warn | tail -30
+  grep -E "passed|failed|tok/s|GB/s|x$|Error|share|gap|reward|start-up|transition|steps/s|^(none|sync|async|lazy|d2h|torch_save|dcp_save|disk_copy) " "$results/$name.log" | grep -v -i warn | tail -30
 }
 
 step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_runner_gpu.py tests/test_actors_gpu.py \
@@ -76,6 +76,11 @@ step bench_rollout_in_job 420 python3 benchmarks/bench_rollout_in_job.py --cpus 
 # coalesced) every step, in rotated blocks of one run; no warm-start, only steps and checkpoints.
 step bench_checkpoint_gpu 540 python3 benchmarks/bench_checkpoint.py --config examples/grpo_gpu.yaml \
   --rounds 2 --steps 3 --output "$results/bench_checkpoint_gpu.json"
+# Lazy mode alone against none (more steps for the same time), and what slows a GPU step beside each
+# part of a checkpoint's pipeline (device-to-host copy, tmpfs write, disk copy).
+step bench_checkpoint_gpu_lazy 240 python3 benchmarks/bench_checkpoint.py --config examples/grpo_gpu.yaml \
+  --modes lazy --rounds 2 --steps 4 --output "$results/bench_checkpoint_gpu_lazy.json"
+step probe_checkpoint_interference 150 python3 benchmarks/probe_checkpoint_interference.py --gb 4
 # The GPU job checkpointing asynchronously, then resumed from its latest complete checkpoint.
 step train_resume_gpu 400 bash -c "python3 -m raylane.cli train examples/grpo_gpu.yaml output_dir=/tmp/resume-gpu \
   steps=4 sft.steps=2 eval_every=0 checkpoint_every=2 && python3 -m raylane.cli train examples/grpo_gpu.yaml \

@@ -238,6 +238,13 @@ class JobConfig(StrictConfig):
         description="lazy mode's memory tier, a tmpfs folder with room for 3 checkpoints (None: a folder "
         "under /dev/shm named after output_dir)",
     )
+    checkpoint_disk_interval_s: float = Field(
+        0.0,
+        ge=0,
+        description="lazy mode: at least this long between the starts of two copies to disk, newer memory "
+        "checkpoints replacing the one waiting (0: back to back). Where disk writes slow the training step, "
+        "a longer interval costs a lost node about the interval plus one copy's time",
+    )
     checkpoint_keep_last: int | None = Field(
         None, ge=1, description="keep only the newest K complete checkpoints (None: keep all)"
     )

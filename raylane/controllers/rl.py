@@ -529,7 +529,10 @@ class RLJob:
                 if self.memory_checkpoints.path(step) != self.last_checkpoint:
                     shutil.rmtree(self.memory_checkpoints.path(step))
             self.persister = DiskPersister(
-                self.memory_checkpoints, self.checkpoints, self.config.checkpoint_writer_threads
+                self.memory_checkpoints,
+                self.checkpoints,
+                self.config.checkpoint_writer_threads,
+                self.config.checkpoint_disk_interval_s,
             )
         return self.memory_checkpoints
 

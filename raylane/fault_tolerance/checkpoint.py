@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import numpy as np
@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed._state_dict_utils import CompanionMismatch, _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -143,31 +143,58 @@ def save_train_state(
         logger.info("saved checkpoint of step %d to %s", step, path)
 
 
-def _host_stager(cuda: bool) -> DefaultStager:
-    """torch's ``DefaultStager``: pinned host buffers and non-blocking copies on CUDA."""
-    return DefaultStager(
-        StagingOptions(
-            use_pinned_memory=cuda,
-            use_shared_memory=False,
-            use_async_staging=True,
-            use_non_blocking_copy=cuda,
-        )
-    )
+class _HostCopy:
+    """Host buffers for one rank's training state, allocated at the first snapshot and reused by every
+    later one: pinned where CUDA is present, so a snapshot is one device-to-host copy on a side stream
+    into memory that is already paged in and registered (torch 2.11's ``DefaultStager`` pinned anew for
+    every snapshot; with it an H200 job's step grew from 1.2 to 4.9 s)."""
 
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
+        self._buffers: dict | None = None
+        self._stream = torch.cuda.Stream() if self.cuda else None
+        self._copied = torch.cuda.Event() if self.cuda else None
 
-def _closed_after_each_snapshot(stager: DefaultStager) -> bool:
-    """Whether ``stager`` cleared its copy machinery after its last snapshot, as torch 2.11's does
-    (its next snapshot would fail, on the H200 with ``KeyError: <class 'type'>``): it is single-use."""
-    inner = getattr(stager, "_state_dict_stager", None)
-    return inner is not None and not getattr(inner, "_deepcopy_dispatch", True)
+    def start(self, state: dict) -> Callable[[], dict]:
+        """Start copying ``state`` into the buffers; returns the call that finishes it, giving ``state``
+        with the buffers for its tensors. On CUDA the copy is queued now on a side stream, after the
+        work queued so far, and finishing waits for it; on CPU finishing is the copy."""
+        if not self.cuda:
+            return lambda: self._copy(state)
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            copied = self._copy(state)
+        self._copied.record(self._stream)
+
+        # ``state`` stays referenced until the copy is done: a temporary among its tensors freed now
+        # could be handed to the next step's kernels while the side stream still reads it.
+        def finish(sources: dict = state) -> dict:
+            self._copied.synchronize()
+            return copied
+
+        return finish
+
+    @torch.no_grad()  # it may run in a forward pre-hook, in grad mode
+    def _copy(self, state: dict) -> dict:
+        if self._buffers is not None:
+            try:
+                return _copy_state_dict(state, self._buffers, non_blocking=self.cuda)
+            except CompanionMismatch:
+                pass  # the state's layout changed (the optimizer's first step adds its moments)
+        self._buffers = _create_cpu_state_dict(state, pin_memory=self.cuda)
+        return _copy_state_dict(state, self._buffers, non_blocking=self.cuda)
+
+    def order_after(self) -> None:
+        """Make work queued from now on the current CUDA stream start after the copy (no host wait)."""
+        if self._copied is not None:
+            torch.cuda.current_stream().wait_event(self._copied)
 
 
 class BackgroundSaver:
     """One rank's asynchronous checkpoints: :meth:`save` snapshots the shards to host memory and returns,
-    while a thread of ``dcp.async_save`` writes them. At most one write is in flight: a new save first
-    waits for the previous one, whose host copies it overwrites. The writes run their collectives on a
-    process group of their own (gloo), so they never interleave with the training step's collectives
-    on the model's group.
+    while a thread writes them. At most one write is in flight: a new save first waits for the previous
+    one, whose host copies it overwrites. The writes run their collectives on a process group of their
+    own (gloo), so they never interleave with the training step's collectives on the model's group.
 
     Where CUDA is present, the host copies are pinned and kept from one save to the next: a snapshot
     is then one device-to-host copy into memory that is already paged in, instead of an allocation of
@@ -175,20 +202,22 @@ class BackgroundSaver:
     the saver lives.
 
     With ``lazy`` (DataStates' idea) :meth:`save` returns before the snapshot is taken: the copy to
-    host memory runs while the next step's rollout, forward and backward read the state. Parameters
-    and optimizer state change only in the optimizer step, so that is what waits: a step pre-hook on
-    the snapshotted optimizer blocks it until the copy is done (so the snapshot of step k cannot hold
-    step k+1's state); anything else that writes the state in place calls :meth:`wait_snapshot` first.
-    The copy is torch's ``DefaultStager`` (pinned host buffers and a side stream on CUDA; kept from one
-    snapshot to the next where the torch version allows, see :func:`_closed_after_each_snapshot`)."""
+    host memory starts at the model's next forward, so that it overlaps training rather than a
+    colocated engine's decoding, and runs while the step goes on (on CUDA on a side stream, on CPU in
+    the writer thread). Parameters and optimizer state change only in the optimizer step, so that is what
+    waits: a step pre-hook on the snapshotted optimizer orders it after the copy (on CUDA on the
+    device, without blocking the host), so the snapshot of step k cannot hold step k+1's state;
+    anything else that writes the state in place calls :meth:`wait_snapshot` first."""
 
     def __init__(self, lazy: bool = False) -> None:
         self.lazy = lazy
         self._group: dist.ProcessGroup | None = None
         self._writer: FileSystemWriter | None = None
-        self._stager: DefaultStager | None = None
+        self._host: _HostCopy | None = None
+        self._thread: ThreadPoolExecutor | None = None
         self._snapshot: Future | None = None
         self._persist: Future | None = None
+        self._pending: tuple[dict, FileSystemWriter] | None = None
         self._hooked: set[int] = set()
 
     def save(
@@ -226,33 +255,49 @@ class BackgroundSaver:
     def _save_lazily(
         self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer, writer_threads: int
     ) -> None:
-        cuda = torch.cuda.is_available()
-        if self._stager is not None and _closed_after_each_snapshot(self._stager):
-            self._stager.close()
-            self._stager = None
-        if self._stager is None:
-            self._stager = _host_stager(cuda)
+        if self._host is None:
+            self._host = _HostCopy()
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylane-lazy-checkpoint")
         if id(optimizer) not in self._hooked:
-            optimizer.register_step_pre_hook(lambda *_: self.wait_snapshot())
+            optimizer.register_step_pre_hook(lambda *_: self._order_step_after_snapshot())
             self._hooked.add(id(optimizer))
-        if cuda:
-            # The stager copies on its own stream: the optimizer step still queued on this one must land first.
-            torch.cuda.current_stream().synchronize()
-        response = dcp.async_save(
-            _train_state(model, optimizer),
-            storage_writer=_shard_writer(path, writer_threads),
-            process_group=self._group,
-            async_stager=self._stager,
+        self._pending = (_train_state(model, optimizer), _shard_writer(path, writer_threads))
+        # On a GPU the copy engine would hold back every small device-to-host read queued behind 4 GB of
+        # state (a colocated engine reads its sampled tokens each decode step), so the copy waits for
+        # the model's next forward (training, where no such reads are), its optimizer step or a wait.
+        if id(model) not in self._hooked:
+            model.register_forward_pre_hook(lambda *_: self._start_pending())
+            self._hooked.add(id(model))
+
+    def _start_pending(self) -> None:
+        if self._pending is None:
+            return
+        (state, writer), self._pending = self._pending, None
+        snapshot, group = self._thread.submit(self._host.start(state)), self._group
+        # Queued behind the snapshot on the same thread: the copy is in the buffers when it runs.
+        self._persist = self._thread.submit(
+            lambda: dcp.save(snapshot.result(), storage_writer=writer, process_group=group)
         )
-        self._snapshot, self._persist = response.staging_completion, response.upload_completion
+        self._snapshot = snapshot
+
+    def _order_step_after_snapshot(self) -> None:
+        self._start_pending()
+        if self._snapshot is None:
+            return
+        if self._host.cuda:
+            self._host.order_after()
+        else:
+            self._snapshot.result()
 
     def wait_snapshot(self) -> None:
         """Block until the state of the save in flight is in host memory; raises if the copy failed."""
+        self._start_pending()
         if self._snapshot is not None:
             self._snapshot.result()
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is written; raises if it failed."""
+        self._start_pending()
         snapshot, persist, self._snapshot, self._persist = self._snapshot, self._persist, None, None
         if snapshot is not None:
             snapshot.result()
