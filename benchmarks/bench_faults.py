@@ -32,6 +32,14 @@ node of the group's last rank is removed mid-training (its raylet and workers di
 long the detector takes to name a crash on that node, whether the ranks replaced are exactly the
 lost ones and now run on the spare, and the time until the group trains again.
 
+Asynchronous cell (``--async-rollout``): the streaming job (one trainer rank, one rollout engine,
+η = 1, in-memory stream) runs once fault-free and once with its engine SIGKILLed ``--trials`` times,
+each as it is handed a group (so it dies holding groups), one every ``--fault-every`` steps' worth of
+groups. Per kill: the time until the job starts replacing the engine and how long the replacement
+takes; over the run: steps lost, groups generated again, accepted trajectories lost or trained twice
+(by uid, from the run's ``trained.jsonl``), samples beyond the staleness bound, the wall time against
+the fault-free run, and engine replacements in the fault-free run (false alarms).
+
 The reward worker runs in the trainer ranks' processes (a role of the same actor), so its faults
 are trainer-rank faults; it has no cell of its own.
 
@@ -47,6 +55,7 @@ lost (started but not kept) and rollouts lost (generated in steps not kept).
     python benchmarks/bench_faults.py [--trials 5]
     python benchmarks/bench_faults.py --rollout [--trials 5]
     python benchmarks/bench_faults.py --node [--trials 5]
+    python benchmarks/bench_faults.py --async-rollout [--trials 5 --fault-every 4]
     python benchmarks/bench_faults.py --goodput [--steps 12 --fault-every 4 --checkpoint-every 1 --trainer-ranks 2]
 """
 
@@ -79,7 +88,7 @@ from raylane.actors import (
     register,
 )
 from raylane.batch import Batch
-from raylane.controllers import JobConfig, RLJob
+from raylane.controllers import AsyncRLJob, JobConfig, RLJob
 from raylane.fault_tolerance import (
     DetectorConfig,
     InRankFault,
@@ -351,9 +360,11 @@ def goodput(args: argparse.Namespace) -> None:
     )
 
 
+TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
+
+
 def rollout_config(output_dir: Path, hang_timeout_s: float) -> JobConfig:
-    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
     return JobConfig.model_validate(
         {
             "output_dir": str(output_dir),
@@ -361,7 +372,7 @@ def rollout_config(output_dir: Path, hang_timeout_s: float) -> JobConfig:
             "prompts_per_step": 8,
             "sft": {"steps": 0},
             "task": {"name": "reverse", "n_train": 512, "n_eval": 8},
-            "model": {"tiny_shape": shape},
+            "model": {"tiny_shape": TINY_SHAPE},
             "rollout": {"n": 4, "max_tokens": 200},
             "actor": {"micro_batch_size": 32},
             "placement": {
@@ -515,6 +526,146 @@ def rollout_matrix(args: argparse.Namespace) -> None:
     )
 
 
+ASYNC_PROMPTS, ASYNC_SAMPLES = 4, 2
+
+
+def async_config(output_dir: Path, steps: int, max_replacements: int) -> JobConfig:
+    return JobConfig.model_validate(
+        {
+            "output_dir": str(output_dir),
+            "steps": steps,
+            "prompts_per_step": ASYNC_PROMPTS,
+            "eval_every": 0,
+            "sft": {"steps": 0},
+            "task": {"name": "reverse", "n_train": 512, "n_eval": 8},
+            "model": {"tiny_shape": TINY_SHAPE},
+            "rollout": {"n": ASYNC_SAMPLES, "max_tokens": 32, "engine": {"max_num_seqs": 4}},
+            "actor": {"micro_batch_size": 8, "loss": {"off_policy_correction": "decoupled"}},
+            "placement": {
+                "mode": "disaggregated",
+                "trainer_ranks": 1,
+                "rollout_ranks": 1,
+                "cpus_per_bundle": 0.5,
+            },
+            "rollout_pool": {"max_replacements": max_replacements},
+            "async_rl": {
+                "max_staleness": 1,
+                "engine_steps_per_call": 2,
+                "stream": {"stream_key": f"bench-faults-{output_dir.name}-{time.time_ns()}"},
+            },
+        }
+    )
+
+
+class EngineKilledAsyncJob(AsyncRLJob):
+    """The asynchronous job with its rollout engine SIGKILLed as it is handed the first group numbered
+    at least each of ``kill_at`` (so it dies holding groups); records every group sent to an engine,
+    each kill's time and pid and each replacement's start, end and the pids it found dead."""
+
+    def __init__(self, config: JobConfig, kill_at: list[int]) -> None:
+        super().__init__(config)
+        self.kill_at = sorted(kill_at)
+        self.admitted: list[str] = []
+        self.kills: list[tuple[float, int]] = []  # (time, pid)
+        self.replacements: list[tuple[float, float, list[int]]] = []  # (start, end, pids found dead)
+
+    def _admit(self):
+        requests = super()._admit()
+        self.admitted += [request.group_id for request in requests]
+        if self.kill_at and any(int(request.group_id[1:]) >= self.kill_at[0] for request in requests):
+            self.kill_at.pop(0)
+            node = self.rollout_group.nodes[0]
+            self.kills.append((time.time(), node.pid))
+            signal_process(node.node_id, node.pid, signal.SIGKILL)
+        return requests
+
+    def _replace_engine(self, error: BaseException) -> None:
+        started = time.time()
+        dead = [self.rollout_group.nodes[rank].pid for rank in self.rollout_group.check_alive()]
+        super()._replace_engine(error)
+        self.replacements.append((started, time.time(), dead))
+
+
+def async_run(root: Path, name: str, steps: int, kill_at: list[int]) -> dict:
+    """One asynchronous run; what it trained read back from its ``trained.jsonl`` lineage."""
+    output_dir = root / name
+    shutil.rmtree(output_dir, ignore_errors=True)
+    job = EngineKilledAsyncJob(async_config(output_dir, steps, max_replacements=len(kill_at)), kill_at)
+    started = time.monotonic()
+    history = job.run()
+    wall_s = time.monotonic() - started
+    with open(output_dir / "trained.jsonl") as f:
+        lineage = [json.loads(line) for line in f]
+    trained = [uid for row in lineage for uid in row["trajectories"]]
+    # Accepted: every sample of every group sent to an engine (a group the dead engine held is
+    # generated again, so each is expected once).
+    expected = {f"{group}-{s}" for group in set(job.admitted) for s in range(ASYNC_SAMPLES)}
+    detections = [start - killed for (killed, _), (start, _, _) in zip(job.kills, job.replacements)]
+    recoveries = [end - start for start, end, _ in job.replacements]
+    culprits_named = sum(dead == [pid] for (_, pid), (_, _, dead) in zip(job.kills, job.replacements))
+    return {
+        "wall_s": wall_s,
+        "kills": len(job.kills),
+        "replacements": len(job.replacements),
+        "culprits_named": culprits_named,
+        "detection_s": detections,
+        "recovery_s": recoveries,
+        "steps_done": sum(1 for row in history if row["step"] > 0),
+        "steps_lost": sum(row.get("fault_tolerance/steps_lost", 0) for row in history),
+        "requeued_groups": sum(row.get("rollout/requeued_groups", 0) for row in history),
+        "accepted": len(expected),
+        "accepted_lost": len(expected - set(trained)),
+        "trained_twice": len(trained) - len(set(trained)),
+        "stale_beyond_bound": sum(
+            row["policy_version"] - v > 1
+            for row in lineage
+            for vs in row["trajectories"].values()
+            for v in vs
+        ),
+    }
+
+
+def async_matrix(args: argparse.Namespace) -> None:
+    """The rollout-engine crash in the asynchronous job: ``--trials`` kills in one run, one every
+    ``--fault-every`` steps' worth of groups, against a fault-free run of as many steps."""
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    root = Path(args.output_dir) / "async"
+    steps = args.fault_every * (args.trials + 1)
+    kill_at = [(trial + 1) * args.fault_every * ASYNC_PROMPTS for trial in range(args.trials)]
+    fault_free = async_run(root, "fault_free", steps, [])
+    faulty = async_run(root, "faulty", steps, kill_at)
+    ray.shutdown()
+    detections, recoveries = faulty["detection_s"], faulty["recovery_s"]
+    summary = {
+        "trials": faulty["kills"],
+        "replaced": faulty["replacements"],
+        "culprit_correct_pct": 100 * faulty["culprits_named"] / max(faulty["kills"], 1),
+        "detection_s_p50": statistics.median(detections) if detections else None,
+        "detection_s_max": max(detections) if detections else None,
+        "recovery_s_p50": statistics.median(recoveries) if recoveries else None,
+        "recovery_s_max": max(recoveries) if recoveries else None,
+        "steps_lost": faulty["steps_lost"] + steps - faulty["steps_done"],
+        "requeued_groups": faulty["requeued_groups"],
+        "accepted_rollouts_lost": faulty["accepted_lost"],
+        "trained_twice": faulty["trained_twice"],
+        "stale_beyond_bound": faulty["stale_beyond_bound"],
+        "false_alarms": fault_free["replacements"],
+        "wall_s_fault_free": fault_free["wall_s"],
+        "wall_s_faulty": faulty["wall_s"],
+        "time_lost_pct": 100 * (faulty["wall_s"] / fault_free["wall_s"] - 1),
+    }
+    print(
+        f"\nrollout engine SIGKILLed in the asynchronous job ({steps} steps, a kill every {args.fault_every})"
+    )
+    for key, value in summary.items():
+        print(f"{key:<26}{value:>12.3f}" if isinstance(value, float) else f"{key:<26}{value!s:>12}")
+    write_result(
+        RESULT.with_name("bench_faults_async.json"),
+        summary=summary,
+        runs={"fault_free": fault_free, "faulty": faulty},
+    )
+
+
 def node_trial(cluster, group, detector, replacer, seen: int, grad_buckets: int) -> dict:
     """A spare node joins, then the node of the group's last rank is removed mid-training: the ranks
     on it must be named (crash) and replaced on the spare, and the group must train again."""
@@ -630,6 +781,11 @@ def main() -> None:
     parser.add_argument(
         "--node", action="store_true", help="the whole-node cells (a multi-node local cluster) instead"
     )
+    parser.add_argument(
+        "--async-rollout",
+        action="store_true",
+        help="the rollout-engine crash in the asynchronous job instead",
+    )
     parser.add_argument("--rollout-faults", nargs="*", default=["crash", "hang"], choices=["crash", "hang"])
     parser.add_argument("--hang-timeout-s", type=float, default=5.0, help="rollout_pool.hang_timeout_s")
     parser.add_argument("--steps", type=int, default=12)
@@ -653,6 +809,9 @@ def main() -> None:
         return
     if args.node:
         node_matrix(args)
+        return
+    if args.async_rollout:
+        async_matrix(args)
         return
 
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
