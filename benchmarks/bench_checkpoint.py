@@ -8,7 +8,9 @@ One colocated GRPO job is built once: by default on CPU (two gloo trainer ranks,
 between the four modes, so drift of a shared machine hits all alike. A step's time is the loop's:
 ``rl_step``, the commit of the previous checkpoint (a wait if its persist is still running) and the
 checkpoint call (async: the snapshot to host memory; lazy: starting it; sync: the whole write), as in
-``RLJob.run``.
+``RLJob.run``. Before the rounds each mode checkpoints ``--warmup-checkpoints`` steps, timed apart
+(``warmup_step_s``): its first saves set up what later ones reuse (lazy mode's first writes its host
+buffers with a full ``dcp.save``).
 Reported: median step seconds per mode, the overhead in percent of the no-checkpoint step (also
 paired: each block against the no-checkpoint block of the same round), and the step's parts: the
 ``rl_step`` (longer when a background persist shares the cores), the commit wait and the save call,
@@ -114,6 +116,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--config", help="a job YAML to measure instead of the tiny CPU job")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --config")
+    parser.add_argument(
+        "--warmup-checkpoints", type=int, default=3, help="untimed checkpoints per mode before the rounds"
+    )
     parser.add_argument("--output", type=Path, default=RESULT)
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to measure ('none' always is)"
@@ -129,11 +134,16 @@ def main() -> None:
     job.build_groups()
     try:
         job.rl_step(0)  # warm-up
+        # Each checkpointing mode's first saves set up what later ones reuse (async: pinned host copies;
+        # lazy: its host buffers, the first written by a full dcp.save); timed apart, not in the rounds.
+        step, warmup = 1, {}
+        for mode in modes[1:] if args.warmup_checkpoints else ():
+            warmup[mode] = run_block(job, mode, step, args.warmup_checkpoints)[0]["step_s"]
+            step += args.warmup_checkpoints
         times: dict[str, dict[str, list[float]]] = {mode: {part: [] for part in PARTS} for mode in modes}
         drains: dict[str, list[float]] = {"async": [], "lazy": []}
         on_disk: list[int] = []  # per lazy block: its checkpoints that reached the disk
         block_medians: dict[str, list[float]] = {mode: [] for mode in modes}
-        step = 1
         for round_index in range(args.rounds):
             # Rotate the order so that no mode always follows another.
             order = modes[round_index % len(modes) :] + modes[: round_index % len(modes)]
@@ -172,9 +182,12 @@ def main() -> None:
         "checkpoint_mb": size / 2**20,
         "rounds": args.rounds,
         "steps_per_block": args.steps,
+        "warmup_step_s": warmup,
         "modes": {},
     }
     print(f"\ncheckpoint of {size / 2**20:.1f} MB (model, AdamW moments, RNG, driver state) every step")
+    for mode, seconds in warmup.items():
+        print(f"{mode} warm-up checkpoints: " + ", ".join(f"{t:.2f}" for t in seconds) + " s a step")
     print(
         f"{'mode':<7}{'step s':>8}{'overhead %':>12}{'paired % (min..max)':>26}{'rl_step s':>11}"
         f"{'commit wait s':>15}{'save call s':>13}"

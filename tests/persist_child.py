@@ -9,6 +9,8 @@ either point. Before each save it also writes the step's weights and first momen
 ``checkpoint_mode=lazy`` does, a :class:`BackgroundSaver` with ``lazy`` into a memory tier (``ROOT.memory``) whose snapshot
 overlaps the next step, committed before that step's save, then copied to ROOT by a
 :class:`DiskPersister`; it prints ``memory N`` once step N is committed to the memory tier.
+``slots ROOT``: lazy saves into the memory tier only, an older checkpoint removed as the persister
+prunes, another kept; prints the inodes of the checkpoints' shard files and of the host buffers'.
 ``check ROOT``: loads the newest complete checkpoint (of both tiers) and prints, as JSON, its step and
 whether its tensors are bit for bit the ones training held at that step.
 The reference is what training held, not a recomputation: a CPU GEMM need not give the same bits in
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -26,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from raylane.fault_tolerance import (
+    HOST_BUFFERS_DIR,
     BackgroundSaver,
     CheckpointStore,
     DiskPersister,
@@ -41,7 +45,8 @@ def train_objects():
     torch.manual_seed(0)
     model = torch.nn.Sequential(*(torch.nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    # A learning rate that changes every step: checkpoints must hold their own step's.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     return model, optimizer, scheduler
 
 
@@ -71,12 +76,23 @@ def _tensors(model, optimizer) -> dict[str, list[torch.Tensor]]:
     return {
         "weights": [p.detach().clone() for p in params],
         "moments": [optimizer.state[p]["exp_avg"].clone() for p in params],
+        "lr": [torch.tensor(group["lr"]) for group in optimizer.param_groups],
     }
 
 
 def _init_world() -> None:
     store = os.path.join(tempfile.mkdtemp(), "store")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+
+
+def _save(saver, store, model, optimizer, scheduler, step: int, **options) -> None:
+    saver.save(
+        store.staging(step), model, optimizer, scheduler, step, rank=0, extra={"step": step}, **options
+    )
+
+
+def _host_dir(memory) -> str:
+    return os.path.join(memory.root, HOST_BUFFERS_DIR)
 
 
 def train(root: str, steps: int) -> None:
@@ -86,16 +102,7 @@ def train(root: str, steps: int) -> None:
     for step in range(1, steps + 1):
         train_step(model, optimizer, scheduler, step)
         _save_reference(root, model, optimizer, step)
-        saver.save(
-            store.staging(step),
-            model,
-            optimizer,
-            scheduler,
-            step,
-            rank=0,
-            extra={"step": step},
-            writer_threads=2,
-        )
+        _save(saver, store, model, optimizer, scheduler, step, writer_threads=2)
         print(f"snapshot {step}", flush=True)
         saver.wait()
         store.commit(step)
@@ -125,13 +132,37 @@ def lazy(root: str, steps: int) -> None:
         _save_reference(root, model, optimizer, step)
         if step < steps:
             backward(model, step + 1)
-        saver.save(memory.staging(step), model, optimizer, scheduler, step, rank=0, extra={"step": step})
+        _save(saver, memory, model, optimizer, scheduler, step, host_dir=_host_dir(memory))
     saver.wait()
     memory.commit(steps)
     persister.offer(steps)
     print(f"memory {steps}", flush=True)
     persister.drain()
     print("drained", flush=True)
+
+
+def slots(root: str) -> None:
+    """Lazy saves into a memory tier whose older checkpoints are removed or kept as the test of the host
+    buffers needs; prints, as JSON, the inode of each checkpoint's shard file and of each slot's."""
+    _init_world()
+    model, optimizer, scheduler = train_objects()
+    memory, saver = CheckpointStore(f"{root}.memory"), BackgroundSaver(lazy=True)
+    host_dir, shards = _host_dir(memory), {}
+    for step in range(1, 5):
+        train_step(model, optimizer, scheduler, step)
+        _save_reference(root, model, optimizer, step)
+        _save(saver, memory, model, optimizer, scheduler, step, host_dir=host_dir)
+        saver.wait()
+        shards[step] = os.stat(os.path.join(memory.commit(step), "dcp", "__0_0.distcp")).st_ino
+        if step == 2:
+            # As the disk persister prunes: step 1's checkpoint goes, step 2's stays (being copied).
+            shutil.rmtree(memory.path(1))
+    slot_files = sorted(
+        (os.path.relpath(folder, host_dir), os.stat(os.path.join(folder, "__0_0.distcp")).st_ino)
+        for folder, _, names in os.walk(host_dir)
+        if "__0_0.distcp" in names
+    )
+    print(json.dumps({"shards": shards, "slots": slot_files}))
 
 
 def _compare(path: str) -> dict:
@@ -141,7 +172,7 @@ def _compare(path: str) -> dict:
     loaded, held = _tensors(model, optimizer), torch.load(_reference_path(os.path.dirname(path), step))
     same = {
         f"same_{kind}": all(torch.equal(a, b) for a, b in zip(loaded[kind], held[kind], strict=True))
-        for kind in ("weights", "moments")
+        for kind in ("weights", "moments", "lr")
     }
     return {"step": step, **same}
 
@@ -163,5 +194,7 @@ if __name__ == "__main__":
         train(root, int(rest[0]))
     elif command == "lazy":
         lazy(root, int(rest[0]))
+    elif command == "slots":
+        slots(root)
     else:
         check(root, *rest)

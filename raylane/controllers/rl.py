@@ -33,7 +33,12 @@ from raylane.controllers.weight_sync import WeightSync
 from raylane.fault_tolerance import FaultSupervisor, RanksReplaced
 from raylane.fault_tolerance.checkpoint import CheckpointLoadError
 from raylane.fault_tolerance.checkpoint_store import COMPLETE_MARKER, CheckpointStore, is_complete
-from raylane.fault_tolerance.checkpoint_tiers import DiskPersister, memory_tier_dir, newest_checkpoint
+from raylane.fault_tolerance.checkpoint_tiers import (
+    HOST_BUFFERS_DIR,
+    DiskPersister,
+    memory_tier_dir,
+    newest_checkpoint,
+)
 from raylane.models import Tokenizer
 from raylane.rlhf import (
     AdvantageConfig,
@@ -507,6 +512,7 @@ class RLJob:
                 extra if name == "actor" else {},
                 mode,
                 self.config.checkpoint_writer_threads,
+                os.path.join(store.root, HOST_BUFFERS_DIR, name) if mode == "lazy" else None,
             )
         self._persisting = (step, store)
         if mode == "sync":

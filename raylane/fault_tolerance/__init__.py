@@ -20,6 +20,7 @@ from raylane.fault_tolerance.checkpoint import (
 )
 from raylane.fault_tolerance.checkpoint_store import COMPLETE_MARKER, CheckpointStore, is_complete
 from raylane.fault_tolerance.checkpoint_tiers import (
+    HOST_BUFFERS_DIR,
     DiskPersister,
     copy_checkpoint,
     memory_tier_dir,
@@ -61,6 +62,7 @@ from raylane.fault_tolerance.worker import ProbedWorker
 __all__ = [
     "COMPLETE_MARKER",
     "FAULT_KINDS",
+    "HOST_BUFFERS_DIR",
     "SIGNALS",
     "BackgroundSaver",
     "CheckpointLoadError",

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed._state_dict_utils import CompanionMismatch, _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -32,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from raylane.fault_tolerance.checkpoint_slots import HostSlots
 from raylane.models import ModelConfig, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -143,53 +143,6 @@ def save_train_state(
         logger.info("saved checkpoint of step %d to %s", step, path)
 
 
-class _HostCopy:
-    """Host buffers for one rank's training state, allocated at the first snapshot and reused by every
-    later one: pinned where CUDA is present, so a snapshot is one device-to-host copy on a side stream
-    into memory that is already paged in and registered (torch 2.11's ``DefaultStager`` pinned anew for
-    every snapshot; with it an H200 job's step grew from 1.2 to 4.9 s)."""
-
-    def __init__(self) -> None:
-        self.cuda = torch.cuda.is_available()
-        self._buffers: dict | None = None
-        self._stream = torch.cuda.Stream() if self.cuda else None
-        self._copied = torch.cuda.Event() if self.cuda else None
-
-    def start(self, state: dict) -> Callable[[], dict]:
-        """Start copying ``state`` into the buffers; returns the call that finishes it, giving ``state``
-        with the buffers for its tensors. On CUDA the copy is queued now on a side stream, after the
-        work queued so far, and finishing waits for it; on CPU finishing is the copy."""
-        if not self.cuda:
-            return lambda: self._copy(state)
-        self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
-            copied = self._copy(state)
-        self._copied.record(self._stream)
-
-        # ``state`` stays referenced until the copy is done: a temporary among its tensors freed now
-        # could be handed to the next step's kernels while the side stream still reads it.
-        def finish(sources: dict = state) -> dict:
-            self._copied.synchronize()
-            return copied
-
-        return finish
-
-    @torch.no_grad()  # it may run in a forward pre-hook, in grad mode
-    def _copy(self, state: dict) -> dict:
-        if self._buffers is not None:
-            try:
-                return _copy_state_dict(state, self._buffers, non_blocking=self.cuda)
-            except CompanionMismatch:
-                pass  # the state's layout changed (the optimizer's first step adds its moments)
-        self._buffers = _create_cpu_state_dict(state, pin_memory=self.cuda)
-        return _copy_state_dict(state, self._buffers, non_blocking=self.cuda)
-
-    def order_after(self) -> None:
-        """Make work queued from now on the current CUDA stream start after the copy (no host wait)."""
-        if self._copied is not None:
-            torch.cuda.current_stream().wait_event(self._copied)
-
-
 class BackgroundSaver:
     """One rank's asynchronous checkpoints: :meth:`save` snapshots the shards to host memory and returns,
     while a thread writes them. At most one write is in flight: a new save first waits for the previous
@@ -204,20 +157,23 @@ class BackgroundSaver:
     With ``lazy`` (DataStates' idea) :meth:`save` returns before the snapshot is taken: the copy to
     host memory starts at the model's next forward, so that it overlaps training rather than a
     colocated engine's decoding, and runs while the step goes on (on CUDA on a side stream, on CPU in
-    the writer thread). Parameters and optimizer state change only in the optimizer step, so that is what
-    waits: a step pre-hook on the snapshotted optimizer orders it after the copy (on CUDA on the
-    device, without blocking the host), so the snapshot of step k cannot hold step k+1's state;
-    anything else that writes the state in place calls :meth:`wait_snapshot` first."""
+    the writer thread). Its host buffers are the memory tier's shard files (:class:`HostSlots`, under
+    ``host_dir``): the copy writes the checkpoint, and publishing it is a hard link per file. The first
+    lazy save, and one after the state's layout changes, writes with ``dcp.save`` before returning.
+    Parameters and optimizer state change only in the optimizer step, so that is what waits: a step
+    pre-hook on the snapshotted optimizer orders it after the copy (on CUDA on the device, without
+    blocking the host), so the snapshot of step k cannot hold step k+1's state; anything else that
+    writes the state in place calls :meth:`wait_snapshot` first."""
 
     def __init__(self, lazy: bool = False) -> None:
         self.lazy = lazy
         self._group: dist.ProcessGroup | None = None
         self._writer: FileSystemWriter | None = None
-        self._host: _HostCopy | None = None
+        self._slots: HostSlots | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._snapshot: Future | None = None
         self._persist: Future | None = None
-        self._pending: tuple[dict, FileSystemWriter] | None = None
+        self._pending: tuple[Callable[[], Callable[[], None]], Callable[[], None]] | None = None
         self._hooked: set[int] = set()
 
     def save(
@@ -230,15 +186,22 @@ class BackgroundSaver:
         rank: int,
         extra: dict,
         writer_threads: int = 1,
+        host_dir: str | None = None,
     ) -> None:
-        """Collective, like :func:`save_train_state`; returns once the snapshot is taken (``lazy``: at once)."""
+        """Collective, like :func:`save_train_state`; returns once the snapshot is taken (``lazy``: at once).
+        ``lazy`` needs ``host_dir``: a folder on the filesystem of ``path`` (the memory tier) for the
+        host buffers, one per role, kept from save to save."""
+        if self.lazy and host_dir is None:
+            raise ValueError(
+                "a lazy BackgroundSaver needs host_dir, a folder beside the memory tier's checkpoints"
+            )
         self.wait()
         if self._group is None:
             self._group = dist.new_group(backend="gloo")
         # Small and host-side (RNG, schedule, ``extra``): written now, at the step boundary.
         _save_rank_files(path, scheduler, step, rank, extra)
         if self.lazy:
-            self._save_lazily(path, model, optimizer, writer_threads)
+            self._save_lazily(path, model, optimizer, writer_threads, host_dir)
             return
         if self._writer is None or self._writer.thread_count != writer_threads:
             # The writer holds the host copies; DCP points it at each new checkpoint_id.
@@ -253,15 +216,29 @@ class BackgroundSaver:
         )
 
     def _save_lazily(
-        self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer, writer_threads: int
+        self,
+        path: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        writer_threads: int,
+        host_dir: str,
     ) -> None:
-        if self._host is None:
-            self._host = _HostCopy()
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylane-lazy-checkpoint")
+        if self._slots is None or self._slots.root != host_dir:
+            if self._slots is not None:
+                self._slots.close()
+            self._slots = HostSlots(host_dir, self._group)
+            self._thread = self._thread or ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="raylane-lazy-checkpoint"
+            )
         if id(optimizer) not in self._hooked:
             optimizer.register_step_pre_hook(lambda *_: self._order_step_after_snapshot())
             self._hooked.add(id(optimizer))
-        self._pending = (_train_state(model, optimizer), _shard_writer(path, writer_threads))
+        state, dcp_dir = _train_state(model, optimizer), os.path.join(path, _DCP_DIR)
+        slot, flat = self._slots.acquire(state)
+        if slot is None:
+            self._slots.rebuild(state, flat, writer_threads).publish(dcp_dir)
+            return
+        self._pending = (lambda: self._slots.start_copy(slot, flat), lambda: slot.publish(dcp_dir))
         # On a GPU the copy engine would hold back every small device-to-host read queued behind 4 GB of
         # state (a colocated engine reads its sampled tokens each decode step), so the copy waits for
         # the model's next forward (training, where no such reads are), its optimizer step or a wait.
@@ -272,20 +249,18 @@ class BackgroundSaver:
     def _start_pending(self) -> None:
         if self._pending is None:
             return
-        (state, writer), self._pending = self._pending, None
-        snapshot, group = self._thread.submit(self._host.start(state)), self._group
-        # Queued behind the snapshot on the same thread: the copy is in the buffers when it runs.
-        self._persist = self._thread.submit(
-            lambda: dcp.save(snapshot.result(), storage_writer=writer, process_group=group)
-        )
+        (start, publish), self._pending = self._pending, None
+        snapshot = self._thread.submit(start())
+        # Queued behind the snapshot on the same thread: the copy is in the files when it runs.
+        self._persist = self._thread.submit(lambda: (snapshot.result(), publish()))
         self._snapshot = snapshot
 
     def _order_step_after_snapshot(self) -> None:
         self._start_pending()
         if self._snapshot is None:
             return
-        if self._host.cuda:
-            self._host.order_after()
+        if self._slots.cuda:
+            self._slots.order_after()
         else:
             self._snapshot.result()
 

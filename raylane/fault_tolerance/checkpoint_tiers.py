@@ -24,6 +24,8 @@ from raylane.fault_tolerance.checkpoint_store import CheckpointStore
 logger = logging.getLogger(__name__)
 
 MEMORY_TIER_ROOT = "/dev/shm/raylane-checkpoints"
+# Under the memory tier's root: the lazy savers' host buffers, the files its checkpoints link.
+HOST_BUFFERS_DIR = ".host"
 
 
 def memory_tier_dir(output_dir: str) -> str:

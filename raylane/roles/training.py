@@ -232,17 +232,23 @@ class CheckpointedTrainer(Worker):
 
     @register(Dispatch.ONE_TO_ALL)
     def save_checkpoint(
-        self, path: str, extra: dict | None = None, mode: str = "sync", writer_threads: int = 1
+        self,
+        path: str,
+        extra: dict | None = None,
+        mode: str = "sync",
+        writer_threads: int = 1,
+        host_dir: str | None = None,
     ) -> None:
         """Distributed checkpoint of model, optimizer, LR schedule, RNG and ``extra`` (e.g. data position),
         its shards written by ``writer_threads`` threads per rank. ``mode`` is the job's
         ``checkpoint_mode``: ``sync`` returns once written; ``async`` once the state is snapshotted to
         host memory, persisting it while the caller goes on; ``lazy`` at once, the snapshot taken
-        before this role's next optimizer step. :meth:`wait_checkpoint` waits for the write."""
+        before this role's next optimizer step, into host buffers that are files in ``host_dir`` (a folder
+        beside the memory tier's checkpoints). :meth:`wait_checkpoint` waits for the write."""
         state = (self.model, self.optimizer, self.scheduler, self.global_step, self.rank, extra or {})
         self.wait_checkpoint()
         if mode == "lazy":
-            self._lazy_saver.save(path, *state, writer_threads=writer_threads)
+            self._lazy_saver.save(path, *state, writer_threads=writer_threads, host_dir=host_dir)
         elif mode == "async":
             self._background_saver.save(path, *state, writer_threads=writer_threads)
         else:
