@@ -18,6 +18,7 @@ import ray
 import redis
 import yaml
 
+from raylane.fault_tolerance import CheckpointStore, is_complete, memory_tier_dir
 from raylane.rlhf import TrajectoryGroup
 
 STEPS, PROMPTS, SAMPLES = 6, 4, 2
@@ -109,31 +110,49 @@ def check_exactly_once(output_dir: str, redis_url: str, stream_key: str) -> None
         assert set(TrajectoryGroup.decode(fields[b"group"]).uids) <= expected
 
 
-@pytest.mark.parametrize("checkpoint_mode", ["sync", "async"])
+@pytest.mark.parametrize("checkpoint_mode", ["sync", "async", "lazy"])
 def test_driver_killed_mid_run_resumes_and_trains_each_trajectory_once(
     ray_cluster, redis_url, tmp_path, checkpoint_mode
 ):
     key = f"kill-driver-{checkpoint_mode}"
     config = write_job(tmp_path, redis_url, key, checkpoint_mode=checkpoint_mode)
     output_dir = str(tmp_path / "job")
-    driver = start_driver(config)
+    if checkpoint_mode == "lazy":
+        # A checkpoint every step, the disk tier held back after its first copy: the run is killed
+        # with newer checkpoints in memory than on disk, whose batches the stream has not acknowledged.
+        overrides, kill_after = (
+            ["checkpoint_every=1", "checkpoint_disk_interval_s=600"],
+            os.path.join(memory_tier_dir(output_dir), "step_3"),
+        )
+    else:
+        overrides, kill_after = [], os.path.join(output_dir, "checkpoints", "step_3")
+    driver = start_driver(config, *overrides)
     wait_for_step(driver, output_dir, 4)
     # An async checkpoint commits (and acknowledges its batches) at the end of the next step, once
     # that step has trained.
-    while not os.path.isdir(os.path.join(output_dir, "checkpoints", "step_3")):
+    while not os.path.isdir(kill_after):
         assert driver.poll() is None, f"the driver exited early: {driver.stderr.read()[-3000:]}"
         time.sleep(0.01)
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=30)
-    # Step 4 was trained after the last checkpoint (step 3): its groups were taken but not committed.
-    assert latest_checkpoint(output_dir).endswith("step_3")
-    resumed = start_driver(config, f"resume_from={latest_checkpoint(output_dir)}")
+    if checkpoint_mode == "lazy":
+        assert latest_checkpoint(output_dir).endswith("step_1"), "the disk tier was not held back"
+        newest_in_memory = CheckpointStore(memory_tier_dir(output_dir)).complete_steps()[-1]
+        resumed = start_driver(config, *overrides, "resume_from=latest")
+    else:
+        # Step 4 was trained after the last checkpoint (step 3): its groups were taken but not committed.
+        assert latest_checkpoint(output_dir).endswith("step_3")
+        resumed = start_driver(config, f"resume_from={latest_checkpoint(output_dir)}")
     code, err = finish(resumed)
     assert code == 0, err[-3000:]
     check_exactly_once(output_dir, redis_url, key)
-    if checkpoint_mode == "async":
+    if checkpoint_mode == "lazy":
+        # The resume acknowledged the batches trained up to that memory checkpoint, so it went to disk
+        # first (the disk tier, held back, would not have copied it): a lost node cannot undo them.
+        assert is_complete(os.path.join(output_dir, "checkpoints", f"step_{newest_in_memory}"))
+    if checkpoint_mode != "sync":
         # The check below compares the stream's commits with the resumed step, whichever way that
-        # checkpoint was written (resuming from an async one is checked just above): once is enough.
+        # checkpoint was written (resuming from an async or lazy one is checked just above): once is enough.
         return
     # Resuming from an older checkpoint than the stream's commits stops with what to do, not a hang.
     stale = start_driver(config, f"resume_from={os.path.join(output_dir, 'checkpoints', 'step_3')}")

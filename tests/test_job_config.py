@@ -77,8 +77,9 @@ def test_async_job_loads_and_says_what_it_needs(caplog):
     assert config.actor.loss.off_policy_correction == "decoupled"
     with pytest.raises(ConfigError, match=r"placement\.mode=disaggregated with one rollout replica"):
         load_config(JobConfig, "examples/grpo_async.yaml", ["placement.mode=colocated"])
-    with pytest.raises(ConfigError, match=r"checkpoint_mode=lazy does not work with async_rl"):
-        load_config(JobConfig, "examples/grpo_async.yaml", ["checkpoint_mode=lazy"])
+    assert (
+        load_config(JobConfig, "examples/grpo_async.yaml", ["checkpoint_mode=lazy"]).checkpoint_mode == "lazy"
+    )
     with pytest.raises(ConfigError, match=r"not task\.reward_model"):
         load_config(JobConfig, "examples/grpo_async.yaml", ["task.reward_model=/some/model"])
     with caplog.at_level(logging.WARNING):

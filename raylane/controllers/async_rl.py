@@ -10,7 +10,7 @@ The rollout engine waits for the trainer only when the bound admits nothing more
 lands between two of its calls and the samples in flight carry on (``async_rl.partial_rollout``).
 The trainer waits for groups still generating only as long as the deadlines require (see
 ``StalenessBound.select_batch``). Training is exactly-once by trajectory uid through the stream
-(``raylane.streaming``); a checkpoint saves the receipts of the batches since the last one and
+(``raylane.streaming``); a checkpoint saves the receipts of the batches not yet acknowledged and
 commits them once it is complete on disk, and a resumed job commits them again. A rollout engine
 that dies is replaced while the trainer goes on: the new one joins with the current weights and
 generates again the groups the dead one held.
@@ -136,7 +136,13 @@ class AsyncRLJob(RLJob):
         return {
             "admission": self.admission.state_dict(),
             "base_version": self._base_version,
-            "receipts": [receipt.to_dict() for receipt in self._uncommitted],
+            # Every batch not yet acknowledged, not only those since the last checkpoint: in lazy mode
+            # a resume may start from a memory-tier checkpoint newer than the last one on disk.
+            "receipts": [
+                r.to_dict()
+                for step in sorted(self._persisting_receipts)
+                for r in self._persisting_receipts[step]
+            ],
         }
 
     def load_driver_state(self, extra: dict, in_place: bool = False) -> None:
@@ -167,7 +173,9 @@ class AsyncRLJob(RLJob):
         return path
 
     def checkpoint_committed(self, step: int) -> None:
-        self.stream.commit(self._persisting_receipts.pop(step))
+        # Lazy mode's disk tier skips checkpoints for newer ones: ``step`` covers every one before it.
+        for covered in [s for s in self._persisting_receipts if s <= step]:
+            self.stream.commit(self._persisting_receipts.pop(covered))
 
     def warm_start(self) -> None:
         super().warm_start()

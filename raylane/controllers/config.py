@@ -318,12 +318,6 @@ class JobConfig(StrictConfig):
                 f"rollout replica (placement.rollout_ranks = placement.rollout_tp); got mode "
                 f"{self.placement.mode!r} and {rollout_replicas} replicas"
             )
-        if self.checkpoint_mode == "lazy":
-            raise ValueError(
-                "checkpoint_mode=lazy does not work with async_rl yet: the stream records trajectories as "
-                "trained when a checkpoint reaches the disk, so a run resumed from a newer memory-tier "
-                "checkpoint would train some of them twice; use checkpoint_mode=async"
-            )
         if self.task.reward_model is not None:
             raise ValueError(
                 "async_rl scores each group on the rollout worker with a verifier: use task.reward_fn, "

@@ -36,6 +36,7 @@ from raylane.fault_tolerance.checkpoint_store import COMPLETE_MARKER, Checkpoint
 from raylane.fault_tolerance.checkpoint_tiers import (
     HOST_BUFFERS_DIR,
     DiskPersister,
+    copy_checkpoint,
     memory_tier_dir,
     newest_checkpoint,
 )
@@ -577,6 +578,19 @@ class RLJob:
         """Called once the checkpoint of ``step`` is complete on disk (lazy mode: that of a step at
         least as new as every step acknowledged before); a subclass acts on it."""
 
+    def _persist_before_resuming(self, memory_path: str) -> str:
+        """Copy a memory-tier checkpoint to the disk store (unless there already) and return its path
+        there. Resuming acknowledges what it trained (the asynchronous job's stream entries): were the
+        node lost before the disk caught up, a resume from the disk's older checkpoint would lack them."""
+        step = int(os.path.basename(memory_path).removeprefix("step_"))
+        if not is_complete(self.checkpoints.path(step)):
+            copy_checkpoint(
+                memory_path, self.checkpoints.staging(step), self.config.checkpoint_writer_threads
+            )
+            self.checkpoints.commit(step)
+            logger.info("copied the memory-tier checkpoint %s to disk before resuming from it", memory_path)
+        return self.checkpoints.path(step)
+
     def resume(self, path: str, in_place: bool = False) -> None:
         """Load checkpoint ``path`` (or ``"latest"``): trainers, driver state, metrics, step and
         version, and sync the engines; ``in_place`` as in :meth:`load_driver_state`."""
@@ -593,6 +607,8 @@ class RLJob:
                 "interrupted, or it is not a step_* folder); resume from a complete step_* folder or "
                 "resume_from=latest"
             )
+        if os.path.dirname(os.path.abspath(path)) == os.path.abspath(self.memory_checkpoints.root):
+            path = self._persist_before_resuming(path)
         self.last_checkpoint = path
         extra = self.actor.load_checkpoint(os.path.join(path, "actor"))[0]
         if self.critic is not None:
