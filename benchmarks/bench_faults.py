@@ -39,6 +39,10 @@ groups. Per kill: the time until the job starts replacing the engine and how lon
 takes; over the run: steps lost, groups generated again, accepted trajectories lost or trained twice
 (by uid, from the run's ``trained.jsonl``), samples beyond the staleness bound, the wall time against
 the fault-free run, and engine replacements in the fault-free run (false alarms).
+``--async-trainer``: the same with two trainer ranks and fault tolerance on (a checkpoint every
+step), trainer rank 1 SIGKILLed as each ``--fault-every``-th step starts (the trainer waiting for its
+batch): the detector's crash event against the kill (detection), the rank replacement's seconds, the
+culprit named (the killed pid, rank 1 only), and the same counts; the engine goes on generating.
 
 The reward worker runs in the trainer ranks' processes (a role of the same actor), so its faults
 are trainer-rank faults; it has no cell of its own.
@@ -56,6 +60,7 @@ lost (started but not kept) and rollouts lost (generated in steps not kept).
     python benchmarks/bench_faults.py --rollout [--trials 5]
     python benchmarks/bench_faults.py --node [--trials 5]
     python benchmarks/bench_faults.py --async-rollout [--trials 5 --fault-every 4]
+    python benchmarks/bench_faults.py --async-trainer [--trials 5 --fault-every 4]
     python benchmarks/bench_faults.py --goodput [--steps 12 --fault-every 4 --checkpoint-every 1 --trainer-ranks 2]
 """
 
@@ -529,11 +534,17 @@ def rollout_matrix(args: argparse.Namespace) -> None:
 ASYNC_PROMPTS, ASYNC_SAMPLES = 4, 2
 
 
-def async_config(output_dir: Path, steps: int, max_replacements: int) -> JobConfig:
+def async_config(
+    output_dir: Path, steps: int, max_replacements: int, trainer_faults: bool = False
+) -> JobConfig:
+    """The asynchronous job of the async cells; ``trainer_faults``: two trainer ranks, fault tolerance
+    on (a replaced rank rolls the trainer back to the checkpoint of the step before)."""
     return JobConfig.model_validate(
         {
             "output_dir": str(output_dir),
             "steps": steps,
+            "checkpoint_every": 1 if trainer_faults else 0,
+            "fault_tolerance": {"enabled": trainer_faults, "max_replacements": 2 * max_replacements + 1},
             "prompts_per_step": ASYNC_PROMPTS,
             "eval_every": 0,
             "sft": {"steps": 0},
@@ -543,7 +554,7 @@ def async_config(output_dir: Path, steps: int, max_replacements: int) -> JobConf
             "actor": {"micro_batch_size": 8, "loss": {"off_policy_correction": "decoupled"}},
             "placement": {
                 "mode": "disaggregated",
-                "trainer_ranks": 1,
+                "trainer_ranks": 2 if trainer_faults else 1,
                 "rollout_ranks": 1,
                 "cpus_per_bundle": 0.5,
             },
@@ -557,26 +568,41 @@ def async_config(output_dir: Path, steps: int, max_replacements: int) -> JobConf
     )
 
 
-class EngineKilledAsyncJob(AsyncRLJob):
-    """The asynchronous job with its rollout engine SIGKILLed as it is handed the first group numbered
-    at least each of ``kill_at`` (so it dies holding groups); records every group sent to an engine,
-    each kill's time and pid and each replacement's start, end and the pids it found dead."""
+class _AdmissionRecordingJob(AsyncRLJob):
+    """The asynchronous job recording every group sent to an engine and each kill's time and pid.
+    A subclass's ``fault_timings()`` gives, per kill, the seconds until the job acted on it and until
+    it was repaired, and how many kills had their culprit named (the killed pid, and only it)."""
 
-    def __init__(self, config: JobConfig, kill_at: list[int]) -> None:
+    def __init__(self, config: JobConfig) -> None:
         super().__init__(config)
-        self.kill_at = sorted(kill_at)
         self.admitted: list[str] = []
         self.kills: list[tuple[float, int]] = []  # (time, pid)
-        self.replacements: list[tuple[float, float, list[int]]] = []  # (start, end, pids found dead)
 
     def _admit(self):
         requests = super()._admit()
         self.admitted += [request.group_id for request in requests]
+        return requests
+
+    def _kill(self, group) -> None:
+        node = group.nodes[-1]
+        self.kills.append((time.time(), node.pid))
+        signal_process(node.node_id, node.pid, signal.SIGKILL)
+
+
+class EngineKilledAsyncJob(_AdmissionRecordingJob):
+    """The rollout engine SIGKILLed as it is handed the first group numbered at least each of
+    ``kill_at`` (so it dies holding groups); each replacement's start, end and the pids it found dead."""
+
+    def __init__(self, config: JobConfig, kill_at: list[int]) -> None:
+        super().__init__(config)
+        self.kill_at = sorted(kill_at)
+        self.replacements: list[tuple[float, float, list[int]]] = []  # (start, end, pids found dead)
+
+    def _admit(self):
+        requests = super()._admit()
         if self.kill_at and any(int(request.group_id[1:]) >= self.kill_at[0] for request in requests):
             self.kill_at.pop(0)
-            node = self.rollout_group.nodes[0]
-            self.kills.append((time.time(), node.pid))
-            signal_process(node.node_id, node.pid, signal.SIGKILL)
+            self._kill(self.rollout_group)
         return requests
 
     def _replace_engine(self, error: BaseException) -> None:
@@ -585,12 +611,48 @@ class EngineKilledAsyncJob(AsyncRLJob):
         super()._replace_engine(error)
         self.replacements.append((started, time.time(), dead))
 
+    def fault_timings(self) -> tuple[list[float], list[float], int]:
+        detections = [start - killed for (killed, _), (start, _, _) in zip(self.kills, self.replacements)]
+        recoveries = [end - start for start, end, _ in self.replacements]
+        named = sum(dead == [pid] for (_, pid), (_, _, dead) in zip(self.kills, self.replacements))
+        return detections, recoveries, named
 
-def async_run(root: Path, name: str, steps: int, kill_at: list[int]) -> dict:
-    """One asynchronous run; what it trained read back from its ``trained.jsonl`` lineage."""
+
+class TrainerKilledAsyncJob(_AdmissionRecordingJob):
+    """Trainer rank 1 (of 2) SIGKILLed as each step of ``kill_steps`` starts, while the trainer waits
+    for its batch; the detector names the crash and the supervisor replaces the rank."""
+
+    def __init__(self, config: JobConfig, kill_steps: list[int]) -> None:
+        super().__init__(config)
+        self.kill_steps = set(kill_steps)
+        self.replaced: tuple = ()  # the supervisor's replacements, kept past the run's shutdown
+
+    def _recover(self, step_in_flight: int) -> None:
+        super()._recover(step_in_flight)
+        self.replaced = tuple(self.supervisor.replacer.history)
+
+    def rl_step(self, step: int) -> dict[str, float]:
+        if step in self.kill_steps:
+            self.kill_steps.discard(step)
+            self._kill(self.trainer_group)
+        return super().rl_step(step)
+
+    def fault_timings(self) -> tuple[list[float], list[float], int]:
+        done = self.replaced
+        detections = [r.event.detected_at - killed for (killed, _), r in zip(self.kills, done)]
+        named = sum(
+            r.event.kind == "crash" and r.ranks == (1,) and r.old_pid == pid
+            for (_, pid), r in zip(self.kills, done)
+        )
+        return detections, [r.seconds for r in done], named
+
+
+def async_run(root: Path, name: str, steps: int, make_job) -> dict:
+    """One asynchronous run of the job ``make_job(output_dir)`` builds; what it trained read back
+    from its ``trained.jsonl`` lineage."""
     output_dir = root / name
     shutil.rmtree(output_dir, ignore_errors=True)
-    job = EngineKilledAsyncJob(async_config(output_dir, steps, max_replacements=len(kill_at)), kill_at)
+    job = make_job(output_dir)
     started = time.monotonic()
     history = job.run()
     wall_s = time.monotonic() - started
@@ -600,13 +662,11 @@ def async_run(root: Path, name: str, steps: int, kill_at: list[int]) -> dict:
     # Accepted: every sample of every group sent to an engine (a group the dead engine held is
     # generated again, so each is expected once).
     expected = {f"{group}-{s}" for group in set(job.admitted) for s in range(ASYNC_SAMPLES)}
-    detections = [start - killed for (killed, _), (start, _, _) in zip(job.kills, job.replacements)]
-    recoveries = [end - start for start, end, _ in job.replacements]
-    culprits_named = sum(dead == [pid] for (_, pid), (_, _, dead) in zip(job.kills, job.replacements))
+    detections, recoveries, culprits_named = job.fault_timings()
     return {
         "wall_s": wall_s,
         "kills": len(job.kills),
-        "replacements": len(job.replacements),
+        "replacements": len(recoveries),
         "culprits_named": culprits_named,
         "detection_s": detections,
         "recovery_s": recoveries,
@@ -625,15 +685,26 @@ def async_run(root: Path, name: str, steps: int, kill_at: list[int]) -> dict:
     }
 
 
-def async_matrix(args: argparse.Namespace) -> None:
-    """The rollout-engine crash in the asynchronous job: ``--trials`` kills in one run, one every
-    ``--fault-every`` steps' worth of groups, against a fault-free run of as many steps."""
+def async_matrix(args: argparse.Namespace, role: str) -> None:
+    """A crash of the asynchronous job's rollout engine or trainer rank (``role``): ``--trials``
+    kills in one run, one every ``--fault-every`` steps (the engine: steps' worth of groups), against
+    a fault-free run of as many steps."""
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    root = Path(args.output_dir) / "async"
+    root = Path(args.output_dir) / f"async_{role}"
     steps = args.fault_every * (args.trials + 1)
-    kill_at = [(trial + 1) * args.fault_every * ASYNC_PROMPTS for trial in range(args.trials)]
-    fault_free = async_run(root, "fault_free", steps, [])
-    faulty = async_run(root, "faulty", steps, kill_at)
+    kill_at = [(trial + 1) * args.fault_every for trial in range(args.trials)]
+
+    def make_job(faults: list[int]):
+        def build(output_dir: Path) -> _AdmissionRecordingJob:
+            config = async_config(output_dir, steps, len(faults), trainer_faults=role == "trainer")
+            if role == "trainer":
+                return TrainerKilledAsyncJob(config, faults)
+            return EngineKilledAsyncJob(config, [step * ASYNC_PROMPTS for step in faults])
+
+        return build
+
+    fault_free = async_run(root, "fault_free", steps, make_job([]))
+    faulty = async_run(root, "faulty", steps, make_job(kill_at))
     ray.shutdown()
     detections, recoveries = faulty["detection_s"], faulty["recovery_s"]
     summary = {
@@ -654,13 +725,14 @@ def async_matrix(args: argparse.Namespace) -> None:
         "wall_s_faulty": faulty["wall_s"],
         "time_lost_pct": 100 * (faulty["wall_s"] / fault_free["wall_s"] - 1),
     }
-    print(
-        f"\nrollout engine SIGKILLed in the asynchronous job ({steps} steps, a kill every {args.fault_every})"
-    )
+    victim = "trainer rank 1 of 2" if role == "trainer" else "rollout engine"
+    print(f"\n{victim} SIGKILLed in the asynchronous job ({steps} steps, a kill every {args.fault_every})")
     for key, value in summary.items():
         print(f"{key:<26}{value:>12.3f}" if isinstance(value, float) else f"{key:<26}{value!s:>12}")
     write_result(
-        RESULT.with_name("bench_faults_async.json"),
+        RESULT.with_name(
+            "bench_faults_async.json" if role == "engine" else "bench_faults_async_trainer.json"
+        ),
         summary=summary,
         runs={"fault_free": fault_free, "faulty": faulty},
     )
@@ -786,6 +858,11 @@ def main() -> None:
         action="store_true",
         help="the rollout-engine crash in the asynchronous job instead",
     )
+    parser.add_argument(
+        "--async-trainer",
+        action="store_true",
+        help="a trainer-rank crash in the asynchronous job (fault tolerance on) instead",
+    )
     parser.add_argument("--rollout-faults", nargs="*", default=["crash", "hang"], choices=["crash", "hang"])
     parser.add_argument("--hang-timeout-s", type=float, default=5.0, help="rollout_pool.hang_timeout_s")
     parser.add_argument("--steps", type=int, default=12)
@@ -810,8 +887,8 @@ def main() -> None:
     if args.node:
         node_matrix(args)
         return
-    if args.async_rollout:
-        async_matrix(args)
+    if args.async_rollout or args.async_trainer:
+        async_matrix(args, "engine" if args.async_rollout else "trainer")
         return
 
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)

@@ -49,6 +49,10 @@ class KilledAsyncJob(AsyncRLJob):
 
     def rl_step(self, step: int) -> dict[str, float]:
         if self.phase == "before_update" and step + 1 == KILL_STEP:
+            # The engine first finishes every group the bound admits and the trainer reads them all:
+            # after the rollback none is generating or may start, and only the stream has them.
+            while self._generating or self._admissible() > 0:
+                self._take(self.stream.get(PROMPTS, block_s=0.05))
             self._kill_rank_1()
         return super().rl_step(step)
 

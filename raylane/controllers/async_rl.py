@@ -399,13 +399,16 @@ class AsyncRLJob(RLJob):
                 stalled = chosen is None and not self._generating and self._admissible() <= 0
             if chosen is not None:
                 break
-            if stalled:
+            entries = self.stream.get(self.bound.batch_groups * _READ_BATCHES, block_s=_READ_BLOCK_S)
+            # Stalled only once the stream has nothing more: after a rollback in place every group was
+            # read back once already, and the stream delivers again the ones not trained.
+            if stalled and not entries:
                 raise RuntimeError(
                     f"{len(self._ready)} groups are ready, none is generating and none may start, but a "
                     f"batch needs {self.bound.batch_groups}: the rest were committed as trained by a step "
                     "that is not in the checkpoint this run resumed from; resume from the latest checkpoint"
                 )
-            self._take(self.stream.get(self.bound.batch_groups * _READ_BATCHES, block_s=_READ_BLOCK_S))
+            self._take(entries)
         batch = [self._ready[i] for i in chosen]
         self._ready = [entry for i, entry in enumerate(self._ready) if i not in set(chosen)]
         return sorted(batch, key=lambda entry: _group_number(entry.group.group_id))
