@@ -15,6 +15,7 @@ is held a new one is made by copying one (its layout is the same).
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -195,7 +196,7 @@ class _Slot:
 def _check_cuda(code) -> None:
     if int(code) != 0:
         raise RuntimeError(
-            f"registering a lazy checkpoint's host buffer with CUDA failed (error {int(code)})"
+            f"pinning or unpinning a lazy checkpoint's host buffer with CUDA failed (error {int(code)})"
         )
 
 
@@ -257,8 +258,19 @@ class HostSlots:
         source = self._slots[0]
         folder = os.path.join(self._folder, str(len(self._slots)))
         os.makedirs(folder, exist_ok=True)
-        for path in source.own_files():
-            shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
+        try:
+            for path in source.own_files():
+                shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            size = sum(os.path.getsize(path) for path in source.own_files())
+            raise RuntimeError(
+                f"the memory tier has no room under {self.root} for another host copy of this rank's "
+                f"state ({size / 2**30:.1f} GiB; lazy checkpoints keep about three): give its tmpfs more "
+                "room (the Helm chart's shm size, checkpoint_memory_dir) or use checkpoint_mode=async"
+            ) from exc
         # A copy of a slot holds the same records at the same offsets.
         slot = _Slot(folder, self.rank, source.records, self.cuda)
         self._slots.append(slot)
