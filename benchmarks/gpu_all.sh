@@ -76,7 +76,7 @@ step bench_rollout_in_job 420 python3 benchmarks/bench_rollout_in_job.py --cpus 
 # coalesced) every step, in rotated blocks of one run; no warm-start, only steps and checkpoints.
 step bench_checkpoint_gpu 540 python3 benchmarks/bench_checkpoint.py --config examples/grpo_gpu.yaml \
   --rounds 2 --steps 3 --output "$results/bench_checkpoint_gpu.json"
-# Lazy mode alone against none (more steps for the same time), and what slows a GPU step beside each
+# Lazy mode alone against none (more steps for the same time; its first checkpoints timed apart), and what slows a GPU step beside each
 # part of a checkpoint's pipeline (device-to-host copy, tmpfs write, disk copy).
 step bench_checkpoint_gpu_lazy 360 python3 benchmarks/bench_checkpoint.py --config examples/grpo_gpu.yaml \
   --modes lazy --rounds 2 --steps 4 --output "$results/bench_checkpoint_gpu_lazy.json"

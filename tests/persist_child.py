@@ -39,11 +39,13 @@ from raylane.fault_tolerance import (
 
 # 8 layers of 1024 x 1024 with AdamW's two moments: about 100 MB to persist per checkpoint.
 LAYERS, WIDTH = 8, 1024
+# RAYLANE_TEST_DEVICE=cuda trains on the GPU (by hand on a GPU machine: the tests run it on CPU).
+DEVICE = os.environ.get("RAYLANE_TEST_DEVICE", "cpu")
 
 
 def train_objects():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*(torch.nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)))
+    model = torch.nn.Sequential(*(torch.nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS))).to(DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     # A learning rate that changes every step: checkpoints must hold their own step's.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
@@ -51,7 +53,7 @@ def train_objects():
 
 
 def backward(model, step: int) -> None:
-    inputs = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(step))
+    inputs = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(step)).to(DEVICE)
     model(inputs).square().mean().backward()
 
 
@@ -74,8 +76,8 @@ def _reference_path(root: str, step: int) -> str:
 def _tensors(model, optimizer) -> dict[str, list[torch.Tensor]]:
     params = list(model.parameters())
     return {
-        "weights": [p.detach().clone() for p in params],
-        "moments": [optimizer.state[p]["exp_avg"].clone() for p in params],
+        "weights": [p.detach().cpu() for p in params],
+        "moments": [optimizer.state[p]["exp_avg"].cpu() for p in params],
         "lr": [torch.tensor(group["lr"]) for group in optimizer.param_groups],
     }
 

@@ -150,13 +150,27 @@ class _Slot:
             for name in self.files
         }
         if pin:
-            for mapped in self.maps.values():
-                _check_cuda(torch.cuda.cudart().cudaHostRegister(mapped.data_ptr(), mapped.numel(), 0))
+            self.pinned = self._pin()
         # Byte views: DCP packs its records back to back, so a tensor's data need not be aligned to
         # its element size (sources are copied in as bytes).
         self.tensors = {
             key: self._bytes(record) for key, record in records.items() if record.dtype is not None
         }
+
+    def _pin(self) -> bool:
+        """Register the mapped files with CUDA where they are on tmpfs; elsewhere the kernel refuses to
+        pin file pages for long (and the failed call would poison the next CUDA launch), so they stay
+        unpinned and the copies into them are synchronous and slower."""
+        if not _on_tmpfs(self.folder):
+            logger.warning(
+                "lazy checkpoints' host buffers in %s are not on tmpfs and cannot be pinned: snapshots "
+                "copy to them synchronously; put the memory tier on /dev/shm (checkpoint_memory_dir)",
+                self.folder,
+            )
+            return False
+        for mapped in self.maps.values():
+            _check_cuda(torch.cuda.cudart().cudaHostRegister(mapped.data_ptr(), mapped.numel(), 0))
+        return True
 
     def _bytes(self, record: _Record) -> torch.Tensor:
         return self.maps[record.file][record.offset : record.offset + record.length]
@@ -191,6 +205,20 @@ class _Slot:
             for mapped in self.maps.values():
                 _check_cuda(torch.cuda.cudart().cudaHostUnregister(mapped.data_ptr()))
         self.maps, self.tensors = {}, {}
+
+
+def _on_tmpfs(path: str) -> bool:
+    """Whether ``path`` lies on a tmpfs mount (the deepest mount point above it, from /proc/mounts)."""
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/mounts") as mounts:
+            entries = [line.split()[1:3] for line in mounts]
+    except OSError:
+        return False
+    above = [
+        (point, kind) for point, kind in entries if path == point or path.startswith(point.rstrip("/") + "/")
+    ]
+    return bool(above) and max(above, key=lambda entry: len(entry[0]))[1] == "tmpfs"
 
 
 def _check_cuda(code) -> None:
