@@ -36,9 +36,9 @@ from raylane.fault_tolerance.checkpoint_store import COMPLETE_MARKER, Checkpoint
 from raylane.fault_tolerance.checkpoint_tiers import (
     HOST_BUFFERS_DIR,
     DiskPersister,
-    copy_checkpoint,
     memory_tier_dir,
     newest_checkpoint,
+    persist_to_disk,
 )
 from raylane.models import Tokenizer
 from raylane.rlhf import (
@@ -584,10 +584,7 @@ class RLJob:
         node lost before the disk caught up, a resume from the disk's older checkpoint would lack them."""
         step = int(os.path.basename(memory_path).removeprefix("step_"))
         if not is_complete(self.checkpoints.path(step)):
-            copy_checkpoint(
-                memory_path, self.checkpoints.staging(step), self.config.checkpoint_writer_threads
-            )
-            self.checkpoints.commit(step)
+            persist_to_disk(memory_path, self.checkpoints, step, self.config.checkpoint_writer_threads)
             logger.info("copied the memory-tier checkpoint %s to disk before resuming from it", memory_path)
         return self.checkpoints.path(step)
 

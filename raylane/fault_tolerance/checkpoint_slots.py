@@ -104,14 +104,13 @@ def _tensor_bytes_offset(file, start: int, length: int, nbytes: int, key: str) -
 
 @dataclass(frozen=True)
 class _Record:
-    """Where one value of a rank's state lies in its slot files: a tensor's bytes (``dtype``, ``shape``)
-    or, for any other value, its whole ``torch.save`` record."""
+    """Where one value of a rank's state lies in its slot files: a tensor's bytes (``tensor``) or, for
+    any other value, its whole ``torch.save`` record."""
 
     file: str
     offset: int
     length: int
-    dtype: torch.dtype | None = None
-    shape: tuple[int, ...] = ()
+    tensor: bool = False
 
 
 def _records(folder: str, rank: int, flat: dict) -> dict[str, _Record]:
@@ -130,7 +129,7 @@ def _records(folder: str, rank: int, flat: dict) -> dict[str, _Record]:
         nbytes = value.numel() * value.element_size()
         with open(os.path.join(folder, info.relative_path), "rb") as file:
             offset = _tensor_bytes_offset(file, info.offset, info.length, nbytes, index.fqn)
-        records[index.fqn] = _Record(info.relative_path, offset, nbytes, value.dtype, tuple(value.shape))
+        records[index.fqn] = _Record(info.relative_path, offset, nbytes, tensor=True)
     return records
 
 
@@ -153,9 +152,7 @@ class _Slot:
             self.pinned = self._pin()
         # Byte views: DCP packs its records back to back, so a tensor's data need not be aligned to
         # its element size (sources are copied in as bytes).
-        self.tensors = {
-            key: self._bytes(record) for key, record in records.items() if record.dtype is not None
-        }
+        self.tensors = {key: self._bytes(record) for key, record in records.items() if record.tensor}
 
     def _pin(self) -> bool:
         """Register the mapped files with CUDA where they are on tmpfs; elsewhere the kernel refuses to
@@ -178,12 +175,12 @@ class _Slot:
     def fits(self, objects: dict[str, bytes]) -> bool:
         """Whether ``objects`` (this state's serialized non-tensor values) fit their records."""
         return all(
-            len(objects[key]) == record.length for key, record in self.records.items() if record.dtype is None
+            len(objects[key]) == record.length for key, record in self.records.items() if not record.tensor
         )
 
     def write_objects(self, objects: dict[str, bytes]) -> None:
         for key, record in self.records.items():
-            if record.dtype is None:
+            if not record.tensor:
                 self._bytes(record).copy_(torch.frombuffer(bytearray(objects[key]), dtype=torch.uint8))
 
     def own_files(self) -> list[str]:

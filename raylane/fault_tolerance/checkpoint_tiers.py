@@ -62,6 +62,13 @@ def copy_checkpoint(source: str, target: str, threads: int = 4) -> None:
         list(pool.map(lambda pair: _copy_file(*pair), files))
 
 
+def persist_to_disk(source: str, disk: CheckpointStore, step: int, threads: int = 4) -> str:
+    """Copy the memory-tier checkpoint folder ``source`` into ``disk`` as ``step`` and commit it there;
+    returns its path on disk."""
+    copy_checkpoint(source, disk.staging(step), threads)
+    return disk.commit(step)
+
+
 class DiskPersister:
     """A thread that copies committed memory-tier checkpoints to the disk store, newest first.
 
@@ -150,8 +157,7 @@ class DiskPersister:
                 self._next_copy_at = time.monotonic() + self.min_interval_s
             step = self._copying
             try:
-                copy_checkpoint(self.memory.path(step), self.disk.staging(step), self.threads)
-                self.disk.commit(step)
+                persist_to_disk(self.memory.path(step), self.disk, step, self.threads)
             except BaseException as exc:  # handed to the training thread by offer() and drain()
                 logger.exception("persisting the memory checkpoint of step %d failed", step)
                 with self._changed:
