@@ -82,9 +82,13 @@ def job_config(
             "prompts_per_step": args.prompts,
             "eval_every": 0,
             "eval_prompts": args.eval,
-            "async_rl": async_rl,
+            "async_rl": None if async_rl is None else {**engine_calls(args), **async_rl},
         }
     )
+
+
+def engine_calls(args) -> dict:
+    return {} if args.engine_steps_per_call is None else {"engine_steps_per_call": args.engine_steps_per_call}
 
 
 def warm_start(args, seed: int, out: str) -> str:
@@ -165,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         "--group-by-length",
         action="store_true",
         help="the trainer's micro-batches grouped by response length, each cut to its longest (actor.group_by_length)",
+    )
+    parser.add_argument(
+        "--engine-steps-per-call",
+        type=int,
+        help="async modes: engine steps per rollout call (default: async_rl.engine_steps_per_call's)",
     )
     parser.add_argument("--lr", type=float, default=6e-4, help="the RL learning rate, every mode")
     parser.add_argument("--sft-steps", type=int, default=60)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -59,6 +60,7 @@ class Trainer(Worker):
     def __init__(self, lr: float = 0.1) -> None:
         self.lr = lr
         self.weights = torch.full((4,), float(self.rank))
+        self._released = threading.Event()
 
     @register(Dispatch.ONE_TO_ALL)
     def all_reduce_ranks(self) -> float:
@@ -98,6 +100,16 @@ class Trainer(Worker):
     def sleep(self, seconds: float) -> int:
         time.sleep(seconds)
         return self.rank
+
+    @register(Dispatch.ONE_TO_ALL)
+    def wait_for_release(self, timeout_s: float) -> bool:
+        released = self._released.wait(timeout_s)
+        self._released.clear()
+        return released
+
+    @register(Dispatch.ONE_TO_ALL, control=True)
+    def release(self) -> None:
+        self._released.set()
 
     @register("test_sum")
     def rank_plus(self, offset: int) -> int:
@@ -280,6 +292,16 @@ def test_call_timeout_names_pending_ranks(hybrid):
     with pytest.raises(GroupTimeoutError, match=r"ranks \[3\]"):
         future.get(timeout_s=0.2)
     assert future.get() == [3]
+
+
+def test_control_method_runs_beside_the_call_in_progress(hybrid):
+    # release() queued behind wait_for_release() would come only after its 10 s ran out (False).
+    waiting = hybrid.actor.wait_for_release.remote(10.0)
+    time.sleep(0.2)
+    started = time.monotonic()
+    hybrid.actor.release()
+    assert waiting.get(timeout_s=15) == [True] * 4
+    assert time.monotonic() - started < 5
 
 
 def test_method_lookup_errors_are_actionable(hybrid):

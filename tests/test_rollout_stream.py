@@ -103,6 +103,20 @@ def test_a_handle_sent_to_a_ray_task_puts_into_the_same_stream(open_stream, ray_
     assert ray.get(ray.remote(lambda stream: stream.held).remote(trainer)) == []
 
 
+def test_appends_started_without_waiting_are_all_in_the_stream_once_flushed(open_stream, ray_cluster):
+    producer, trainer = open_stream("producer"), open_stream("trainer-0")
+    groups = [make_group(i) for i in range(6)]
+
+    def put_all(stream, groups):
+        for group in groups:
+            stream.put_nowait(group)
+        stream.flush()
+
+    ray.get(ray.remote(put_all).remote(producer, groups))
+    # All of them, each once (the in-memory stream's actor may run concurrent appends in any order).
+    assert sorted(group_uids(e.group for e in trainer.get(max_groups=10))) == sorted(group_uids(groups))
+
+
 def test_get_waits_for_a_put(open_stream):
     trainer = open_stream("trainer-0")
     start = time.monotonic()

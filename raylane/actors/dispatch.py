@@ -134,13 +134,18 @@ class MethodSpec:
 
     mode_name: str
     mode: DispatchMode = field(compare=False)
+    control: bool = False  # runs on the rank's control thread, beside a call in progress
 
 
-def register(mode: str | F = Dispatch.ONE_TO_ALL, /, **options: Any) -> Callable[[F], F] | F:
+def register(
+    mode: str | F = Dispatch.ONE_TO_ALL, /, *, control: bool = False, **options: Any
+) -> Callable[[F], F] | F:
     """Expose a worker method on its group, called with dispatch mode ``mode``.
 
     ``@register`` alone means ONE_TO_ALL. Options go to the mode, e.g.
-    ``@register(Dispatch.DP_SHARD, pad=True)``.
+    ``@register(Dispatch.DP_SHARD, pad=True)``. ``control=True`` runs the method on the rank's
+    control thread instead of in call order, so it starts while a long call is still running: for
+    short, thread-safe methods that signal that call (a flag it polls), never for model work.
     """
     if callable(mode) and not isinstance(mode, str):
         return register(Dispatch.ONE_TO_ALL)(mode)
@@ -152,7 +157,7 @@ def register(mode: str | F = Dispatch.ONE_TO_ALL, /, **options: Any) -> Callable
         raise TypeError(f"bad options {options} for dispatch mode {name!r}: {exc}") from None
 
     def decorate(fn: F) -> F:
-        setattr(fn, _SPEC_ATTR, MethodSpec(name, instance))
+        setattr(fn, _SPEC_ATTR, MethodSpec(name, instance, control))
         return fn
 
     return decorate

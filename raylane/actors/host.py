@@ -122,3 +122,8 @@ class WorkerHost:
             raise RuntimeError(f"rank {self._rank} of {self._group!r} was called before its setup finished")
         result = getattr(self._runtime.roles[role], method)(*args, **kwargs)
         return result if keep_result else None
+
+    @ray.method(concurrency_group="control")
+    def execute_control(self, role: str, method: str, keep_result: bool, /, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`execute` on the control thread, beside the call in progress (``register(control=True)``)."""
+        return self.execute(role, method, keep_result, *args, **kwargs)

@@ -248,7 +248,9 @@ class WorkerGroup:
             )
         plan = spec.mode.plan(target, args, kwargs)
         refs = [
-            self._hosts[call.rank].execute.remote(role, method, call.keep_result, *call.args, **call.kwargs)
+            (
+                self._hosts[call.rank].execute_control if spec.control else self._hosts[call.rank].execute
+            ).remote(role, method, call.keep_result, *call.args, **call.kwargs)
             for call in plan.calls
         ]
         return self._future(

@@ -116,6 +116,8 @@ class AsyncRLJob(RLJob):
         self._samples_in_flight = 0
         self._resumed_samples = 0
         self._rollout_error: BaseException | None = None
+        self._syncing = False  # a weight sync is under way: the engine takes no new call
+        self._in_call = False  # the rollout thread has a stream_generate call under way
         self._stop = False
         self._thread: threading.Thread | None = None
         # The trainer's own.
@@ -266,18 +268,24 @@ class AsyncRLJob(RLJob):
                 with self._state:
                     if self._stop:
                         return
+                    if self._syncing:
+                        self._state.wait(_READ_BLOCK_S)
+                        continue
                     requests = self._admit()
                     if not requests and not self._samples_in_flight:
                         self._state.wait(_READ_BLOCK_S)
                         continue
+                    self._in_call = True
                 report = self.rollout.stream_generate(requests, self.async_config.engine_steps_per_call)[0]
                 with self._state:
+                    self._in_call = False
                     self._engine_seconds += report.engine_seconds
                     self._samples_in_flight = report.samples_in_flight
                     self._resumed_samples = report.resumed_samples
                     self._state.notify_all()
         except BaseException as err:  # handed to the trainer loop, which raises it
             with self._state:
+                self._in_call = False
                 self._rollout_error = err
                 self._state.notify_all()
 
@@ -374,11 +382,25 @@ class AsyncRLJob(RLJob):
         )
 
     def sync_weights(self) -> None:
+        # The engine's call in progress ends at its next step and no new one starts before the sync:
+        # the weights land within a step instead of waiting out engine_steps_per_call.
+        with self._state:
+            self._syncing = True
+            in_call = self._in_call
         try:
+            if in_call:
+                self.rollout.yield_stream()
             super().sync_weights()
+            with self._state:
+                # The engine's next call admits the groups the new version allows.
+                self._admission_version = self.version
         except WorkerGroupError as error:
             # A new engine gets the current weights as it joins.
             self._replace_engine(error)
+        finally:
+            with self._state:
+                self._syncing = False
+                self._state.notify_all()
 
     def _next_batch(self) -> list[StreamEntry]:
         """Wait for the batch the bound allows at the current version; returns its entries in
@@ -427,8 +449,6 @@ class AsyncRLJob(RLJob):
         metrics = self.train_batch(batch, phase)
         self._uncommitted += [entry.receipt for entry in entries]
         with self._state:
-            self._admission_version = self.version
-            self._state.notify_all()
             engine_seconds = self._engine_seconds - self._engine_seconds_seen
             self._engine_seconds_seen = self._engine_seconds
             samples_in_flight, resumed = self._samples_in_flight, self._resumed_samples

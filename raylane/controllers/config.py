@@ -195,7 +195,10 @@ class AsyncRLConfig(StrictConfig):
         "batch of them adds one version of staleness",
     )
     engine_steps_per_call: int = Field(
-        8, ge=1, description="engine steps per rollout call; new weights land between calls"
+        64,
+        ge=1,
+        description="engine steps per rollout call at most; a weight sync ends the call in progress "
+        "after its current step (tensor-parallel engines: at the call's end), and new groups join at calls",
     )
     stream: StreamConfig = StreamConfig()
     consumer: str = Field(

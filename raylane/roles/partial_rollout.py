@@ -107,14 +107,16 @@ class PartialRollouts:
 
     def before_step(self) -> None:
         """Call before each engine step: under ``abort_resume``, continue the samples in flight
-        from their tokens once the engine's weights have changed."""
+        from their tokens once the engine's weights have changed. Requests still queued untouched
+        stay as they are: the new weights compute all of them anyway."""
         if self.engine.weight_version == self._version:
             return
         self._version = self.engine.weight_version
         if self.mode == "keep":
             return
         for request_id in list(self._requests):
-            self._take(self.engine.abort(request_id), resume=True)
+            if self.engine.has_started(request_id):
+                self._take(self.engine.abort(request_id), resume=True)
 
     def take(self, output: RequestOutput) -> None:
         """Record a finished engine request of this tracker."""

@@ -7,6 +7,7 @@ are identical after the row-parallel all-reduce, so every rank samples the same 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ class Rollout(WeightSyncTarget):
         self.pad_token_id = self.engine.tokenizer.pad_token_id or 0
         self.partial: PartialRollouts | None = None
         self._stream: RolloutStream | None = None
+        self._yield_requested = threading.Event()
 
     def _encode(self, prompt: str | None, messages: list | None) -> list[int]:
         text = self.engine.tokenizer.apply_chat_template(messages) if messages else prompt
@@ -151,21 +153,43 @@ class Rollout(WeightSyncTarget):
         for request in requests:
             self.partial.admit(request, self._encode(request.prompt, request.messages))
         started = time.perf_counter()
-        for _ in range(max_steps):
-            if not self.engine.has_unfinished_requests():
+        finished: list[TrajectoryGroup] = []
+        for step in range(max_steps):
+            if not self.engine.has_unfinished_requests() or (step and self._yield()):
                 break
             self._step()
+            # Into the stream as soon as they finish: the trainer may be waiting for them.
+            done = self.partial.pop_finished()
+            if self._stream is not None:
+                for group in done:
+                    self._stream.put_nowait(group)
+            finished += done
         engine_seconds = time.perf_counter() - started
-        finished: list[TrajectoryGroup] = self.partial.pop_finished()
         if self._stream is not None:
-            for group in finished:
-                self._stream.put(group)
+            self._stream.flush()
         return StreamReport(
             finished=tuple((group.group_id, group.start_version) for group in finished),
             engine_seconds=engine_seconds,
             samples_in_flight=self.partial.samples_in_flight,
             resumed_samples=self.partial.resumed_samples,
         )
+
+    @register(Dispatch.ONE_TO_ALL, control=True)
+    def yield_stream(self) -> None:
+        """End the :meth:`stream_generate` call in progress after its current engine step, so that a
+        weight sync queued behind it starts now instead of after ``max_steps``.
+
+        Runs on the control thread, beside that call; a request that finds no call running ends the
+        next one after its first step. Tensor-parallel engines ignore it (their ranks must stop at
+        the same step) and yield at the end of each call.
+        """
+        self._yield_requested.set()
+
+    def _yield(self) -> bool:
+        if self.tp_size > 1 or not self._yield_requested.is_set():
+            return False
+        self._yield_requested.clear()
+        return True
 
     @register(Dispatch.ONE_TO_ALL)
     def sleep(self) -> None:

@@ -286,6 +286,14 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
+    def has_started(self, request_id: str) -> bool:
+        """Whether the current weights computed anything of the request yet: KV of its tokens in
+        the cache or a token sampled (a request still queued untouched has neither)."""
+        request = self._requests.get(request_id)
+        if request is None:
+            raise UnknownRequestError(f"no running or waiting request {request_id!r}")
+        return any(seq.num_computed_tokens or seq.num_output_tokens for seq in request.seqs)
+
     @property
     def num_unfinished_requests(self) -> int:
         return len(self._requests)

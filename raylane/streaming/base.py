@@ -16,6 +16,8 @@ Backends implement the storage primitives; the delivery rules above live here on
 from __future__ import annotations
 
 import logging
+import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -67,10 +69,23 @@ class RolloutStream(ABC):
         self.skipped_group_ids: list[str] = []
         # A restarted consumer first walks the entries it held before the restart.
         self._pending_cursor: str | None = "0"
+        # Renewing the held entries and looking for abandoned ones cost a round trip and a scan of
+        # every held entry each; a fraction of claim_idle_s apart is often enough for both.
+        self._housekeeping_every_s = claim_idle_s / 4
+        self._renewed_at = self._claimed_at = -math.inf
 
     def put(self, group: TrajectoryGroup) -> str:
         """Append a finished group; returns its entry id."""
         return self._append(group.encode())
+
+    def put_nowait(self, group: TrajectoryGroup) -> None:
+        """Start appending a finished group without waiting for the stream to answer; :meth:`flush`
+        waits for them. Here the same as :meth:`put`; a backend whose append is a round trip to
+        another process overrides both (appends started together may then land in any order)."""
+        self.put(group)
+
+    def flush(self) -> None:  # noqa: B027 - nothing to wait for where put_nowait is put
+        """Wait until every append :meth:`put_nowait` started is in the stream (raises its error)."""
 
     def get(self, max_groups: int, block_s: float = 0.0) -> list[StreamEntry]:
         """Up to ``max_groups`` groups not yet trained, waiting up to ``block_s`` when none is ready.
@@ -80,8 +95,29 @@ class RolloutStream(ABC):
         """
         if max_groups < 1:
             raise ValueError(f"max_groups must be >= 1, got {max_groups}")
+        now = time.monotonic()
         # A live consumer keeps its entries from looking abandoned however long its steps take.
-        kept = set(self._renew(list(self._held)))
+        if now - self._renewed_at >= self._housekeeping_every_s:
+            self._renewed_at = now
+            self._drop_lost(set(self._renew(list(self._held))))
+        raw: list[RawEntry] = []
+        if self._pending_cursor is not None:
+            raw = self._read_own_pending(self._pending_cursor, max_groups)
+            self._pending_cursor = raw[-1][0] if raw else None
+        if len(raw) < max_groups and now - self._claimed_at >= self._housekeeping_every_s:
+            self._claimed_at = now
+            # Entries just renewed or read back are idle again only after a stall longer than
+            # claim_idle_s; they are still this handle's then, not new work to take (or to
+            # acknowledge as duplicates).
+            seen = set(self._held) | {entry_id for entry_id, _ in raw}
+            claimed = self._claim_idle(self.claim_idle_s, max_groups - len(raw))
+            raw += [entry for entry in claimed if entry[0] not in seen]
+        if len(raw) < max_groups:
+            raw += self._read_new(max_groups - len(raw), 0.0 if raw else block_s)
+        return self._hold_untrained(raw)
+
+    def _drop_lost(self, kept: set[str]) -> None:
+        """Forget the held entries a renewal did not keep: another consumer claimed them."""
         lost = [entry_id for entry_id in self._held if entry_id not in kept]
         if lost:
             logger.warning(
@@ -93,20 +129,6 @@ class RolloutStream(ABC):
             )
             for entry_id in lost:
                 del self._held[entry_id]
-        raw: list[RawEntry] = []
-        if self._pending_cursor is not None:
-            raw = self._read_own_pending(self._pending_cursor, max_groups)
-            self._pending_cursor = raw[-1][0] if raw else None
-        if len(raw) < max_groups:
-            # Entries just renewed or read back are idle again only after a stall longer than
-            # claim_idle_s; they are still this handle's then, not new work to take (or to
-            # acknowledge as duplicates).
-            seen = set(self._held) | {entry_id for entry_id, _ in raw}
-            claimed = self._claim_idle(self.claim_idle_s, max_groups - len(raw))
-            raw += [entry for entry in claimed if entry[0] not in seen]
-        if len(raw) < max_groups:
-            raw += self._read_new(max_groups - len(raw), 0.0 if raw else block_s)
-        return self._hold_untrained(raw)
 
     def _hold_untrained(self, raw: list[RawEntry]) -> list[StreamEntry]:
         entries = [StreamEntry(entry_id, TrajectoryGroup.decode(payload)) for entry_id, payload in raw]

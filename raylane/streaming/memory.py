@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import ray
 
+from raylane.rlhf.trajectory import TrajectoryGroup
 from raylane.streaming.base import RawEntry, RolloutStream
 
 
@@ -93,6 +94,7 @@ class InMemoryRolloutStream(RolloutStream):
         super().__init__(consumer, claim_idle_s)
         self.stream_key = stream_key
         self.actor = _StreamActor.options(name=f"raylane-stream:{stream_key}", get_if_exists=True).remote()
+        self._appending: list[ray.ObjectRef] = []
 
     def __reduce__(self):
         # Sent to another process, a handle finds the same actor by name and holds nothing.
@@ -108,6 +110,14 @@ class InMemoryRolloutStream(RolloutStream):
 
     def _append(self, payload: bytes) -> str:
         return ray.get(self.actor.append.remote(payload))
+
+    def put_nowait(self, group: TrajectoryGroup) -> None:
+        # The actor is async: appends in flight together may run in any order (ids follow that order).
+        self._appending.append(self.actor.append.remote(group.encode()))
+
+    def flush(self) -> None:
+        appending, self._appending = self._appending, []
+        ray.get(appending)
 
     def _read_own_pending(self, after_id: str, count: int) -> list[RawEntry]:
         return ray.get(self.actor.read_own_pending.remote(self.consumer, after_id, count))
