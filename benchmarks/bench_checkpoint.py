@@ -86,14 +86,15 @@ PARTS = ("step_s", "rl_step_s", "commit_wait_s", "save_call_s")
 
 
 def run_block(job: RLJob, mode: str, first_step: int, steps: int) -> tuple[dict[str, list[float]], float]:
-    """``steps`` loop iterations in ``mode``: per iteration its seconds and their parts (``PARTS``);
-    then the seconds the last persist (lazy: the disk tier) takes to drain."""
+    """``steps`` loop iterations in ``mode``: per iteration its seconds, their parts (``PARTS``) and the
+    RL step's own phases (``timing/<phase>_s``, to see which one a checkpoint slows); then the seconds
+    the last persist (lazy: the disk tier) takes to drain."""
     if mode != "none":
         job.config = job.config.model_copy(update={"checkpoint_mode": mode})
     times: dict[str, list[float]] = {part: [] for part in PARTS}
     for step in range(first_step, first_step + steps):
         start = time.perf_counter()
-        job.rl_step(step)
+        phases = job.rl_step(step)
         trained = time.perf_counter()
         job.wait_for_checkpoint()
         committed = time.perf_counter()
@@ -102,6 +103,9 @@ def run_block(job: RLJob, mode: str, first_step: int, steps: int) -> tuple[dict[
         end = time.perf_counter()
         for part, seconds in zip(PARTS, (end - start, trained - start, committed - trained, end - committed)):
             times[part].append(seconds)
+        for name, seconds in phases.items():
+            if name.startswith("timing/") and name != "timing/step_s":
+                times.setdefault(name, []).append(seconds)
     drain_start = time.perf_counter()
     job.drain_checkpoints()
     return times, time.perf_counter() - drain_start
@@ -153,8 +157,8 @@ def main() -> None:
                 if mode == "lazy":
                     on_disk.append(args.steps - (job.persister.skipped - skipped))
                 step += args.steps
-                for part in PARTS:
-                    times[mode][part] += block[part]
+                for part, seconds in block.items():
+                    times[mode].setdefault(part, []).extend(seconds)
                 block_medians[mode].append(statistics.median(block["step_s"]))
                 if mode in drains:
                     drains[mode].append(drain)
@@ -203,6 +207,11 @@ def main() -> None:
             "overhead_pct": 100 * (median / base - 1),
             "paired_overhead_pct_per_round": paired,
             **{f"{part}_median": statistics.median(times[mode][part]) for part in PARTS[1:]},
+            "rl_step_phases_s_median": {
+                part.removeprefix("timing/"): statistics.median(seconds)
+                for part, seconds in times[mode].items()
+                if part.startswith("timing/")
+            },
             "blocked_s_median": statistics.median(
                 wait + call for wait, call in zip(times[mode]["commit_wait_s"], times[mode]["save_call_s"])
             ),
@@ -219,6 +228,9 @@ def main() -> None:
             f"{entry['rl_step_s_median']:>11.3f}{entry['commit_wait_s_median']:>15.3f}"
             f"{entry['save_call_s_median']:>13.3f}"
         )
+    for mode in modes:
+        phases = result["modes"][mode]["rl_step_phases_s_median"]
+        print(f"{mode} rl_step phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
     synchronous = result["modes"].get("sync")
     for mode in ("async", "lazy"):
         entry = result["modes"].get(mode)

@@ -78,8 +78,8 @@ step bench_checkpoint_gpu 540 python3 benchmarks/bench_checkpoint.py --config ex
   --rounds 2 --steps 3 --output "$results/bench_checkpoint_gpu.json"
 # Lazy mode alone against none (more steps for the same time; its first checkpoints timed apart), and what slows a GPU step beside each
 # part of a checkpoint's pipeline (device-to-host copy, tmpfs write, disk copy).
-step bench_checkpoint_gpu_lazy 360 python3 benchmarks/bench_checkpoint.py --config examples/grpo_gpu.yaml \
-  --modes lazy --rounds 2 --steps 4 --output "$results/bench_checkpoint_gpu_lazy.json"
+step bench_checkpoint_gpu_lazy 540 python3 benchmarks/bench_checkpoint.py --config examples/grpo_gpu.yaml \
+  --modes lazy --rounds 4 --steps 8 --set checkpoint_disk_interval_s=0 --output "$results/bench_checkpoint_gpu_lazy.json"
 step probe_checkpoint_interference 150 python3 benchmarks/probe_checkpoint_interference.py --gb 4
 # The GPU job checkpointing asynchronously, then resumed from its latest complete checkpoint.
 step train_resume_gpu 400 bash -c "python3 -m raylane.cli train examples/grpo_gpu.yaml output_dir=/tmp/resume-gpu \
