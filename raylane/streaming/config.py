@@ -21,9 +21,9 @@ class StreamConfig(StrictConfig):
     claim_idle_s: float = Field(
         default=60.0,
         gt=0,
-        description="a held entry idle this long is taken over by another trainer (which looks every "
-        "claim_idle_s / 4, as a live one renews what it holds); keep it above the longest time a live "
-        "trainer goes without calling get",
+        description="a held entry idle this long is taken over by another trainer (each looks, and renews "
+        "what it holds, in a get at least claim_idle_s / 4 after its last look); keep it above 4/3 of the "
+        "longest time a live trainer goes without calling get",
     )
     reconnect_s: float = Field(
         30.0, gt=0, description="Redis only: how long a lost connection is retried before the job stops"
