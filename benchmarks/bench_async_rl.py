@@ -69,6 +69,7 @@ def job_config(
             "actor": {
                 "micro_batch_size": args.micro_batch_size,
                 "group_by_length": args.group_by_length,
+                "recompute_log_probs": args.recompute_log_probs,
                 "optim": {"lr": args.lr},
                 "loss": {"off_policy_correction": "none" if async_rl is None else "decoupled"},
             },
@@ -174,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         "--engine-steps-per-call",
         type=int,
         help="async modes: engine steps per rollout call (default: async_rl.engine_steps_per_call's)",
+    )
+    parser.add_argument(
+        "--recompute-log-probs",
+        choices=["auto", "always"],
+        default="auto",
+        help="actor.recompute_log_probs: 'always' adds the trainer's separate old-log-prob pass",
     )
     parser.add_argument("--lr", type=float, default=6e-4, help="the RL learning rate, every mode")
     parser.add_argument("--sft-steps", type=int, default=60)

@@ -169,9 +169,12 @@ def main() -> None:
                                  "standalone_runs": standalone["runs"]},
         "trainer": {
             "tokens_per_s_update": update_tokens_per_s,
-            "tokens_per_s_log_probs": train_tokens / seconds["log_probs"],
+            # No log_probs phase where the update computes the old log-probs (actor.recompute_log_probs).
+            "tokens_per_s_log_probs": train_tokens / seconds["log_probs"] if seconds["log_probs"] else None,
             "mfu_update": 6 * params * update_tokens_per_s / peak if peak else None,
-            "mfu_log_probs": 2 * params * train_tokens / seconds["log_probs"] / peak if peak else None,
+            "mfu_log_probs": 2 * params * train_tokens / seconds["log_probs"] / peak
+            if peak and seconds["log_probs"]
+            else None,
             "peak_flops": peak,
         },
         "peak_memory_gib": {phase: _median(history, f"memory/{phase}_peak_gib") for phase in phases},
@@ -207,7 +210,7 @@ def main() -> None:
     )
     trainer = result["trainer"]
     print(f"trainer tok/s: update {trainer['tokens_per_s_update']:,.0f} (MFU {trainer['mfu_update'] or 0:.1%}), "
-          f"log-probs {trainer['tokens_per_s_log_probs']:,.0f} (MFU {trainer['mfu_log_probs'] or 0:.1%})")  # fmt: skip
+          f"log-probs {trainer['tokens_per_s_log_probs'] or 0:,.0f} (MFU {trainer['mfu_log_probs'] or 0:.1%})")  # fmt: skip
     for name, gap in result["log_prob_gap"].items():
         print(f"log-prob gap, {name}: mean |d| {gap['mean_abs']:.4f}, ratio outside [0.9,1.1] "
               f"{gap['ratio_outside_10pct']:.2%}")  # fmt: skip

@@ -136,6 +136,30 @@ def test_ppo_epochs_and_mini_batches_move_the_ratio_and_clip(ray_cluster, tmp_pa
     assert several["actor/pg_clipfrac"] > 0.0
 
 
+def test_the_update_s_own_log_probs_train_as_a_separate_pass_does(ray_cluster, tmp_path):
+    task = _weighted_task(tmp_path, [float(i % 2) for i in range(16)], [0.0, 1.0])
+    common = {
+        "task": task,
+        "eval_prompts": 2,
+        "algorithm.name": "reinforce_plus_plus",
+        "actor.optim": {"lr": 0.05},
+    }
+    runs = {}
+    for mode in ("always", "auto"):
+        config = _config(tmp_path, mode, **common, **{"actor.recompute_log_probs": mode})
+        history = RLJob(config).run()
+        runs[mode] = (history[-1], load_model(os.path.join(config.output_dir, "final_model")).state_dict())
+    (separate, separate_weights), (own, own_weights) = runs["always"], runs["auto"]
+    # One forward pass fewer a step, and the same update: the weights had not moved when it ran.
+    assert "timing/log_probs_s" in separate and "timing/log_probs_s" not in own
+    assert separate["advantage_abs_mean"] > 0
+    for name, value in separate_weights.items():
+        assert torch.allclose(own_weights[name], value, atol=1e-6), name
+    assert own["actor/pg_loss"] == pytest.approx(separate["actor/pg_loss"], abs=1e-6)
+    assert own["rollout/log_prob_gap"] == pytest.approx(separate["rollout/log_prob_gap"], abs=1e-4)
+    assert own["actor/ppo_kl"] == 0.0
+
+
 def test_resume_continues_the_same_run_at_any_dp_size(ray_cluster, tmp_path):
     full = _config(tmp_path, "full", steps=3, checkpoint_every=2)
     reference = RLJob(full).run()[-1]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from raylane.controllers.rl import log_prob_gap_metrics
+from raylane.rlhf import log_prob_gap_metrics
 
 
 def test_log_prob_gap_counts_tokens_whose_ratio_leaves_ten_percent():

@@ -15,7 +15,7 @@ from raylane.rlhf.advantages import (
 )
 from raylane.rlhf.data import DatasetError, PromptDataset, PromptExample, PromptLoader, read_jsonl
 from raylane.rlhf.kl import KL_ESTIMATORS, AdaptiveKLController, apply_kl_penalty, kl_loss, kl_penalty
-from raylane.rlhf.logprobs import entropy_from_logits, log_probs_from_logits
+from raylane.rlhf.logprobs import entropy_from_logits, log_prob_gap_metrics, log_probs_from_logits
 from raylane.rlhf.losses import (
     LOSS_AGGREGATIONS,
     aggregate_loss,
@@ -72,6 +72,7 @@ __all__ = [
     "grpo_advantages",
     "kl_loss",
     "kl_penalty",
+    "log_prob_gap_metrics",
     "log_probs_from_logits",
     "make_toy_task",
     "masked_mean",

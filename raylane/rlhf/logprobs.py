@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from raylane.rlhf.masks import masked_mean
+
 
 def _scaled_fp32(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature <= 0:
@@ -52,3 +54,18 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     scaled = _scaled_fp32(logits, temperature)
     probs = torch.softmax(scaled, dim=-1)
     return torch.logsumexp(scaled, dim=-1) - (probs * scaled).sum(dim=-1)
+
+
+def log_prob_gap_metrics(
+    sampled: torch.Tensor, recomputed: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """How far the trainer's recomputed log-probs are from the ones the runner sampled with, over the
+    response tokens: mean absolute gap, and the share of tokens whose probability ratio
+    ``exp(recomputed - sampled)`` lies outside [0.9, 1.1] (the figure RL users report)."""
+    gap = recomputed - sampled
+    ratio = gap.exp()
+    outside = ((ratio < 0.9) | (ratio > 1.1)).float()
+    return {
+        "rollout/log_prob_gap": float(masked_mean(gap.abs(), mask)),
+        "rollout/ratio_outside_10pct": float(masked_mean(outside, mask)),
+    }

@@ -77,6 +77,18 @@ class TrainConfig(StrictConfig):
 
 class ActorConfig(TrainConfig):
     loss: PolicyLossConfig = PolicyLossConfig()
+    recompute_log_probs: Literal["auto", "always"] = Field(
+        "auto",
+        description="'always': a forward pass before the update computes the old (proximal) log-probs; "
+        "'auto': where a batch makes one optimizer step (ppo_epochs 1, no mini_batch_size) and no "
+        "reference model is used, the update's own forward gives them (detached: the weights have not "
+        "moved yet), one forward pass fewer a step",
+    )
+
+    @property
+    def old_log_probs_from_update(self) -> bool:
+        """Whether, without a reference model, the update computes the old log-probs itself."""
+        return self.recompute_log_probs == "auto" and self.ppo_epochs == 1 and self.mini_batch_size is None
 
     @model_validator(mode="after")
     def _token_mean_when_grouped(self) -> ActorConfig:

@@ -14,7 +14,7 @@ from raylane.fault_tolerance.checkpoint import save_hf_checkpoint
 from raylane.fault_tolerance.worker import ProbedWorker
 from raylane.models import load_model
 from raylane.rlhf.kl import kl_loss
-from raylane.rlhf.logprobs import entropy_from_logits
+from raylane.rlhf.logprobs import entropy_from_logits, log_prob_gap_metrics
 from raylane.rlhf.losses import aggregate_loss, ppo_policy_loss, truncated_importance_weights
 from raylane.rlhf.masks import masked_mean
 from raylane.roles.config import ActorConfig, TrainConfig
@@ -94,14 +94,31 @@ class PolicyTrainer(_PolicyModel, CheckpointedTrainer, WeightSyncSource, ProbedW
         ``rollout_log_probs``, the behaviour policy's, for decoupled PPO).
 
         ``config.ppo_epochs`` passes over the batch, one optimizer step per ``config.mini_batch_size`` rows.
+        Without ``old_log_probs`` (``config.old_log_probs_from_update``) the batch must make one optimizer
+        step: the log-probs of its own forward, detached, are the old ones, and the rows' gap to
+        ``rollout_log_probs`` is reported as ``rollout/log_prob_gap`` and ``rollout/ratio_outside_10pct``
+        (means over the micro-batches).
         """
         loss_cfg = self.config.loss
         temperature = batch.meta.get("temperature", 1.0) or 1.0
+        from_update = "old_log_probs" not in batch
+        if from_update and (self.config.ppo_epochs > 1 or self.config.mini_batch_size is not None):
+            raise ValueError(
+                "update_actor got no old_log_probs, and with ppo_epochs > 1 or a mini_batch_size the "
+                "weights move before the last rows are trained: call compute_log_probs first"
+            )
 
         def loss_fn(micro: Batch):
             mask = micro["response_mask"].to(self.device)
             log_probs, logits = policy_log_probs(self.model, micro, temperature, self.device)
-            old_log_probs = micro["old_log_probs"].to(self.device)
+            metrics = {}
+            if from_update:
+                old_log_probs = log_probs.detach()
+                metrics.update(
+                    log_prob_gap_metrics(micro["rollout_log_probs"].to(self.device), old_log_probs, mask)
+                )
+            else:
+                old_log_probs = micro["old_log_probs"].to(self.device)
             weights = None
             if loss_cfg.off_policy_correction == "decoupled":
                 weights = truncated_importance_weights(
@@ -118,7 +135,7 @@ class PolicyTrainer(_PolicyModel, CheckpointedTrainer, WeightSyncSource, ProbedW
                 loss_agg_mode=loss_cfg.loss_agg_mode,
                 importance_weights=weights,
             )
-            metrics = {f"actor/{k}": float(v) for k, v in stats.items()}
+            metrics.update({f"actor/{k}": float(v) for k, v in stats.items()})
             if weights is not None:
                 metrics["actor/importance_weight_mean"] = float(masked_mean(weights, mask))
                 metrics["actor/importance_weight_max"] = float((weights * mask).max())
