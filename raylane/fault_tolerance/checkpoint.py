@@ -27,11 +27,11 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader, 
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_state_dict,
 )
 
 from raylane.fault_tolerance.checkpoint_slots import HostSlots
+from raylane.fault_tolerance.train_state import FlatTrainState, train_state
 from raylane.models import ModelConfig, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -102,10 +102,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-
-
 def _save_rank_files(path: str, scheduler, step: int, rank: int, extra: dict) -> None:
     """What DCP does not hold: this rank's RNG state and (rank 0) the LR schedule, step and ``extra``."""
     os.makedirs(path, exist_ok=True)
@@ -138,7 +134,7 @@ def save_train_state(
 ) -> None:
     """Collective: every rank of the model's process group calls it with the same ``path``."""
     _save_rank_files(path, scheduler, step, rank, extra)
-    dcp.save(_train_state(model, optimizer), storage_writer=_shard_writer(path, writer_threads))
+    dcp.save(train_state(model, optimizer), storage_writer=_shard_writer(path, writer_threads))
     if rank == 0:
         logger.info("saved checkpoint of step %d to %s", step, path)
 
@@ -175,6 +171,7 @@ class BackgroundSaver:
         self._persist: Future | None = None
         self._pending: tuple[Callable[[], Callable[[], None]], Callable[[], None]] | None = None
         self._hooked: set[int] = set()
+        self._state = FlatTrainState()
 
     def save(
         self,
@@ -209,7 +206,7 @@ class BackgroundSaver:
         # The writer stages synchronously: the shards are in host memory when async_save returns, so
         # the next optimizer step may change the parameters in place.
         self._persist = dcp.async_save(
-            _train_state(model, optimizer),
+            train_state(model, optimizer),
             checkpoint_id=os.path.join(path, _DCP_DIR),
             storage_writer=self._writer,
             process_group=self._group,
@@ -233,9 +230,11 @@ class BackgroundSaver:
         if id(optimizer) not in self._hooked:
             optimizer.register_step_pre_hook(lambda *_: self._order_step_after_snapshot())
             self._hooked.add(id(optimizer))
-        state, dcp_dir = _train_state(model, optimizer), os.path.join(path, _DCP_DIR)
-        slot, flat = self._slots.acquire(state)
+        dcp_dir = os.path.join(path, _DCP_DIR)
+        state, flat = self._state.get(model, optimizer)
+        slot = self._slots.acquire(flat)
         if slot is None:
+            state = state or train_state(model, optimizer)
             self._slots.rebuild(state, flat, writer_threads).publish(dcp_dir)
             return
         self._pending = (lambda: self._slots.start_copy(slot, flat), lambda: slot.publish(dcp_dir))
@@ -297,7 +296,7 @@ def load_train_state(
     step, extra = _restore(path, meta_path, restore_schedule)
     dcp_dir = os.path.join(path, _DCP_DIR)
     _check_dcp_files(path, dcp_dir)
-    state = _train_state(model, optimizer)
+    state = train_state(model, optimizer)
     try:
         dcp.load(state, checkpoint_id=dcp_dir)
     except (Exception, CheckpointException) as exc:  # DCP's error derives from BaseException

@@ -30,19 +30,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
 _METADATA = ".metadata"
 _ZIP_LOCAL_HEADER = 30  # bytes before a zip entry's name; the name and an extra field follow
-
-
-def _flat(state: dict) -> dict:
-    """``state`` flattened as DCP flattens it, DTensors as their local shards."""
-    flat, _ = flatten_state_dict(state)
-    return {key: value.to_local() if isinstance(value, DTensor) else value for key, value in flat.items()}
 
 
 def _serialized(value) -> bytes:
@@ -239,11 +231,10 @@ class HostSlots:
         self._layout: dict | None = None
         self._folder = ""
 
-    def acquire(self, state: dict) -> tuple[_Slot | None, dict]:
-        """A slot free on every rank for a snapshot of ``state``, its objects (schedule-dependent values
-        such as the learning rate) already written; ``None`` where the state's layout changed, after
-        which :meth:`rebuild` writes the snapshot. Returns the slot and ``state`` flattened."""
-        flat = _flat(state)
+    def acquire(self, flat: dict) -> _Slot | None:
+        """A slot free on every rank for a snapshot of ``flat`` (a state flattened as DCP flattens it),
+        its objects (schedule-dependent values such as the learning rate) already written; ``None``
+        where the state's layout changed, after which :meth:`rebuild` writes the snapshot."""
         objects = {
             key: _serialized(value) for key, value in flat.items() if not isinstance(value, torch.Tensor)
         }
@@ -251,11 +242,11 @@ class HostSlots:
         flags = torch.tensor([0 if same else 1] + [1 if s.in_use() else 0 for s in self._slots])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         if flags[0]:
-            return None, flat
+            return None
         free = [slot for slot, used in zip(self._slots, flags[1:].tolist(), strict=True) if not used]
         slot = free[0] if free else self._copy_slot()
         slot.write_objects(objects)
-        return slot, flat
+        return slot
 
     def rebuild(self, state: dict, flat: dict, writer_threads: int) -> _Slot:
         """Drop every slot and write ``state`` with ``dcp.save`` into a new first one (synchronous: the
