@@ -29,6 +29,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child Python process, with the repository first on its path
+    (ahead of, not instead of, any PYTHONPATH already set, such as a folder of installed wheels)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+        **extra,
+    }
+
+
 def run_cluster_script(script: str, *args: str, timeout: float) -> dict:
     """Run ``script``, a test file that builds its own multi-node ``ray.cluster_utils.Cluster`` when run
     as a script, in a child Python; returns the JSON object its last line of output holds.
@@ -40,11 +51,7 @@ def run_cluster_script(script: str, *args: str, timeout: float) -> dict:
     """
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory(prefix="rl-child-", ignore_cleanup_errors=True) as ray_tmp:
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
-            "RAY_TMPDIR": ray_tmp,
-        }
+        env = child_env(RAY_TMPDIR=ray_tmp)
         done = subprocess.run(
             [sys.executable, script, *args],
             capture_output=True,

@@ -33,6 +33,7 @@ from raylane.fault_tolerance import (
     memory_tier_dir,
     newest_checkpoint,
 )
+from tests.conftest import child_env
 from tests.test_async_rl_recovery import start_driver
 from tests.test_rl_job import _config as tiny_job_config
 
@@ -105,7 +106,7 @@ def _start_training(root: str, steps: int, command: str = "train") -> subprocess
     return subprocess.Popen(
         [sys.executable, "-m", "tests.persist_child", command, root, str(steps)],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
+        env=child_env(),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -127,7 +128,7 @@ def _child_json(*args: str, timeout_s: float = 120):
     done = subprocess.run(
         [sys.executable, "-m", "tests.persist_child", *args],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=timeout_s,

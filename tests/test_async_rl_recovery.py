@@ -20,6 +20,7 @@ import yaml
 
 from raylane.fault_tolerance import CheckpointStore, is_complete, memory_tier_dir
 from raylane.rlhf import TrajectoryGroup
+from tests.conftest import child_env
 
 STEPS, PROMPTS, SAMPLES = 6, 4, 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,7 @@ def start_driver(config_path: str, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "raylane.cli", "train", config_path, *overrides],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
+        env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

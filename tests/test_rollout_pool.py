@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from raylane.controllers import JobConfig, RLJob, RolloutPoolError
 from raylane.fault_tolerance import kill_process
+from tests.conftest import child_env
 from tests.test_async_checkpoint import _metrics
 from tests.test_rl_job import _config
 
@@ -276,7 +277,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "raylane.cli", "rollout", *args],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=180,
@@ -292,7 +293,7 @@ def test_cli_scales_the_pool_of_a_running_job(ray_cluster, tmp_path):
     driver = subprocess.Popen(
         [sys.executable, "-m", "raylane.cli", "train", str(path)],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
+        env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

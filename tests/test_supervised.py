@@ -25,6 +25,7 @@ from raylane.supervised import (
     run_reward_model_training,
     run_sft,
 )
+from tests.conftest import child_env
 
 # A small decoder: big enough to learn the toy tasks within a few dozen steps on 2 cores.
 _SHAPE = (
@@ -267,8 +268,7 @@ def test_pipeline_example_runs_end_to_end(tmp_path):
     out = tmp_path / "pipeline"
     command = [sys.executable, os.path.join(root, "examples", "pipeline.py"), "--output-dir", str(out)]
     command += ["--sft-steps", "20", "--rm-steps", "40", "--rl-steps", "3", "--port", str(free_port())]
-    env = {**os.environ, "PYTHONPATH": root}
-    subprocess.run(command, check=True, env=env, timeout=600, capture_output=True)
+    subprocess.run(command, check=True, env=child_env(), timeout=600, capture_output=True)
     with open(out / "summary.json") as f:
         summary = json.load(f)
     assert set(summary) == {
