@@ -295,8 +295,9 @@ def test_grpc_client_streams_tokens_and_health_answers(served):
         # Cancelling a stream aborts its request too. Ray Serve's gRPC proxy forwards a client's
         # cancel only if it arrives while the proxy awaits the next message, not while it is writing
         # one to the client (ray-project/ray#42665); on a loaded machine a cancel can land in that
-        # window and the request then runs to its end. Up to three cancels, one must abort.
-        for _ in range(3):
+        # window and the request then runs to its end (three in a row did once, in CI). Up to five
+        # cancels, one must abort.
+        for _ in range(5):
             before = _wait_idle(served, timeout_s=120.0)  # a cancel that did not land runs to its end
             stream = client.generate_stream(
                 prompt, model="tiny", max_tokens=LONG_REQUEST_TOKENS, ignore_eos=True
