@@ -49,7 +49,12 @@ class FlatTrainState:
     def get(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict]:
         """``(state, flat)``: the state dicts and their flattening; ``state`` is None where ``flat``
         was reused (call :func:`train_state` if the nested form is needed then)."""
-        key = _live_key(model, optimizer)
+        live = _live_tensors(model, optimizer)
+        # Addresses identify the tensors: the kept view holds the old ones, so no new tensor can take
+        # one of their addresses.
+        key = tuple(len(group["params"]) for group in optimizer.param_groups) + tuple(
+            t.data_ptr() for t in live
+        )
         if key == self._live_key:
             flat = dict(self._flat)
             for name in flat:
@@ -59,9 +64,10 @@ class FlatTrainState:
             return None, flat
         state = train_state(model, optimizer)
         flat = flatten(state)
-        reusable = _aliases_live_tensors(flat, model, optimizer) and _objects_are_param_group_values(
-            flat, optimizer
-        )
+        addresses = {t.data_ptr() for t in live}
+        reusable = all(
+            value.data_ptr() in addresses for value in flat.values() if isinstance(value, torch.Tensor)
+        ) and _objects_are_param_group_values(flat, optimizer)
         self._live_key, self._flat = (key, flat) if reusable else (None, None)
         return state, flat
 
@@ -73,18 +79,6 @@ def _live_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[to
             state = optimizer.state.get(param, {})
             tensors.extend(_local(v) for v in state.values() if isinstance(v, torch.Tensor))
     return tensors
-
-
-def _live_key(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
-    # Addresses identify the tensors: the kept view holds the old ones, so no new tensor can take
-    # one of their addresses.
-    groups = tuple(len(group["params"]) for group in optimizer.param_groups)
-    return groups + tuple(t.data_ptr() for t in _live_tensors(model, optimizer))
-
-
-def _aliases_live_tensors(flat: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    live = {t.data_ptr() for t in _live_tensors(model, optimizer)}
-    return all(value.data_ptr() in live for value in flat.values() if isinstance(value, torch.Tensor))
 
 
 def _objects_are_param_group_values(flat: dict, optimizer: torch.optim.Optimizer) -> bool:

@@ -74,6 +74,11 @@ class TrainConfig(StrictConfig):
     )
     optim: OptimConfig = OptimConfig()
 
+    @property
+    def one_optimizer_step(self) -> bool:
+        """Whether each batch makes exactly one optimizer step (one epoch, the whole batch at once)."""
+        return self.ppo_epochs == 1 and self.mini_batch_size is None
+
 
 class ActorConfig(TrainConfig):
     loss: PolicyLossConfig = PolicyLossConfig()
@@ -88,7 +93,7 @@ class ActorConfig(TrainConfig):
     @property
     def old_log_probs_from_update(self) -> bool:
         """Whether, without a reference model, the update computes the old log-probs itself."""
-        return self.recompute_log_probs == "auto" and self.ppo_epochs == 1 and self.mini_batch_size is None
+        return self.recompute_log_probs == "auto" and self.one_optimizer_step
 
     @model_validator(mode="after")
     def _token_mean_when_grouped(self) -> ActorConfig:

@@ -102,7 +102,7 @@ class PolicyTrainer(_PolicyModel, CheckpointedTrainer, WeightSyncSource, ProbedW
         loss_cfg = self.config.loss
         temperature = batch.meta.get("temperature", 1.0) or 1.0
         from_update = "old_log_probs" not in batch
-        if from_update and (self.config.ppo_epochs > 1 or self.config.mini_batch_size is not None):
+        if from_update and not self.config.one_optimizer_step:
             raise ValueError(
                 "update_actor got no old_log_probs, and with ppo_epochs > 1 or a mini_batch_size the "
                 "weights move before the last rows are trained: call compute_log_probs first"
