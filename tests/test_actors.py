@@ -450,6 +450,42 @@ def test_env_vars_actor_names_and_no_process_group(ray_cluster):
         assert any(n.startswith("probe-") and n.endswith("-rank0") for n in names)
 
 
+class _Finalised:
+    """Writes ``path`` when the collector frees it."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.me = path, self  # a reference cycle: only the collector frees it
+
+    def __del__(self) -> None:
+        with open(self.path, "w") as f:
+            f.write("collected")
+
+
+class CycleHolder(Worker):
+    def __init__(self, path: str) -> None:
+        self.cycle = _Finalised(path)
+
+    @register
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def test_frozen_heap_is_unfrozen_when_roles_are_rebuilt(ray_cluster, tmp_path):
+    marker = tmp_path / "collected"
+    config = WorkerGroupConfig(dist=DistConfig(backend=None))
+    with (
+        ResourcePool([1], num_cpus_per_bundle=0.25, name="freeze-pool") as pool,
+        WorkerGroup(pool, Role(CycleHolder, (str(marker),)), name="freeze", config=config) as group,
+    ):
+        (frozen,) = group.freeze_heaps()
+        assert frozen > 1000  # the process's modules, Ray's and torch's objects
+        # The role (and its reference cycle) was built before the freeze: rebuilding the roles must
+        # hand the old cycle back to the collector, or what it holds (a model's tensors) stays for good.
+        group.rebuild_roles([0])
+        assert marker.read_text() == "collected"
+        assert len(group.ping()) == 1
+
+
 def test_config_errors_are_caught_before_any_actor_starts(ray_cluster):
     with ResourcePool([2], num_cpus_per_bundle=0.25, name="config-pool") as pool:
         with pytest.raises(ValueError, match="tp_size=4 does not divide"):

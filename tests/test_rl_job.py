@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import urllib.request
@@ -58,6 +59,11 @@ def test_colocated_grpo_runs_and_exports(ray_cluster, tmp_path):
     steps = [r for r in history if "timing/generate_s" in r]
     assert steps and all(0.2 < r["rollout/engine_busy_fraction"] < 1.0 for r in steps), steps
     assert os.path.isfile(os.path.join(config.output_dir, "reward_curve.png"))
+    # After the first step the driver and both ranks froze their heaps (the count is in the next
+    # step's record); the driver, which outlives the job, is unfrozen at its end.
+    assert "gc/frozen_objects" not in history[1]
+    assert history[2]["gc/frozen_objects"] > 3 * 10_000
+    assert gc.get_freeze_count() == 0
     # The exported policy loads in raylane's runner and in transformers, with the same weights.
     exported = os.path.join(config.output_dir, "final_model")
     out = LLM(exported).generate(["1+2="], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
@@ -82,11 +88,13 @@ def test_disaggregated_ppo_with_reference_runs(ray_cluster, tmp_path):
             "placement.rollout_ranks": 2,
             "placement.rollout_tp": 2,
             "critic.micro_batch_size": 4,
+            "freeze_gc_heap": False,
         },
     )
     history = RLJob(config).run()
     last = history[-1]
     assert last["step"] == 2 and "critic/value_loss" in last and "kl" in last
+    assert not any("gc/frozen_objects" in r for r in history)
     assert last["rollout/staleness"] == 0.0
 
 

@@ -7,6 +7,7 @@ stuck collective) holds the default thread, which is what failure detection need
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -91,6 +92,8 @@ class WorkerHost:
             self._runtime = ProcessRuntime(context, pick_device())
         else:
             self._runtime.context = context
+            # The old process group and meshes go: let the collector reach them again.
+            gc.unfreeze()
         if rendezvous is not None:
             init_process_group(
                 rank=context.rank,
@@ -111,10 +114,30 @@ class WorkerHost:
         """Construct every role afresh on the current meshes (a role sharded over meshes of a process
         group since re-formed cannot run another collective on them)."""
         self._runtime.roles.clear()
+        # Roles built before a freeze_heap are in the permanent generation, where a reference cycle
+        # of theirs (a module and its hooks) would keep their tensors alive for good.
+        gc.unfreeze()
+        gc.collect()
         for name, role in roles.items():
             with bind_role(self._runtime, name, layouts[name]):
                 self._runtime.roles[name] = role.cls(*role.args, **role.kwargs)
         logger.info("rank %d of %r rebuilt roles %s", self._rank, self._group, list(roles))
+
+    @ray.method(concurrency_group="control")
+    def freeze_heap(self) -> int:
+        """Collect garbage, then move every live object to the collector's permanent generation
+        (``gc.freeze``), so later full collections scan only objects made since; returns how many
+        objects are frozen.
+
+        Call it once the rank's long-lived state exists (after a first step): a colocated GPU rank
+        holds ~870k objects once its compiles are done, and a full collection of them paused it
+        for 0.36-0.44 s every 8-10 s. :meth:`setup` on a re-joining rank and :meth:`rebuild_roles`
+        unfreeze, so the objects they drop can be freed. Runs on the control thread, beside a call
+        in progress.
+        """
+        gc.collect()
+        gc.freeze()
+        return gc.get_freeze_count()
 
     def execute(self, role: str, method: str, keep_result: bool, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``method`` of ``role`` on this rank; ``None`` back when nobody collects the result."""

@@ -340,6 +340,11 @@ class WorkerGroup:
         self._setup()
         logger.info("group %r: ranks %s replaced on nodes %s", self.name, ranks, [n.node_ip for n in infos])
 
+    def freeze_heaps(self, timeout_s: float | None = None) -> list[int]:
+        """``gc.freeze`` on every rank once its garbage is collected (:meth:`WorkerHost.freeze_heap`);
+        returns the objects frozen per rank."""
+        return self._host_call("freeze_heap", range(self.world_size), (), timeout_s)
+
     def rebuild_roles(self, ranks: Sequence[int]) -> None:
         """Construct the roles of ``ranks`` afresh, e.g. the survivors of :meth:`replace_ranks`,
         whose models are still sharded over the old process group (state such as weights must be

@@ -367,7 +367,7 @@ class AsyncRLJob(RLJob):
             self._rollout_error, self._samples_in_flight = None, 0
         self._engine_replacements += 1
         self._start_thread()
-        self._fault_metrics.update(
+        self._carried_metrics.update(
             {
                 "rollout/engine_replacements": float(self._engine_replacements),
                 "rollout/requeued_groups": float(len(lost)),

@@ -264,6 +264,13 @@ class JobConfig(StrictConfig):
     profile_memory: bool = Field(
         False, description="record each phase's peak device memory (memory/<phase>_peak_gib; GPU)"
     )
+    freeze_gc_heap: bool = Field(
+        True,
+        description="after the first step of a run (and of a recovery) move the driver's and every "
+        "worker's live Python objects to the garbage collector's permanent generation (gc.freeze), so "
+        "its full collections scan only newer ones (a colocated GPU worker: ~870k objects, 0.36-0.44 s a "
+        "full collection)",
+    )
     ray_address: str | None = Field(None, description="join this Ray cluster; None starts a local one")
     publish: WeightPublishConfig | None = Field(
         None, description="also publish each new policy version to a running `raylane serve` app"

@@ -11,6 +11,7 @@ Worker groups do the heavy work; this file only moves batches between them.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from raylane.actors import DeadRankError, ResourcePool, Role, WorkerGroup
+from raylane.actors import DeadRankError, ResourcePool, Role, WorkerGroup, WorkerGroupError
 from raylane.batch import Batch
 from raylane.controllers.config import JobConfig
 from raylane.controllers.loggers import make_loggers
@@ -55,6 +56,10 @@ from raylane.rlhf import (
 from raylane.roles import Critic, PolicyTrainer, Reference, RewardWorker, Rollout
 
 logger = logging.getLogger(__name__)
+
+# gc.collect + gc.freeze took ~0.5 s on a colocated GPU rank; a rank that does not answer in this long
+# is stopped or gone, which the fault handling takes up.
+_FREEZE_TIMEOUT_S = 10.0
 
 
 class PhaseTimer:
@@ -145,7 +150,7 @@ class RLJob:
         self._persisting: tuple[int, CheckpointStore] | None = None
         self.last_checkpoint: str | None = None  # the newest committed checkpoint, what recovery reloads
         self.supervisor: FaultSupervisor | None = None
-        self._fault_metrics: dict[str, float] = {}
+        self._carried_metrics: dict[str, float] = {}  # into the next step's record (recoveries, heap freeze)
         self.rollout_pool: RolloutPool | None = None  # disaggregated synchronous jobs only
         self.rollout_group: WorkerGroup | None = None  # the engines' group, without a rollout pool
         self._control = None  # the rollout pool's mailbox for `raylane rollout scale`
@@ -616,8 +621,8 @@ class RLJob:
         done = step + 1
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
             metrics["eval_reward_mean"] = self.evaluate()
-        metrics.update(self._fault_metrics)
-        self._fault_metrics = {}
+        metrics.update(self._carried_metrics)
+        self._carried_metrics = {}
         self.metrics.log(done, metrics)
         bar.write(progress_line(done, cfg.steps, metrics))
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
@@ -642,6 +647,22 @@ class RLJob:
         else:
             self.supervisor.run(work, step)
 
+    def freeze_heaps(self) -> None:
+        """``gc.freeze`` in the driver and on every rank of the job's worker groups, once the first
+        step built what lives for the run (optimizer state, compiled graphs): full collections then
+        scan only what is newer. The next step's record has ``gc/frozen_objects`` (all processes)."""
+        gc.collect()
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        for group in self._groups:
+            try:
+                frozen += sum(group.freeze_heaps(timeout_s=_FREEZE_TIMEOUT_S))
+            except WorkerGroupError as error:
+                # A rank that died or stopped is the fault handling's (an engine replaced, a rank
+                # named and replaced); its group only collects as before.
+                logger.warning("heaps of group %r not frozen: %s", group.name, error)
+        self._carried_metrics["gc/frozen_objects"] = float(frozen)
+
     def _recover(self, step_in_flight: int) -> None:
         """After ranks were replaced: rebuild the survivors' roles on the new process group, reconnect
         the weight sync and reload the last checkpoint (weights, optimizer, data position, version,
@@ -656,7 +677,7 @@ class RLJob:
         # A checkpoint the fault interrupted is not waited on (its writers are gone) nor committed.
         self._persisting = None
         self.resume(self.last_checkpoint, in_place=True)
-        self._fault_metrics = {
+        self._carried_metrics = {
             "fault_tolerance/replacements": float(len(self.supervisor.replacer.history)),
             "fault_tolerance/steps_lost": float(step_in_flight + 1 - self.start_step),
             "fault_tolerance/recovery_s": self.supervisor.replacer.history[-1].seconds
@@ -686,15 +707,20 @@ class RLJob:
                 self._start_fault_tolerance()
             with tqdm(total=cfg.steps, initial=self.start_step, desc="rl", unit="step") as bar:
                 step = self.start_step
+                heap_frozen = not cfg.freeze_gc_heap
                 while step < cfg.steps:
                     try:
                         self._supervised(functools.partial(self.train_step, step, bar), step)
                     except RanksReplaced:
                         self._recover(step)
                         bar.n = step = self.start_step
+                        heap_frozen = not cfg.freeze_gc_heap
                         continue
                     step += 1
                     bar.update()
+                    if not heap_frozen:
+                        self.freeze_heaps()
+                        heap_frozen = True
             self.drain_checkpoints()
             if self.persister is not None:
                 # Every checkpoint is on disk: the memory tier's copy of the last one is no longer needed.
@@ -707,6 +733,10 @@ class RLJob:
             )
             return self.metrics.history
         finally:
+            if cfg.freeze_gc_heap:
+                # The driver outlives the job (a notebook, a test session): what the job leaves is
+                # collectable again.
+                gc.unfreeze()
             self.metrics.close()
             self.shutdown()
 
