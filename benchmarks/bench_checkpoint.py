@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import tempfile
@@ -111,6 +112,43 @@ def run_block(job: RLJob, mode: str, first_step: int, steps: int) -> tuple[dict[
     return times, time.perf_counter() - drain_start
 
 
+def mean_overhead_ci(
+    base: list[float], steps: list[float], resamples: int = 4000
+) -> tuple[float, float, float]:
+    """Overhead of the mean step over the base's, in percent, with a 95 % bootstrap interval
+    (steps resampled within each mode): a step's time varies with its rollouts' lengths far more
+    than a checkpoint adds, so one number without its interval says little."""
+    rng = random.Random(0)
+    ratios = sorted(
+        statistics.fmean(rng.choices(steps, k=len(steps))) / statistics.fmean(rng.choices(base, k=len(base)))
+        for _ in range(resamples)
+    )
+    point = statistics.fmean(steps) / statistics.fmean(base)
+    return (
+        100 * (point - 1),
+        100 * (ratios[int(0.025 * resamples)] - 1),
+        100 * (ratios[int(0.975 * resamples)] - 1),
+    )
+
+
+def pool(paths: list[Path]) -> None:
+    """Pool the step times of several result files of one configuration and print each mode's mean
+    overhead with its 95 % interval."""
+    results = [json.loads(path.read_text()) for path in paths]
+    keys = {(r["config"], tuple(r["overrides"]), r["model"] and json.dumps(r["model"])) for r in results}
+    if len(keys) > 1:
+        raise SystemExit(f"these results measured different jobs ({sorted(keys)}); pool one job's runs only")
+    modes = [mode for mode in results[0]["modes"] if all(mode in r["modes"] for r in results)]
+    steps = {mode: [t for r in results for t in r["modes"][mode]["times"]["step_s"]] for mode in modes}
+    print(f"{len(results)} runs pooled; per mode: steps, mean step s, overhead of the mean % [95 % interval]")
+    for mode in modes:
+        overhead, low, high = mean_overhead_ci(steps["none"], steps[mode])
+        print(
+            f"{mode:<7}{len(steps[mode]):>5}{statistics.fmean(steps[mode]):>8.3f}"
+            f"{overhead:>+8.1f} [{low:+.1f}, {high:+.1f}]"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4, help="rounds of one block per mode, rotated")
@@ -127,7 +165,13 @@ def main() -> None:
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to measure ('none' always is)"
     )
+    parser.add_argument(
+        "--pool", nargs="+", type=Path, metavar="RESULT", help="only pool these result files' step times"
+    )
     args = parser.parse_args()
+    if args.pool:
+        pool(args.pool)
+        return
     modes = tuple(mode for mode in MODES if mode in args.modes or mode == "none")
 
     output_dir = tempfile.mkdtemp(prefix="bench_checkpoint_")
@@ -138,6 +182,8 @@ def main() -> None:
     job.build_groups()
     try:
         job.rl_step(0)  # warm-up
+        if config.freeze_gc_heap:
+            job.freeze_heaps()  # as RLJob.run does after its first step
         # Each checkpointing mode's first saves set up what later ones reuse (async: pinned host copies;
         # lazy: its host buffers, the first written by a full dcp.save); timed apart, not in the rounds.
         step, warmup = 1, {}
@@ -193,19 +239,22 @@ def main() -> None:
     for mode, seconds in warmup.items():
         print(f"{mode} warm-up checkpoints: " + ", ".join(f"{t:.2f}" for t in seconds) + " s a step")
     print(
-        f"{'mode':<7}{'step s':>8}{'overhead %':>12}{'paired % (min..max)':>26}{'rl_step s':>11}"
-        f"{'commit wait s':>15}{'save call s':>13}"
+        f"{'mode':<7}{'step s':>8}{'overhead %':>12}{'paired % (min..max)':>26}{'mean % [95 %]':>22}"
+        f"{'rl_step s':>11}{'commit wait s':>15}{'save call s':>13}"
     )
     for mode in modes:
         steps = times[mode]["step_s"]
         median = statistics.median(steps)
         paired = [100 * (m / b - 1) for m, b in zip(block_medians[mode], block_medians["none"])]
+        mean_overhead, low, high = mean_overhead_ci(times["none"]["step_s"], steps)
         entry = {
             "step_s_median": median,
             "step_s_p10": statistics.quantiles(steps, n=10)[0],
             "step_s_p90": statistics.quantiles(steps, n=10)[-1],
             "overhead_pct": 100 * (median / base - 1),
             "paired_overhead_pct_per_round": paired,
+            "mean_overhead_pct": mean_overhead,
+            "mean_overhead_ci95_pct": [low, high],
             **{f"{part}_median": statistics.median(times[mode][part]) for part in PARTS[1:]},
             "rl_step_phases_s_median": {
                 part.removeprefix("timing/"): statistics.median(seconds)
@@ -225,6 +274,7 @@ def main() -> None:
         print(
             f"{mode:<7}{median:>8.3f}{entry['overhead_pct']:>+12.1f}"
             f"{statistics.median(paired):>+12.1f} ({min(paired):+.1f}..{max(paired):+.1f})"
+            f"{f'{mean_overhead:+.1f} [{low:+.1f}, {high:+.1f}]':>22}"
             f"{entry['rl_step_s_median']:>11.3f}{entry['commit_wait_s_median']:>15.3f}"
             f"{entry['save_call_s_median']:>13.3f}"
         )

@@ -80,6 +80,12 @@ step bench_checkpoint_gpu 540 python3 benchmarks/bench_checkpoint.py --config ex
 # part of a checkpoint's pipeline (device-to-host copy, tmpfs write, disk copy).
 step bench_checkpoint_gpu_lazy 540 python3 benchmarks/bench_checkpoint.py --config examples/grpo_gpu.yaml \
   --modes lazy --rounds 4 --steps 8 --set checkpoint_disk_interval_s=0 --output "$results/bench_checkpoint_gpu_lazy.json"
+# The same with a stationary workload (lr 1e-12: the policy, hence the rollouts' lengths, stay put while
+# the optimizer does all its work) and the disk every 60 s, so the blocks differ by the checkpoint only;
+# it prints the overhead of the mean step with its 95 % bootstrap interval (pool runs: --pool A.json B.json).
+step bench_checkpoint_gpu_lazy_stationary 540 python3 benchmarks/bench_checkpoint.py --config examples/grpo_gpu.yaml \
+  --modes lazy --rounds 10 --steps 8 --set checkpoint_disk_interval_s=60 actor.optim.lr=1e-12 \
+  --output "$results/bench_checkpoint_gpu_lazy_stationary.json"
 step probe_checkpoint_interference 150 python3 benchmarks/probe_checkpoint_interference.py --gb 4
 # The GPU job checkpointing asynchronously, then resumed from its latest complete checkpoint.
 step train_resume_gpu 400 bash -c "python3 -m raylane.cli train examples/grpo_gpu.yaml output_dir=/tmp/resume-gpu \
