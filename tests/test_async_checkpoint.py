@@ -10,6 +10,7 @@ mid-persist resumes from the newest complete checkpoint, losing at most one step
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -284,6 +285,64 @@ def test_resume_refuses_an_incomplete_checkpoint(ray_cluster, tmp_path):
         job.resume("latest")
     with pytest.raises(CheckpointLoadError, match="not a complete checkpoint"):
         job.resume(job.checkpoints.staging(1))
+
+
+@contextlib.contextmanager
+def _within(seconds: int):
+    """Raise TimeoutError in the main thread if the block runs longer than ``seconds``."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB file system (tmpfs) mounted where a job's disk tier goes: a full disk."""
+    folder = tmp_path / "full" / "checkpoints"
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def test_a_full_disk_stops_a_lazy_job_with_what_to_do_and_resume_loses_nothing(
+    ray_cluster, tmp_path, small_disk
+):
+    config = _job_config(tmp_path, "full", steps=4, checkpoint_mode="lazy")
+    assert os.path.join(config.output_dir, "checkpoints") == str(small_disk)
+    job = RLJob(config)
+    # Every checkpoint reaches the memory tier; the first copy to the disk runs out of space and the
+    # next checkpoint stops the job, naming where the newest checkpoints are and what to do. A job
+    # that waited on a copy that will never come would hang: bounded.
+    with pytest.raises(RuntimeError, match="free disk space") as stopped, _within(120):
+        job.run()
+    assert "No space left on device" in repr(stopped.value.__cause__)
+    assert job.checkpoints.complete_steps() == []
+    memory = job.memory_checkpoints.complete_steps()
+    trained = max(r["step"] for r in _metrics(config.output_dir))
+    assert memory and trained - memory[-1] <= 1, (memory, trained)
+    # Space freed (the disk tier unmounted), the job resumes from the memory tier's newest checkpoint.
+    subprocess.run(["umount", str(small_disk)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small_disk)], check=True)
+    resumed = RLJob(config.model_copy(update={"resume_from": "latest"}))
+    resumed.run()
+    assert resumed.start_step == memory[-1]
+    steps = [r["step"] for r in _metrics(config.output_dir) if "reward_mean" in r]
+    # Steps after the newest checkpoint are trained again, every step up to the end at least once.
+    assert sorted(set(steps)) == [1, 2, 3, 4], steps
+    assert resumed.checkpoints.complete_steps()[-1] == 4
 
 
 def _metrics(output_dir: str) -> list[dict]:
