@@ -83,6 +83,7 @@ def job_config(
             "prompts_per_step": args.prompts,
             "eval_every": 0,
             "eval_prompts": args.eval,
+            "freeze_gc_heap": args.freeze_gc_heap,
             "async_rl": None if async_rl is None else {**engine_calls(args), **async_rl},
         }
     )
@@ -181,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "always"],
         default="auto",
         help="actor.recompute_log_probs: 'always' adds the trainer's separate old-log-prob pass",
+    )
+    parser.add_argument(
+        "--no-freeze-gc-heap",
+        dest="freeze_gc_heap",
+        action="store_false",
+        help="leave the processes' heaps unfrozen after the first step (freeze_gc_heap: false)",
     )
     parser.add_argument("--lr", type=float, default=6e-4, help="the RL learning rate, every mode")
     parser.add_argument("--sft-steps", type=int, default=60)
