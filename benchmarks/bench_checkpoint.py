@@ -135,7 +135,7 @@ def pool(paths: list[Path]) -> None:
     """Pool the step times of several result files of one configuration and print each mode's mean
     overhead with its 95 % interval."""
     results = [json.loads(path.read_text()) for path in paths]
-    keys = {(r["config"], tuple(r["overrides"]), r["model"] and json.dumps(r["model"])) for r in results}
+    keys = {(r["config"], tuple(r["overrides"]), json.dumps(r["model"])) for r in results}
     if len(keys) > 1:
         raise SystemExit(f"these results measured different jobs ({sorted(keys)}); pool one job's runs only")
     modes = [mode for mode in results[0]["modes"] if all(mode in r["modes"] for r in results)]

@@ -707,20 +707,18 @@ class RLJob:
                 self._start_fault_tolerance()
             with tqdm(total=cfg.steps, initial=self.start_step, desc="rl", unit="step") as bar:
                 step = self.start_step
-                heap_frozen = not cfg.freeze_gc_heap
                 while step < cfg.steps:
                     try:
                         self._supervised(functools.partial(self.train_step, step, bar), step)
                     except RanksReplaced:
                         self._recover(step)
                         bar.n = step = self.start_step
-                        heap_frozen = not cfg.freeze_gc_heap
                         continue
                     step += 1
                     bar.update()
-                    if not heap_frozen:
+                    # The first step of the run, or since a recovery reloaded the last checkpoint.
+                    if cfg.freeze_gc_heap and step == self.start_step + 1:
                         self.freeze_heaps()
-                        heap_frozen = True
             self.drain_checkpoints()
             if self.persister is not None:
                 # Every checkpoint is on disk: the memory tier's copy of the last one is no longer needed.
